@@ -1,0 +1,24 @@
+# The two README commands: `make quickstart` (main job) and `make test` (test suite).
+# Both build the virtual environment at .venv/ first if it is missing or stale.
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-all quickstart data clean-venv
+
+venv:
+	@bash tools/setup_env.sh
+
+test: venv
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+data: venv
+	$(PY) tools/make_synthetic_data.py --root data/synthetic
+
+quickstart: venv
+	bash tools/quickstart.sh
+
+clean-venv:
+	rm -rf .venv
