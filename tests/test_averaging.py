@@ -1,0 +1,228 @@
+"""Selective averaging (spec evaluation.md §3.3, §11.3): probability store, weighted / binary ensembles,
+greedy forward selection and the select_modes CLI, on synthetic runs."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from projects.sasasa2va.datasets.rle import encode_mask
+from projects.sasasa2va.evaluation import averaging as avg
+from projects.sasasa2va.evaluation.results_io import make_entry, read_results, write_results
+from projects.sasasa2va.metrics import evaluate_split, jf_from_masks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+H, W, T = 20, 28, 3
+
+
+def square(r0, c0, size):
+    m = np.zeros((H, W), dtype=bool)
+    m[r0:r0 + size, c0:c0 + size] = True
+    return m
+
+
+def make_split(root, gts):
+    """gts: {(vid, eid): bool [T,H,W]} -> split folder with JPEGs, meta_expressions.json, mask_dict.json."""
+    meta, mask_dict = {"videos": {}}, {}
+    for k, ((vid, eid), gt) in enumerate(gts.items()):
+        frames = [f"{i:05d}" for i in range(gt.shape[0])]
+        if vid not in meta["videos"]:
+            os.makedirs(os.path.join(root, "JPEGImages", vid))
+            for f in frames:
+                Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(os.path.join(root, "JPEGImages", vid, f + ".jpg"))
+            meta["videos"][vid] = {"frames": frames, "expressions": {}}
+        meta["videos"][vid]["expressions"][eid] = {"exp": f"thing {eid}", "obj_id": [0], "anno_id": [str(k)]}
+        mask_dict[str(k)] = [encode_mask(g) if g.any() else None for g in gt]
+    json.dump(meta, open(os.path.join(root, "meta_expressions.json"), "w"))
+    json.dump(mask_dict, open(os.path.join(root, "mask_dict.json"), "w"))
+    return root
+
+
+GT = {("v1", "0"): np.stack([square(3, 3, 8)] * T), ("v1", "1"): np.stack([square(10, 15, 6)] * T),
+      ("v2", "0"): np.stack([square(5, 10, 7)] * T)}
+
+
+def probs_missing_frame(gt, miss):
+    """Confident (0.9 / 0.1) on every frame except `miss`, where the object gets only 0.2."""
+    p = np.where(gt, 0.9, 0.1).astype(np.float32)
+    p[miss][gt[miss]] = 0.2
+    return p
+
+
+@pytest.fixture()
+def world(tmp_path):
+    split = make_split(str(tmp_path / "valid_u"), GT)
+    runs = {}
+    garbage = np.zeros((H, W), bool)
+    garbage[:4, :] = True
+    makers = {
+        "uniform": lambda g: probs_missing_frame(g, 0),          # A: misses frame 0
+        "q_frame": lambda g: probs_missing_frame(g, 1),          # B: misses frame 1
+        "wrap_around": lambda g: probs_missing_frame(g, 2),      # C: misses frame 2
+        "junk": lambda g: np.where(garbage[None] | np.zeros_like(g), 0.9, 0.1).astype(np.float32),
+    }
+    for name, fn in makers.items():
+        d = str(tmp_path / "runs" / name)
+        for (vid, eid), g in GT.items():
+            avg.save_probs(d, vid, eid, fn(g))
+        runs[name] = d
+    return {"split": split, "runs": runs, "root": str(tmp_path / "runs"), "tmp": tmp_path}
+
+
+def score(masks_by_key):
+    vals = [jf_from_masks(GT[k], m) for k, m in masks_by_key.items()]
+    return np.mean([(j + f) / 2 for j, f in vals])
+
+
+def test_store_round_trip_and_no_temp_files(world, tmp_path):
+    d = str(tmp_path / "store")
+    p = np.random.default_rng(0).random((2, 5, 6))
+    path = avg.save_probs(d, "vid", "3", p)
+    assert path == os.path.join(d, "probs", "vid", "3.npz")
+    q = avg.load_probs(d, "vid", "3")
+    assert q.dtype == np.uint8 and np.array_equal(q, np.rint(p * 255).astype(np.uint8))
+    avg.save_probs(d, "vid", "10", q)                       # uint8 stored as is
+    assert avg.list_probs(d) == [("vid", "10"), ("vid", "3")]
+    assert sorted(os.listdir(os.path.join(d, "probs", "vid"))) == ["10.npz", "3.npz"]
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        avg.load_probs(d, "vid", "nope")
+    with pytest.raises(ValueError):
+        avg.save_probs(d, "vid", "bad", np.zeros((5, 6)))
+
+
+def test_atomic_write_failure_leaves_nothing(tmp_path, monkeypatch):
+    d = str(tmp_path / "store")
+    os.makedirs(os.path.join(d, "probs", "vid"))
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        avg.save_probs(d, "vid", "0", np.zeros((1, 2, 2), np.uint8))
+    with pytest.raises(OSError):
+        write_results(str(tmp_path / "results.json"), [], {"split": "x"})
+    assert os.listdir(os.path.join(d, "probs", "vid")) == []
+    assert not [f for f in os.listdir(tmp_path) if f != "store"]
+
+
+def test_ensemble_of_complementary_runs_beats_each_single(world):
+    r = world["runs"]
+    members = [r["uniform"], r["q_frame"], r["wrap_around"]]
+    singles = [score({(v, e): avg.load_probs(d, v, e) > 127 for v, e in GT}) for d in members]
+    ens = {(v, e): m for v, e, m in avg.ensemble(members)}
+    assert set(ens) == set(GT)
+    assert score(ens) == pytest.approx(1.0)
+    assert max(singles) < 0.8
+
+
+def test_weights_follow_the_heavier_run(world):
+    r = world["runs"]
+    a, b = avg.load_probs(r["uniform"], "v1", "0"), avg.load_probs(r["junk"], "v1", "0")
+    heavy_a = avg.ensemble_masks([a, b], weights=[3, 1])
+    heavy_b = avg.ensemble_masks([a, b], weights=[1, 3])
+    assert np.array_equal(heavy_a, (0.75 * a / 255 + 0.25 * b / 255) > 0.5)
+    assert np.array_equal(heavy_b[1], b[1] > 127) and not np.array_equal(heavy_a, heavy_b)
+    with pytest.raises(ValueError):
+        avg.ensemble_masks([a, b], weights=[1])
+    with pytest.raises(ValueError):
+        avg.ensemble_masks([a, b], weights=[0, 0])
+
+
+def test_binary_voting_differs_from_probability_mean():
+    p1 = np.full((1, 2, 2), 1.0, np.float32)
+    p2 = np.full((1, 2, 2), 0.4, np.float32)
+    assert avg.ensemble_masks([p1, p2, p2], voting="probs").all()          # mean 0.6
+    assert not avg.ensemble_masks([p1, p2, p2], voting="binary").any()     # votes 1/3
+    assert avg.ensemble_masks([p1, p1, p2], voting="binary").all()         # strict majority
+    with pytest.raises(ValueError):
+        avg.ensemble_masks([p1], voting="median")
+
+
+def test_greedy_selection_picks_the_complementary_pair(world, capsys):
+    r = world["runs"]
+    runs = [r["uniform"], r["q_frame"], r["junk"]]
+    res = avg.greedy_select(runs, world["split"], log=print)
+    assert res["names"] == ["uniform", "q_frame"]
+    assert res["J&F"] == pytest.approx(1.0)
+    assert [s["members"] for s in res["steps"]] == [["uniform"], ["uniform", "q_frame"],
+                                                     ["uniform", "q_frame", "junk"]]
+    assert len(res["steps"][0]["candidates"]) == 3 and len(res["steps"][2]["candidates"]) == 1
+    assert res["steps"][2]["J&F"] < res["steps"][1]["J&F"]
+    out = capsys.readouterr().out
+    assert "step 1" in out and "step 3" in out
+    assert "junk" in res["table"] and res["table"].count("*") == 3
+
+
+def test_greedy_ties_go_to_fewer_members(world, tmp_path):
+    r = world["runs"]
+    twin = str(tmp_path / "twin" / "uniform_copy")
+    for v, e in GT:
+        avg.save_probs(twin, v, e, avg.load_probs(r["uniform"], v, e))
+    res = avg.greedy_select([r["uniform"], twin], world["split"], max_members=2)
+    assert res["names"] == ["uniform"]
+    assert res["steps"][1]["J&F"] == pytest.approx(res["steps"][0]["J&F"])
+
+
+def test_greedy_needs_complete_runs(world, tmp_path):
+    part = str(tmp_path / "partial")
+    avg.save_probs(part, "v1", "0", np.zeros((T, H, W)))
+    with pytest.raises(ValueError, match="lacks"):
+        avg.greedy_select([world["runs"]["uniform"], part], world["split"])
+
+
+def test_default_members_are_the_five_modes_present(world):
+    runs = avg.discover_runs([world["root"]])
+    assert [avg.run_name(x) for x in runs] == ["junk", "q_frame", "uniform", "wrap_around"]
+    assert [avg.run_name(x) for x in avg.default_members(runs)] == ["uniform", "q_frame", "wrap_around"]
+
+
+def test_modes_match_frame_sampling():
+    fs = pytest.importorskip("projects.sasasa2va.hf.models.frame_sampling")
+    assert avg.MODES == tuple(fs.MODES)
+
+
+def test_write_ensemble_results_and_score(world, tmp_path):
+    r = world["runs"]
+    out = str(tmp_path / "ens" / "results.json")
+    meta = avg.write_ensemble_results([r["uniform"], r["q_frame"], r["wrap_around"]], out, world["split"])
+    res, m = read_results(out)
+    assert m["num_expressions"] == 3 and m["num_videos"] == 2 and m["mode"] == "ensemble"
+    assert meta["members"] == ["uniform", "q_frame", "wrap_around"]
+    e = res["v1"]["1"]
+    assert e["frames"] == ["00000", "00001", "00002"] and e["status"] == "ok" and e["index"] == 1
+    assert e["exp"] == "<image>\nPlease segment thing 1."
+    assert evaluate_split(world["split"], results_path=out)["J&F"] == pytest.approx(1.0)
+    assert [f for f in os.listdir(tmp_path / "ens")] == ["results.json"]
+
+
+def test_runs_without_probs_fall_back_to_results_json(world, tmp_path):
+    d = str(tmp_path / "old" / "uniform_plus")
+    entries = [make_entry(i, v, e, [f"{t:05d}" for t in range(T)], GT[(v, e)]) for i, (v, e) in enumerate(GT)]
+    write_results(os.path.join(d, "results.json"), entries, {"split": "valid_u", "mode": "uniform_plus"})
+    assert avg.run_mode(d) == "uniform_plus"
+    p = avg.load_member(d, "v1", "0")
+    assert p.dtype == np.uint8 and set(np.unique(p)) <= {0, 255}
+    assert np.array_equal(p > 127, GT[("v1", "0")])
+    res = avg.greedy_select([world["runs"]["junk"], d], world["split"], voting="binary")
+    assert res["names"] == ["uniform_plus"] and res["J&F"] == pytest.approx(1.0)
+
+
+def test_cli_select_then_apply(world, tmp_path):
+    tool = os.path.join(ROOT, "tools", "select_modes.py")
+    chosen = str(tmp_path / "chosen.json")
+    r = world["runs"]
+    out = subprocess.run([sys.executable, tool, "--runs", r["uniform"], r["q_frame"], r["junk"],
+                          "--split-dir", world["split"], "--out", chosen], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "step" in out.stdout and "candidate" in out.stdout and "chosen: uniform + q_frame" in out.stdout
+    data = json.load(open(chosen))
+    assert data["names"] == ["uniform", "q_frame"] and len(data["steps"]) == 3
+    res = str(tmp_path / "apply" / "results.json")
+    out = subprocess.run([sys.executable, tool, "--runs", world["root"], "--split-dir", world["split"],
+                          "--members-json", chosen, "--write-results", res], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert read_results(res)[1]["members"] == ["uniform", "q_frame"]

@@ -1,0 +1,122 @@
+"""MeViS submission PNGs and zip (spec evaluation.md §4.5-4.6): round trip, completeness check, layout."""
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from projects.sasasa2va.evaluation.results_io import make_entry, write_results
+from projects.sasasa2va.evaluation.submission import check_submission, pack_submission, write_submission_pngs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = {"vidA": (12, 16), "vidB": (10, 14)}   # (H, W) per video
+EXPS = {"vidA": ["0", "1", "10"], "vidB": ["0"]}
+T = 3
+
+
+def make_split(root):
+    """Split without ground truth (like MeViS valid): JPEGs + meta_expressions.json."""
+    meta = {"videos": {}}
+    for vid, (h, w) in SIZES.items():
+        frames = [f"{i:05d}" for i in range(T)]
+        os.makedirs(os.path.join(root, "JPEGImages", vid))
+        for f in frames:
+            Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(os.path.join(root, "JPEGImages", vid, f + ".jpg"))
+        meta["videos"][vid] = {"frames": frames, "expressions": {e: {"exp": f"thing {e}"} for e in EXPS[vid]}}
+    with open(os.path.join(root, "meta_expressions.json"), "w") as f:
+        json.dump(meta, f)
+    return root
+
+
+@pytest.fixture()
+def sub(tmp_path):
+    split = make_split(str(tmp_path / "valid"))
+    rng = np.random.default_rng(0)
+    entries, masks = [], {}
+    for vid, (h, w) in SIZES.items():
+        for eid in EXPS[vid]:
+            m = rng.random((T, h, w)) < 0.4
+            masks[(vid, eid)] = m
+            entries.append(make_entry(len(entries), vid, eid, [f"{i:05d}" for i in range(T)], m))
+    results = str(tmp_path / "run" / "results.json")
+    write_results(results, entries, {"split": "valid", "mode": "uniform"})
+    ann = str(tmp_path / "run" / "Annotations")
+    n = write_submission_pngs(results, ann)
+    assert n == T * 4
+    return {"split": split, "ann": ann, "masks": masks, "tmp": tmp_path, "results": results}
+
+
+def test_round_trip_values_and_no_temp_files(sub):
+    for (vid, eid), m in sub["masks"].items():
+        d = os.path.join(sub["ann"], vid, eid)
+        assert sorted(os.listdir(d)) == ["00000.png", "00001.png", "00002.png"]
+        for i in range(T):
+            im = Image.open(os.path.join(d, f"{i:05d}.png"))
+            assert im.mode == "L"
+            a = np.asarray(im)
+            assert set(np.unique(a)) <= {0, 255}
+            assert np.array_equal(a == 255, m[i])
+    assert check_submission(sub["ann"], sub["split"]) == []
+
+
+def test_missing_frame_expression_and_video_detected(sub):
+    os.remove(os.path.join(sub["ann"], "vidA", "1", "00002.png"))
+    probs = check_submission(sub["ann"], sub["split"])
+    assert len(probs) == 1 and "vidA/1/00002.png" in probs[0] and "missing" in probs[0]
+    import shutil
+    shutil.rmtree(os.path.join(sub["ann"], "vidB"))
+    shutil.rmtree(os.path.join(sub["ann"], "vidA", "10"))
+    probs = check_submission(sub["ann"], sub["split"])
+    assert any(p.startswith("vidB:") for p in probs) and any("vidA/10" in p for p in probs)
+    with pytest.raises(ValueError, match="vidA/1/00002.png"):
+        pack_submission(sub["ann"], str(sub["tmp"] / "out.zip"), sub["split"])
+    assert not os.path.exists(sub["tmp"] / "out.zip")
+
+
+def test_wrong_size_values_and_extras_detected(sub):
+    p = os.path.join(sub["ann"], "vidA", "0", "00001.png")
+    Image.fromarray(np.zeros((10, 14), np.uint8), "L").save(p)          # vidB's size, not vidA's
+    q = os.path.join(sub["ann"], "vidB", "0", "00000.png")
+    Image.fromarray(np.ones((10, 14), np.uint8), "L").save(q)           # value 1, not 255
+    Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(os.path.join(sub["ann"], "vidA", "1", "00000.png"))
+    os.makedirs(os.path.join(sub["ann"], "stray_video"))
+    probs = check_submission(sub["ann"], sub["split"], workers=2)
+    text = "\n".join(probs)
+    assert "vidA/0/00001.png: size 14x10 != frame size 16x12" in text
+    assert "vidB/0/00000.png: values other than 0/255" in text
+    assert "vidA/1/00000.png: not 8-bit grayscale" in text
+    assert "stray_video: unexpected" in text
+    assert len(probs) == 4
+
+
+def test_zip_layout(sub):
+    out = str(sub["tmp"] / "zips" / "valid.zip")
+    info = pack_submission(sub["ann"], out, sub["split"])
+    assert info["num_png"] == T * 4 and info["num_videos"] == 2
+    with zipfile.ZipFile(out) as zf:
+        names = zf.namelist()
+        files = [n for n in names if not n.endswith("/")]
+        assert {n.split("/")[0] for n in names} == {"vidA", "vidB"}
+        assert all(len(n.split("/")) == 3 for n in files)
+        assert "vidA/10/00002.png" in files and len(files) == T * 4
+        a = np.asarray(Image.open(zf.open("vidB/0/00001.png")))
+        assert set(np.unique(a)) <= {0, 255}
+    assert os.listdir(sub["tmp"] / "zips") == ["valid.zip"]
+    with pytest.raises(ValueError, match="inside"):
+        pack_submission(sub["ann"], os.path.join(sub["ann"], "x.zip"), sub["split"])
+
+
+def test_cli(sub):
+    out = str(sub["tmp"] / "cli.zip")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_submission_zip.py"), "--ann-dir",
+                        sub["ann"], "--split-dir", sub["split"], "--out", out], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert os.path.isfile(out) and "12 PNGs" in r.stdout
+    os.remove(os.path.join(sub["ann"], "vidB", "0", "00000.png"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_submission_zip.py"), "--ann-dir",
+                        sub["ann"], "--split-dir", sub["split"], "--out", out + "2"], capture_output=True, text=True)
+    assert r.returncode == 2 and "vidB/0/00000.png" in r.stderr

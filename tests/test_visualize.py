@@ -1,0 +1,56 @@
+"""Overlay GIFs and the index page (one GIF per expression, one GIF frame per video frame)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from projects.sasasa2va.datasets.rle import encode_mask
+from projects.sasasa2va.evaluation.results_io import make_entry, write_results
+from projects.sasasa2va.evaluation.visualize import visualize_split
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T, H, W = 5, 60, 80
+
+
+def make_split(root):
+    frames = [f"{i:05d}" for i in range(T)]
+    os.makedirs(os.path.join(root, "JPEGImages", "vid"))
+    for i, f in enumerate(frames):
+        Image.fromarray(np.full((H, W, 3), 40, np.uint8)).save(os.path.join(root, "JPEGImages", "vid", f + ".jpg"))
+    gt = np.zeros((T, H, W), bool)
+    gt[:, 10:30, 20:40] = True
+    meta = {"videos": {"vid": {"frames": frames, "expressions": {
+        "0": {"exp": "the <red> car", "obj_id": [0], "anno_id": ["0"]},
+        "1": {"exp": "the dog", "obj_id": [1], "anno_id": ["1"]}}}}}
+    json.dump(meta, open(os.path.join(root, "meta_expressions.json"), "w"))
+    json.dump({"0": [encode_mask(g) for g in gt], "1": [None] * T},
+              open(os.path.join(root, "mask_dict.json"), "w"))
+    return gt, frames
+
+
+def test_gif_and_index(tmp_path):
+    split = str(tmp_path / "split")
+    gt, frames = make_split(split)
+    results = str(tmp_path / "results.json")
+    write_results(results, [make_entry(0, "vid", "0", frames, gt), make_entry(1, "vid", "1", frames, gt)],
+                  {"split": "tiny"})
+    csv = tmp_path / "per_exp.csv"
+    csv.write_text("video,exp_id,J,F,J&F,num_frames\nvid,0,1.0,1.0,1.0,5\nvid,1,0.0,0.0,0.0,5\n")
+    out = str(tmp_path / "vis")
+    items = visualize_split(split, results, out, metrics_path=str(csv), max_side=64)
+    assert [it["gif"] for it in items] == ["gifs/vid/0.gif", "gifs/vid/1.gif"]
+    im = Image.open(os.path.join(out, "gifs", "vid", "0.gif"))
+    assert im.n_frames == T
+    assert im.size == (2 * 64, 48 + 4)                  # prediction | GT side by side, downscaled, + bar
+    page = open(os.path.join(out, "index.html")).read()
+    assert 'src="gifs/vid/0.gif"' in page and 'src="gifs/vid/1.gif"' in page
+    assert "the &lt;red&gt; car" in page and "100.00" in page
+    # CLI with a cap on the number of expressions
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "visualize.py"), "--split-dir", split,
+                        "--results", results, "--out", str(tmp_path / "vis2"), "--max-expressions", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(tmp_path / "vis2" / "gifs" / "vid") == ["0.gif"]

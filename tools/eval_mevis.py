@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Score MeViS-style predictions (results.json or a PNG folder) against a split with ground truth.
+
+    python tools/eval_mevis.py --split-dir DATA/mevis/valid_u --results OUT/results.json
+    python tools/eval_mevis.py --split-dir DATA/mevis/valid_u --pred-dir OUT/Annotations
+
+The last output line is always `J&F <v> J <v> F <v>` (percent, two decimals), for scripts to parse.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from projects.sasasa2va.metrics.jf import evaluate_split, format_summary_line  # noqa: E402
+from projects.sasasa2va.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split-dir", required=True, help="split folder with meta_expressions.json, mask_dict.json")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--results", help="results.json with RLE masks")
+    src.add_argument("--pred-dir", help="PNG folder <video>/<exp_id>/<frame>.png (nonzero = foreground)")
+    p.add_argument("--csv", help="per-expression CSV (default: <dir>/mevis_valu_per_expression.csv)")
+    p.add_argument("--json", help="summary JSON (default: <dir>/mevis_valu.json)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    return p.parse_args(argv)
+
+
+def out_dir_for(args) -> str:
+    """Outputs go next to results.json, or next to (beside, not inside) the PNG folder."""
+    if args.results:
+        return os.path.dirname(os.path.abspath(args.results))
+    return os.path.dirname(os.path.abspath(os.path.normpath(args.pred_dir)))
+
+
+def rows_csv(rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["video", "exp_id", "J", "F", "J&F", "num_frames"])
+    for r in rows:
+        w.writerow([r["video"], r["exp_id"], f"{r['J']:.6f}", f"{r['F']:.6f}", f"{r['J&F']:.6f}", r["num_frames"]])
+    return buf.getvalue()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for path, what in ((args.split_dir, "split dir"), (args.pred_dir, "prediction dir")):
+        if path is not None and not os.path.isdir(path):
+            print(f"error: {what} not found: {path}", file=sys.stderr)
+            return 2
+    if args.results is not None and not os.path.isfile(args.results):
+        print(f"error: results file not found: {args.results}", file=sys.stderr)
+        return 2
+    try:
+        scores = evaluate_split(args.split_dir, results_path=args.results, pred_dir=args.pred_dir,
+                                workers=args.workers)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    d = out_dir_for(args)
+    csv_path = args.csv or os.path.join(d, "mevis_valu_per_expression.csv")
+    json_path = args.json or os.path.join(d, "mevis_valu.json")
+    atomic_write_text(csv_path, rows_csv(scores["rows"]))
+    summary = {
+        # percent, rounded like the reference script; "fractions" keeps the unrounded means
+        "J&F": round(100 * scores["J&F"], 2), "J": round(100 * scores["J"], 2), "F": round(100 * scores["F"], 2),
+        "fractions": {"J&F": scores["J&F"], "J": scores["J"], "F": scores["F"]},
+        "num_videos": scores["num_videos"], "num_expressions": scores["num_expressions"],
+        "split_dir": os.path.abspath(args.split_dir),
+        "source": os.path.abspath(args.results or args.pred_dir),
+        "num_missing": len(scores["missing"]), "missing": scores["missing"],
+        "rows": scores["rows"],  # J, F, J&F per expression as fractions in [0, 1]
+    }
+    atomic_write_json(json_path, summary, indent=1)
+    sys.stderr.flush()
+    print(f"{'split':<14}{os.path.basename(os.path.normpath(args.split_dir))}")
+    print(f"{'videos':<14}{scores['num_videos']}")
+    print(f"{'expressions':<14}{scores['num_expressions']}")
+    print(f"{'missing':<14}{len(scores['missing'])}")
+    print(f"{'csv':<14}{csv_path}")
+    print(f"{'json':<14}{json_path}")
+    print("-" * 30)
+    for k in ("J", "F", "J&F"):
+        print(f"{k:<14}{100 * scores[k]:6.2f}")
+    print(format_summary_line(scores), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Check a MeViS PNG submission folder against the split and pack it as the server's zip.
+
+    python tools/make_submission_zip.py --ann-dir OUT/Annotations --split-dir DATA/mevis/valid --out OUT/valid.zip
+    python tools/make_submission_zip.py --results OUT/results.json --ann-dir OUT/Annotations ...  # write PNGs first
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from projects.sasasa2va.evaluation.submission import pack_submission, write_submission_pngs  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ann-dir", required=True, help="folder <video>/<exp_id>/<frame>.png")
+    p.add_argument("--split-dir", required=True, help="split folder with meta_expressions.json and JPEGImages/")
+    p.add_argument("--out", required=True, help="zip to write (outside --ann-dir)")
+    p.add_argument("--results", help="optional results.json: write its masks as PNGs into --ann-dir first")
+    p.add_argument("--workers", type=int, default=1, help="processes for the check (default 1)")
+    args = p.parse_args(argv)
+    try:
+        if args.results:
+            n = write_submission_pngs(args.results, args.ann_dir)
+            print(f"wrote {n} PNGs to {args.ann_dir}")
+        info = pack_submission(args.ann_dir, args.out, args.split_dir, workers=args.workers)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {info['zip']}: {info['num_videos']} videos, {info['num_expressions']} expressions, "
+          f"{info['num_png']} PNGs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Selective averaging: pick the ensemble member set on a split with ground truth, or apply one.
+
+Select (greedy forward selection on J&F, prints every step, writes the chosen set):
+    python tools/select_modes.py --runs work_dirs/valid_u_runs --split-dir DATA/mevis/valid_u --out chosen.json
+Apply a chosen set (or, without --members-json/--members, all five modes present) to another split:
+    python tools/select_modes.py --runs work_dirs/valid_runs --split-dir DATA/mevis/valid \
+        --members-json chosen.json --write-results work_dirs/ensemble_valid/results.json
+
+--runs takes run dirs (with probs/ or results.json) or folders of them; runs are named by folder name.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from projects.sasasa2va.evaluation.averaging import (  # noqa: E402
+    default_members, discover_runs, greedy_select, run_name, write_ensemble_results)
+from projects.sasasa2va.utils.io import atomic_write_json  # noqa: E402
+
+
+def parse_weights(specs, names):
+    """--weights as one number per run, or NAME=W pairs (missing names weigh 1)."""
+    if not specs:
+        return None
+    if all("=" in s for s in specs):
+        table = {}
+        for s in specs:
+            k, v = s.split("=", 1)
+            if k not in names:
+                raise ValueError(f"--weights: unknown run {k!r}; runs are {names}")
+            table[k] = float(v)
+        return [table.get(n, 1.0) for n in names]
+    if len(specs) != len(names):
+        raise ValueError(f"--weights: {len(specs)} values for {len(names)} runs {names}")
+    return [float(s) for s in specs]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True)
+    p.add_argument("--split-dir", required=True)
+    p.add_argument("--out", help="chosen set JSON to write (selection)")
+    p.add_argument("--voting", choices=("probs", "binary"), default="probs")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--weights", nargs="+", help="one weight per run, or NAME=W pairs")
+    p.add_argument("--max-members", type=int, default=None)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--write-results", help="apply mode: write the ensemble's results.json here")
+    p.add_argument("--members-json", help="apply mode: chosen set written by a selection")
+    p.add_argument("--members", nargs="+", help="apply mode: member run names")
+    args = p.parse_args(argv)
+    try:
+        runs = discover_runs(args.runs)
+        names = [run_name(r) for r in runs]
+        if args.write_results:
+            weights_by_name = {}
+            voting, threshold = args.voting, args.threshold
+            if args.members_json:
+                with open(args.members_json, "r", encoding="utf-8") as f:
+                    chosen = json.load(f)
+                member_names = chosen["names"]
+                weights_by_name = dict(zip(member_names, chosen.get("weights") or [1.0] * len(member_names)))
+                voting, threshold = chosen.get("voting", voting), chosen.get("threshold", threshold)
+            elif args.members:
+                member_names = args.members
+            else:
+                member_names = [run_name(r) for r in default_members(runs)]
+                if not member_names:
+                    raise ValueError(f"no run of the five modes among {names}; pass --members")
+            missing = [n for n in member_names if n not in names]
+            if missing:
+                raise ValueError(f"member run(s) {missing} not found among {names}")
+            members = [runs[names.index(n)] for n in member_names]
+            w = parse_weights(args.weights, member_names) if args.weights else \
+                ([weights_by_name[n] for n in member_names] if weights_by_name else None)
+            meta = write_ensemble_results(members, args.write_results, args.split_dir, weights=w,
+                                          threshold=threshold, voting=voting)
+            print(f"wrote {args.write_results}: {meta['num_expressions']} expressions, members "
+                  f"{' + '.join(meta['members'])} ({voting} voting, threshold {threshold})")
+            return 0
+        if not args.out:
+            raise ValueError("selection needs --out (or use --write-results to apply a set)")
+        res = greedy_select(runs, args.split_dir, weights=parse_weights(args.weights, names),
+                            threshold=args.threshold, voting=args.voting, max_members=args.max_members,
+                            workers=args.workers, log=lambda s: print(s, flush=True))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(res["table"])
+    out = {k: res[k] for k in ("names", "weights", "J", "F", "J&F", "threshold", "voting", "steps")}
+    out["run_dirs"] = [os.path.abspath(r) for r in res["members"]]
+    out["split_dir"] = os.path.abspath(args.split_dir)
+    atomic_write_json(args.out, out, indent=1)
+    print(f"chosen: {' + '.join(res['names'])}  J&F {100 * res['J&F']:.2f} J {100 * res['J']:.2f} "
+          f"F {100 * res['F']:.2f}  -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Overlay GIFs (prediction | ground truth) per expression and an index.html page.
+
+    python tools/visualize.py --split-dir DATA/mevis/valid_u --results OUT/results.json --out OUT/vis \
+        [--max-expressions 50] [--csv OUT/mevis_valu_per_expression.csv]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from projects.sasasa2va.evaluation.visualize import visualize_split  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split-dir", required=True)
+    p.add_argument("--results", required=True, help="results.json")
+    p.add_argument("--out", required=True, help="output folder (gifs/ and index.html)")
+    p.add_argument("--max-expressions", type=int, default=None)
+    p.add_argument("--csv", default=None, help="per-expression metrics CSV or JSON from tools/eval_mevis.py")
+    p.add_argument("--max-side", type=int, default=480, help="longest side of each panel in pixels")
+    p.add_argument("--max-frames", type=int, default=None, help="subsample long videos to this many frames")
+    p.add_argument("--fps", type=float, default=8.0)
+    args = p.parse_args(argv)
+    try:
+        items = visualize_split(args.split_dir, args.results, args.out, args.max_expressions, args.csv,
+                                args.max_side, args.fps, args.max_frames)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(items)} GIFs and {os.path.join(args.out, 'index.html')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
