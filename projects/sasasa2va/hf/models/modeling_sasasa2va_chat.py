@@ -1,0 +1,402 @@
+"""SaSaSa2VA chat model: InternVL (InternViT + pixel shuffle + mlp1 + LLM) + SAM2 grounding + [SEG] head.
+
+This is the single model definition shared by training (the mmengine wrapper builds on it), export
+(the folder is copied verbatim) and inference. Parameter names follow the official checkpoints:
+``vision_model.*``, ``mlp1.{0,1,3}.*``, ``language_model.*``, ``grounding_encoder.sam2_model.*``,
+``text_hidden_fcs.{0,2}.*``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    LlamaForCausalLM,
+    Phi3ForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_sasasa2va_chat import SaSaSa2VAChatConfig
+from .modeling_intern_vit import InternVisionModel
+from .modeling_internlm2 import InternLM2ForCausalLM
+from .sam2_grounding import SAM2Grounding
+from .templates import IGNORE_INDEX
+
+LLM_CLASSES = {
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "InternLM2ForCausalLM": InternLM2ForCausalLM,
+}
+
+
+def build_language_model(llm_config: PretrainedConfig) -> PreTrainedModel:
+    """The causal LM named by ``llm_config.architectures[0]``."""
+    arch = (llm_config.architectures or [None])[0]
+    if arch not in LLM_CLASSES:
+        raise ValueError(f"unsupported LLM architecture {arch!r}; expected one of {sorted(LLM_CLASSES)}")
+    return LLM_CLASSES[arch](llm_config)
+
+
+def build_mlp1(vit_hidden: int, llm_hidden: int, downsample_ratio: float) -> nn.Sequential:
+    """Projector LN(4Cv) -> Linear(4Cv, D) -> GELU -> Linear(D, D) (indices 0, 1, 3 hold weights)."""
+    in_dim = vit_hidden * int(round(1 / downsample_ratio)) ** 2
+    return nn.Sequential(
+        nn.LayerNorm(in_dim), nn.Linear(in_dim, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden)
+    )
+
+
+def build_text_hidden_fcs(llm_hidden: int, out_dim: int) -> nn.Sequential:
+    """[SEG] projection Linear(D, D) -> ReLU -> Linear(D, out) -> Dropout(0) (indices 0, 2 hold weights)."""
+    return nn.Sequential(
+        nn.Linear(llm_hidden, llm_hidden), nn.ReLU(inplace=True), nn.Linear(llm_hidden, out_dim), nn.Dropout(0.0)
+    )
+
+
+def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, ps_version: str = "v2") -> torch.Tensor:
+    """InternVL pixel shuffle on [n, w, h, c] -> [n, w*s, h*s, c/s^2].
+
+    v2 adds the final transpose, so out[n, a, b, (di*2 + dj)*c + k] = x[n, 2a+di, 2b+dj, k] for s = 0.5.
+    """
+    n, w, h, c = x.shape
+    x = x.reshape(n, w, int(h * scale_factor), int(c / scale_factor))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.reshape(n, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor * scale_factor)))
+    if ps_version != "v1":
+        x = x.permute(0, 2, 1, 3).contiguous()
+    return x
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token CE: logits[:, :-1] vs labels[:, 1:], mean over targets != -100 (float32)."""
+    shift_logits = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+def copy_cache(cache: Cache) -> DynamicCache:
+    """Shallow copy of a KV cache: DynamicCache.update concatenates into new tensors, so appending
+    to the copy never changes the original (cheap reuse of a shared prefix)."""
+    if isinstance(cache, DynamicCache):
+        return DynamicCache.from_legacy_cache(cache.to_legacy_cache())
+    raise ValueError(f"only DynamicCache prefixes can be reused, got {type(cache).__name__}")
+
+
+@dataclass
+class PrefixCache:
+    """KV cache of a prompt prefix: reuse it for several prompts that start with ``input_ids``."""
+
+    cache: Cache
+    input_ids: torch.Tensor  # [1, P]
+    num_image_tokens: int  # <IMG_CONTEXT> tokens inside the prefix (vision rows already consumed)
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+class GeneratedAnswer(NamedTuple):
+    ids: torch.Tensor  # [n] generated token ids g_1..g_n (prompt excluded)
+    text: str  # tokenizer.decode(ids, skip_special_tokens=False)
+    seg_hidden_states: torch.Tensor  # [n_seg, D] last-layer states where a generated [SEG] is fed back
+    prompt_cache: Optional[PrefixCache]  # cache after the prompt prefill (only if requested)
+
+
+def ends_with_stop_word(text: str, stop_words: Sequence[str]) -> bool:
+    """xtuner's criterion: the decoded answer with \\r and \\n removed ends with a stop word."""
+    flat = text.replace("\r", "").replace("\n", "")
+    return any(flat.endswith(word) for word in stop_words if word)
+
+
+class SaSaSa2VAChatModel(PreTrainedModel):
+    config_class = SaSaSa2VAChatConfig
+    main_input_name = "pixel_values"
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _no_split_modules = [
+        "InternVisionModel",
+        "LlamaDecoderLayer",
+        "InternLM2DecoderLayer",
+        "Phi3DecoderLayer",
+        "Qwen2DecoderLayer",
+        "Qwen3DecoderLayer",
+        "SAM2Grounding",
+    ]
+
+    def __init__(
+        self,
+        config: SaSaSa2VAChatConfig,
+        vision_model: Optional[nn.Module] = None,
+        language_model: Optional[nn.Module] = None,
+    ):
+        super().__init__(config)
+        self.template = config.template
+        self.select_layer = config.select_layer
+        self.downsample_ratio = config.downsample_ratio
+        self.ps_version = config.ps_version
+        self.num_image_token = config.num_image_token
+        self.vision_model = vision_model if vision_model is not None else InternVisionModel(config.vision_config)
+        self.language_model = (
+            language_model if language_model is not None else build_language_model(config.llm_config)
+        )
+        # One config object for the LLM, so resizes/vocab updates are seen by both.
+        config.llm_config = self.language_model.config
+        vit_hidden = config.vision_config.hidden_size
+        llm_hidden = config.llm_config.hidden_size
+        self.mlp1 = build_mlp1(vit_hidden, llm_hidden, config.downsample_ratio)
+        self.grounding_encoder = SAM2Grounding(config.sam2_config)
+        self.text_hidden_fcs = build_text_hidden_fcs(llm_hidden, self.grounding_encoder.hidden_dim)
+        self.post_init()
+
+    # ---- token ids -------------------------------------------------------------------------
+    @property
+    def img_context_token_id(self) -> Optional[int]:
+        return self.config.img_context_token_id
+
+    @img_context_token_id.setter
+    def img_context_token_id(self, value: Optional[int]) -> None:
+        self.config.img_context_token_id = value
+
+    @property
+    def seg_token_id(self) -> Optional[int]:
+        return self.config.seg_token_id
+
+    @seg_token_id.setter
+    def seg_token_id(self, value: Optional[int]) -> None:
+        self.config.seg_token_id = value
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    # ---- vision ----------------------------------------------------------------------------
+    def pixel_shuffle(self, x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
+        return pixel_shuffle(x, scale_factor, self.ps_version)
+
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, S, S] -> [n, num_image_token, D]: ViT (CLS dropped), pixel shuffle, mlp1."""
+        if self.select_layer == -1:
+            vit = self.vision_model(pixel_values=pixel_values, output_hidden_states=False).last_hidden_state
+        else:
+            vit = self.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[
+                self.select_layer
+            ]
+        vit = vit[:, 1:, :]
+        side = int(round(vit.shape[1] ** 0.5))
+        if side * side != vit.shape[1]:
+            raise ValueError(f"extract_feature: {vit.shape[1]} patch tokens do not form a square grid")
+        vit = vit.reshape(vit.shape[0], side, side, -1)
+        vit = self.pixel_shuffle(vit, scale_factor=self.downsample_ratio)
+        vit = vit.reshape(vit.shape[0], -1, vit.shape[-1])
+        return self.mlp1(vit)
+
+    def build_input_embeds(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        vision_embeds: Optional[torch.Tensor] = None,
+        image_flags: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Token embeddings with the <IMG_CONTEXT> rows replaced, in order, by the vision tokens.
+
+        ``image_flags`` (one 0/1 per image) drops padding images before injection, as in training.
+        """
+        if pixel_values is not None and vision_embeds is not None:
+            raise ValueError("build_input_embeds: pass pixel_values or vision_embeds, not both")
+        embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            vision_embeds = self.extract_feature(pixel_values)
+        if vision_embeds is not None and image_flags is not None:
+            vision_embeds = vision_embeds[image_flags.reshape(-1).to(vision_embeds.device) == 1]
+        if self.img_context_token_id is None:
+            if vision_embeds is not None:
+                raise ValueError("build_input_embeds: config.img_context_token_id is not set")
+            return embeds
+        selected = input_ids == self.img_context_token_id
+        num_slots = int(selected.sum())
+        num_vision = 0 if vision_embeds is None else vision_embeds.reshape(-1, vision_embeds.shape[-1]).shape[0]
+        if num_slots != num_vision:
+            per_image = self.num_image_token
+            raise ValueError(
+                f"build_input_embeds: the prompt has {num_slots} <IMG_CONTEXT> tokens (id "
+                f"{self.img_context_token_id}) but {num_vision} vision tokens were given "
+                f"({'no images' if vision_embeds is None else tuple(vision_embeds.shape)}; "
+                f"{per_image} tokens per image expected)"
+            )
+        if num_slots == 0:
+            return embeds
+        flat = vision_embeds.reshape(-1, embeds.shape[-1]).to(device=embeds.device, dtype=embeds.dtype)
+        return embeds.masked_scatter(selected.unsqueeze(-1), flat)
+
+    # ---- training / scoring forward --------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = False,
+        image_flags: Optional[torch.Tensor] = None,
+        vision_embeds: Optional[torch.Tensor] = None,
+    ) -> CausalLMOutputWithPast:
+        """LLM forward on image-injected embeddings; ``loss`` = next-token CE ignoring -100."""
+        embeds = self.build_input_embeds(input_ids, pixel_values, vision_embeds, image_flags)
+        out = self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        loss = causal_lm_loss(out.logits, labels) if labels is not None else None
+        return CausalLMOutputWithPast(
+            loss=loss, logits=out.logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
+
+    def seg_embeddings(self, hidden_states_last: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """``text_hidden_fcs`` on the last-layer states at the [SEG] input positions -> [n_seg, 256].
+
+        Rows are ordered sample by sample, then by position (boolean-mask order).
+        """
+        if self.seg_token_id is None:
+            raise ValueError("seg_embeddings: config.seg_token_id is not set (call add_special_tokens first)")
+        mask = input_ids == self.seg_token_id
+        return self.text_hidden_fcs(hidden_states_last[mask])
+
+    # ---- greedy generation with a reusable KV cache ----------------------------------------
+    @torch.no_grad()
+    def build_prefix_cache(
+        self,
+        prefix_ids: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        vision_embeds: Optional[torch.Tensor] = None,
+    ) -> PrefixCache:
+        """Prefill a prompt prefix once. ``vision_embeds`` may cover more images than the prefix
+        uses; only the first rows (as many as the prefix has <IMG_CONTEXT> tokens) are consumed."""
+        prefix_ids = prefix_ids.reshape(1, -1)
+        if vision_embeds is None and pixel_values is not None:
+            vision_embeds = self.extract_feature(pixel_values)
+        n_img = self._count_image_tokens(prefix_ids)
+        rows = None
+        if vision_embeds is not None:
+            rows = vision_embeds.reshape(-1, vision_embeds.shape[-1])[:n_img]
+        embeds = self.build_input_embeds(prefix_ids, vision_embeds=rows if n_img else None)
+        out = self.language_model.get_decoder()(inputs_embeds=embeds, past_key_values=DynamicCache(), use_cache=True)
+        return PrefixCache(out.past_key_values, prefix_ids.clone(), n_img)
+
+    def _count_image_tokens(self, ids: torch.Tensor) -> int:
+        if self.img_context_token_id is None:
+            return 0
+        return int((ids == self.img_context_token_id).sum())
+
+    @torch.no_grad()
+    def generate_answer(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        vision_embeds: Optional[torch.Tensor] = None,
+        tokenizer=None,
+        stop_words: Sequence[str] = (),
+        max_new_tokens: int = 2048,
+        prefix_cache: Optional[PrefixCache] = None,
+        return_prompt_cache: bool = False,
+        eos_token_id=None,
+    ) -> GeneratedAnswer:
+        """Greedy decoding (evaluation.md §2.2-2.3) for one prompt, written as an explicit KV-cache loop.
+
+        Stops on EOS, when the decoded answer (\\r/\\n removed) ends with a stop word, or after
+        ``max_new_tokens``. ``seg_hidden_states`` holds the last-layer state of every generated
+        [SEG] when it is fed back as input; the final token is never fed back, so a trailing [SEG]
+        has no state (as in the reference). ``prefix_cache`` (from ``build_prefix_cache`` or a
+        previous ``return_prompt_cache=True`` call) skips re-encoding a shared prompt prefix; it is
+        not modified.
+        """
+        if tokenizer is None:
+            raise ValueError("generate_answer needs the tokenizer (stop words are checked on decoded text)")
+        input_ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"generate_answer handles one prompt at a time, got batch {input_ids.shape[0]}")
+        if vision_embeds is None and pixel_values is not None:
+            vision_embeds = self.extract_feature(pixel_values)
+        rows = None if vision_embeds is None else vision_embeds.reshape(-1, vision_embeds.shape[-1])
+        if eos_token_id is None:
+            eos_token_id = tokenizer.eos_token_id
+        eos_ids = {int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id]) if e is not None}
+
+        start, used_rows, cache = 0, 0, DynamicCache()
+        if prefix_cache is not None:
+            start = prefix_cache.length
+            if start >= input_ids.shape[1]:
+                raise ValueError(
+                    f"generate_answer: the prefix cache covers {start} tokens but the prompt has only "
+                    f"{input_ids.shape[1]}; at least one new prompt token is needed"
+                )
+            if not torch.equal(input_ids[:, :start].cpu(), prefix_cache.input_ids.cpu()):
+                raise ValueError("generate_answer: the prompt does not start with the prefix-cache tokens")
+            used_rows = prefix_cache.num_image_tokens
+            cache = copy_cache(prefix_cache.cache)
+        suffix = input_ids[:, start:]
+        suffix_rows = None
+        if self._count_image_tokens(suffix):
+            if rows is None:
+                raise ValueError("generate_answer: the prompt has <IMG_CONTEXT> tokens but no images were given")
+            suffix_rows = rows[used_rows:]
+        elif rows is not None and rows.shape[0] != used_rows:
+            raise ValueError(
+                f"generate_answer: {rows.shape[0]} vision tokens given but the prompt has "
+                f"{used_rows + self._count_image_tokens(suffix)} <IMG_CONTEXT> tokens"
+            )
+        embeds = self.build_input_embeds(suffix, vision_embeds=suffix_rows)
+
+        decoder = self.language_model.get_decoder()
+        head = self.language_model.get_output_embeddings()
+        embed_tokens = self.get_input_embeddings()
+        out = decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        prompt_cache = None
+        if return_prompt_cache:
+            n_img = used_rows + self._count_image_tokens(suffix)
+            prompt_cache = PrefixCache(copy_cache(cache), input_ids.clone(), n_img)
+        logits = head(out.last_hidden_state[:, -1])
+
+        generated: list[int] = []
+        seg_states: list[torch.Tensor] = []
+        while True:
+            token = int(logits.float().argmax(-1)[0])
+            generated.append(token)
+            if token in eos_ids or len(generated) >= max_new_tokens:
+                break
+            if stop_words and ends_with_stop_word(tokenizer.decode(generated, skip_special_tokens=False), stop_words):
+                break
+            step = embed_tokens(torch.tensor([[token]], device=input_ids.device))
+            out = decoder(inputs_embeds=step, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            hidden = out.last_hidden_state[:, -1]
+            if self.seg_token_id is not None and token == self.seg_token_id:
+                seg_states.append(hidden)
+            logits = head(hidden)
+        hidden_size = self.config.llm_config.hidden_size
+        seg = torch.cat(seg_states, 0) if seg_states else embeds.new_zeros((0, hidden_size))
+        ids = torch.tensor(generated, dtype=torch.long, device=input_ids.device)
+        text = tokenizer.decode(generated, skip_special_tokens=False)
+        return GeneratedAnswer(ids, text, seg, prompt_cache)
+
+    # =========================================================================================
+    # predict_forward (five inference modes) -- RESERVED: added by a later task in this file.
+    # =========================================================================================

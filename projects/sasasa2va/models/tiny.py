@@ -1,0 +1,285 @@
+"""Tiny random-init checkpoints in the OFFICIAL layouts, so the whole pipeline runs on CPU.
+
+``make_tiny_pretrained(out_dir)`` writes
+  <out>/InternVL-tiny/   config.json (internvl_chat), model.safetensors (official key names),
+                         a Qwen2-style byte-level BPE tokenizer trained offline (+ InternVL tokens)
+  <out>/sam2_tiny.pt     {'model': state_dict} of the 'tiny' SAM2 preset
+  <out>/sa2va_tiny.pth   a Sa2VA-style flat .pth (mllm.model.*, resized embeddings, SAM2, text_hidden_fcs)
+Everything is deterministic for a given seed. Defaults: ViT 112 px / patch 14 -> 64 patches -> 16
+tokens per image after pixel shuffle; LLM hidden 256, 4 layers.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+from projects.sasasa2va.hf.models.configuration_sasasa2va_chat import build_llm_config
+from projects.sasasa2va.hf.models.configuration_intern_vit import InternVisionConfig
+from projects.sasasa2va.hf.models.modeling_intern_vit import InternVisionModel
+from projects.sasasa2va.hf.models.modeling_sasasa2va_chat import build_language_model, build_mlp1
+from projects.sasasa2va.hf.models.templates import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from projects.sasasa2va.utils.io import atomic_write_json
+
+ARCHS = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "internlm2": "InternLM2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+}
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+INTERNVL_TOKENS = [IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+# Qwen2 pre-tokenisation pattern (the slow Qwen2Tokenizer applies the same split).
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+TINY_VOCAB_TARGET = 2048
+TINY_LLM = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+TINY_VIT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, patch_size=14)
+INTERNVL_DIR = "InternVL-tiny"
+SAM2_FILE = "sam2_tiny.pt"
+SA2VA_FILE = "sa2va_tiny.pth"
+
+_COLOURS = "red green blue yellow purple orange pink brown black white gray grey cyan magenta golden silver dark light".split()
+_SHAPES = "circle square triangle rectangle star ellipse diamond hexagon blob ring cross box ball disk object shape".split()
+_MOTION = (
+    "moving move moves left right up down upward downward forward backward fast slowly quickly still static "
+    "stationary bouncing rotating spinning turning jumping sliding drifting approaching leaving entering exiting "
+    "first second third last then after before while stops starts towards away across around center corner top bottom"
+).split()
+_FILLER = (
+    "the a an of and or is are was to in on at by with from that this which who it its there their which "
+    "one two three four five six seven eight nine ten please segment find show where can you what picture "
+    "image video frame frames mask respond segmentation result sure it is in this clip clips of the object "
+    "objects most biggest smallest largest other next behind front near far small big large tiny huge"
+).split()
+_QUESTIONS = [
+    "Please segment {x} in this image.",
+    "Can you segment the {x} in this image?",
+    "Where is the {x} in this picture? Please respond with a segmentation mask.",
+    "Please segment {x}.",
+    "Could you please give me a segmentation mask of the {x}?",
+    "What is {x} in this video? Please respond with a segmentation mask.",
+]
+_ANSWERS = ["It is {s}.", "Sure, {s}.", "Sure, it is {s}.", "Sure, the segmentation result is {s}.", "{s}."]
+
+
+def _corpus(seed: int = 0, lines: int = 3000) -> list:
+    """Deterministic training text: templates, object phrases, Clip_k answers, chat-template strings."""
+    rng = random.Random(seed)
+    clip_answer = ", ".join(f"Clip_{i}" for i in range(1, 11)) + "."
+    out = [" ".join(_COLOURS), " ".join(_SHAPES), " ".join(_MOTION), " ".join(_FILLER), clip_answer,
+           "0 1 2 3 4 5 6 7 8 9 10 100 2024", "<|user|>\n<|end|>\n<|assistant|>\n<|system|>\n"]
+    words = _COLOURS + _SHAPES + _MOTION + _FILLER
+    for _ in range(lines):
+        phrase = f"{rng.choice(_COLOURS)} {rng.choice(_SHAPES)} {rng.choice(_MOTION)} {rng.choice(_MOTION)}"
+        question = rng.choice(_QUESTIONS).format(x=phrase)
+        answer = rng.choice(_ANSWERS).format(s=", ".join(f"Clip_{i}" for i in range(1, rng.randint(1, 10) + 1)))
+        filler = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+        out.append(f"<|user|>\n{question}<|end|>\n<|assistant|>\n{answer}<|end|>")
+        out.append(filler.capitalize() + rng.choice([".", "?", "!", ","]) + f" {rng.randint(0, 999)}")
+    return out
+
+
+def build_tiny_tokenizer(seed: int = 0, vocab_size: int = TINY_VOCAB_TARGET):
+    """Byte-level BPE (Qwen2 pre-tokeniser) trained offline; Qwen specials and InternVL tokens appended
+    after the base vocabulary, like the official tokenizer (ids: base, then specials, then InternVL)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        special_tokens=[],
+    )
+    tok.train_from_iterator(_corpus(seed), trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL + INTERNVL_TOKENS])
+    return Qwen2TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        clean_up_tokenization_spaces=False,
+        errors="replace",
+        split_special_tokens=False,
+        model_max_length=32768,
+    )
+
+
+def save_tokenizer(tokenizer, out_dir: str) -> None:
+    """tokenizer.json + tokenizer_config.json, plus vocab.json/merges.txt so the slow class loads too."""
+    tokenizer.save_pretrained(out_dir)
+    tokenizer.backend_tokenizer.model.save(out_dir)
+
+
+def tiny_vision_config(image_size: int = 112, six_b_style: bool = False) -> dict:
+    """300M-style ViT (layer_norm, qkv bias) or 6B-style (rms_norm, q/k norm, no qkv bias)."""
+    cfg = dict(TINY_VIT, image_size=image_size, num_channels=3, hidden_act="gelu", layer_norm_eps=1e-6,
+               dropout=0.0, drop_path_rate=0.0, attention_dropout=0.0, initializer_range=0.02,
+               initializer_factor=1.0, use_flash_attn=False, architectures=["InternVisionModel"])
+    if six_b_style:
+        cfg.update(qkv_bias=False, qk_normalization=True, norm_type="rms_norm")
+    else:
+        cfg.update(qkv_bias=True, qk_normalization=False, norm_type="layer_norm")
+    return cfg
+
+
+def tiny_llm_config(arch: str, tokenizer) -> dict:
+    """LLM config dict for ``arch`` (a key of ARCHS) sized for CPU, untied head, vocab = len(tokenizer)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown tiny arch {arch!r}; expected one of {sorted(ARCHS)}")
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    cfg = dict(TINY_LLM, architectures=[ARCHS[arch]], vocab_size=len(tokenizer), hidden_act="silu",
+               max_position_embeddings=4096, rms_norm_eps=1e-6, initializer_range=0.02, tie_word_embeddings=False,
+               use_cache=True, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, rope_theta=1000000.0)
+    if arch == "qwen2":
+        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=TINY_LLM["num_hidden_layers"])
+    elif arch == "qwen3":
+        cfg.update(head_dim=TINY_LLM["hidden_size"] // TINY_LLM["num_attention_heads"], use_sliding_window=False)
+    elif arch == "internlm2":
+        cfg.update(bias=False, rms_norm_eps=1e-5, rope_scaling={"type": "dynamic", "factor": 2.0})
+    elif arch == "phi3":
+        cfg.update(sliding_window=None, original_max_position_embeddings=4096)
+    return cfg
+
+
+def tiny_internvl_config(arch: str, tokenizer, image_size: int = 112) -> dict:
+    """A config.json in the official InternVL layout (model_type internvl_chat)."""
+    return {
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "template": "internvl2_5",
+        "downsample_ratio": 0.5,
+        "force_image_size": image_size,
+        "select_layer": -1,
+        "ps_version": "v2",
+        "dynamic_image_size": True,
+        "use_thumbnail": True,
+        "min_dynamic_patch": 1,
+        "max_dynamic_patch": 12,
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
+        "pad2square": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "vision_config": tiny_vision_config(image_size, six_b_style=arch == "internlm2"),
+        "llm_config": tiny_llm_config(arch, tokenizer),
+    }
+
+
+def internvl_state_dict(config: dict, seed: int = 0) -> dict:
+    """Random ``vision_model.* / mlp1.* / language_model.*`` tensors for an InternVL config dict."""
+    torch.manual_seed(seed)
+    vision_cfg = {k: v for k, v in config["vision_config"].items() if k != "model_type"}
+    vision = InternVisionModel(InternVisionConfig(**vision_cfg))
+    llm = build_language_model(build_llm_config(config["llm_config"]))
+    mlp1 = build_mlp1(vision.config.hidden_size, llm.config.hidden_size, config["downsample_ratio"])
+    state = {}
+    for prefix, module in (("vision_model.", vision), ("mlp1.", mlp1), ("language_model.", llm)):
+        for key, value in module.state_dict().items():
+            state[prefix + key] = value.detach().clone().contiguous()
+    return state
+
+
+def save_safetensors(state: dict, out_dir: str, max_shard_bytes: Optional[int] = None) -> list:
+    """``model.safetensors``, or HF-style shards + ``model.safetensors.index.json`` when sharding."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"format": "pt"}
+    if not max_shard_bytes:
+        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata=meta)
+        return ["model.safetensors"]
+    shards, current, size = [], {}, 0
+    for key in state:
+        nbytes = state[key].numel() * state[key].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = state[key]
+        size += nbytes
+    shards.append(current)
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, name), metadata=meta)
+        names.append(name)
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    atomic_write_json(
+        os.path.join(out_dir, "model.safetensors.index.json"),
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2,
+    )
+    return names
+
+
+def write_tiny_internvl(
+    out_dir: str, arch: str = "qwen2", image_size: int = 112, seed: int = 0,
+    max_shard_bytes: Optional[int] = None, tokenizer=None,
+) -> str:
+    """Write an official-layout InternVL folder (config.json, safetensors, tokenizer); returns its path."""
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    config = tiny_internvl_config(arch, tokenizer, image_size)
+    save_tokenizer(tokenizer, out_dir)
+    save_safetensors(internvl_state_dict(config, seed), out_dir, max_shard_bytes)
+    atomic_write_json(os.path.join(out_dir, "config.json"), config, indent=2, sort_keys=True)
+    return out_dir
+
+
+def write_tiny_sam2(path: str, seed: int = 0, sam2_config=None) -> str:
+    """Official SAM2 checkpoint layout ``{'model': state_dict}`` ('.gamma' names) of the tiny preset."""
+    from projects.sasasa2va.hf.models.sam2_grounding import SAM2Grounding, official_sam2_state_dict
+
+    torch.manual_seed(seed)
+    grounding = SAM2Grounding(sam2_config if sam2_config is not None else {"name": "tiny"})
+    state = {k: v.detach().clone().contiguous() for k, v in official_sam2_state_dict(grounding.sam2_model).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"model": state}, path)
+    return path
+
+
+def write_tiny_sa2va_pth(path: str, internvl_dir: str, sam2_path: str, seed: int = 0, sam2_config=None) -> str:
+    """Sa2VA-style flat .pth: the tiny InternVL + 5 special tokens (resized), SAM2, text_hidden_fcs."""
+    from projects.sasasa2va.models.builder import (
+        add_special_tokens, hf_key_to_sa2va, load_internvl_folder, load_sam2_checkpoint,
+    )
+
+    sam2_config = sam2_config if sam2_config is not None else {"name": "tiny"}
+    model, tokenizer = load_internvl_folder(internvl_dir, sam2_config, template="qwen_chat")
+    torch.manual_seed(seed + 1)
+    add_special_tokens(model, tokenizer)
+    load_sam2_checkpoint(model, sam2_path)
+    for module in model.text_hidden_fcs:
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    state = {hf_key_to_sa2va(k): v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, path)
+    return path
+
+
+def make_tiny_pretrained(
+    out_dir: str, arch: str = "qwen2", image_size: int = 112, seed: int = 0,
+    with_sam2: bool = True, with_sa2va_pth: bool = True,
+) -> dict:
+    """Write the tiny InternVL folder, SAM2 checkpoint and Sa2VA .pth under ``out_dir``; returns paths."""
+    paths = {"internvl": write_tiny_internvl(os.path.join(out_dir, INTERNVL_DIR), arch, image_size, seed)}
+    if with_sam2 or with_sa2va_pth:
+        paths["sam2"] = write_tiny_sam2(os.path.join(out_dir, SAM2_FILE), seed)
+    if with_sa2va_pth:
+        paths["sa2va_pth"] = write_tiny_sa2va_pth(os.path.join(out_dir, SA2VA_FILE), paths["internvl"], paths["sam2"], seed)
+    atomic_write_json(os.path.join(out_dir, "tiny_manifest.json"),
+                      {"arch": arch, "image_size": image_size, "seed": seed, "files": paths}, indent=2)
+    return paths
