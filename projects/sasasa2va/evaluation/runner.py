@@ -1,0 +1,843 @@
+"""Ref-VOS evaluation runner (spec evaluation.md §1.1, §2.1, §4, decisions §11).
+
+One rank (or each rank of a torchrun job) takes its shard of expressions (``sharding``), loads each
+video's frames once, runs every requested mode through ``predict_video`` and writes one file per
+expression as it finishes::
+
+    <run_dir>/preds/<video>/<exp_id>.json   the results.json entry (atomic; the "done" marker)
+    <run_dir>/probs/<video>/<exp_id>.npz    uint8 probabilities (averaging.save_probs)
+
+so a killed run resumes on rerun. When every rank has finished (marker files, see ``_wait_for_ranks``),
+rank 0 assembles ``<run_dir>/results.json`` in dataset order from the per-expression files, averages
+modes (``--average``) and writes the submission PNGs (``--submit``). ``run_dir`` is the work dir for one
+mode and ``<work_dir>/modes/<mode>`` for several.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from projects.sasasa2va.evaluation import sharding
+from projects.sasasa2va.evaluation.averaging import ensemble_masks, load_probs, probs_path, save_probs
+from projects.sasasa2va.evaluation.results_io import make_entry, write_results
+from projects.sasasa2va.evaluation.splits import ResolvedSplit, resolve_split
+from projects.sasasa2va.hf.models.frame_sampling import MODES
+from projects.sasasa2va.hf.models.templates import eval_prompt
+from projects.sasasa2va.utils.io import atomic_write_json
+
+logger = logging.getLogger("sasasa2va.eval")
+
+DIST_DIR = ".dist"
+MAX_LISTED_FAILURES = 20
+
+
+# ================================================================================================ options
+@dataclass
+class EvalOptions:
+    """Everything a run needs (the CLI flags of ref_vos_eval.py map 1:1 onto these)."""
+
+    hf_dir: str
+    dataset: str = "MEVIS"
+    work_dir: str | None = None
+    modes: Sequence[str] = ("uniform",)
+    average: bool = False
+    average_members: Sequence[str] | None = None
+    average_threshold: float = 0.5
+    submit: bool = False
+    blind_expression: str | None = None
+    max_videos: int | None = None
+    videos: Sequence[str] | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    remote_code: bool = True
+    shard_by: str = "video"
+    launcher: str = "none"
+    data_root: str | None = None
+    split_dir: str | None = None
+    qframe_file: str | None = None
+    model_factory: str | Callable | None = None  # tests: "module:function" / "file.py:function" / callable
+    retry_failed: bool = False
+    overwrite: bool = False
+    dist_timeout: float = 6 * 3600.0
+    progress: bool = True
+
+
+def parse_modes(text: str | Sequence[str]) -> list[str]:
+    """'uniform,q_frame' / 'all' / a list -> validated modes, order kept, duplicates dropped."""
+    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p and p.strip()]
+    if not parts:
+        raise ValueError("--mode needs at least one mode")
+    out: list[str] = []
+    for p in parts:
+        for m in (MODES if p == "all" else (p,)):
+            if m not in MODES:
+                raise ValueError(f"unknown mode {m!r}; expected one of {', '.join(MODES)} or 'all'")
+            if m not in out:
+                out.append(m)
+    return out
+
+
+def default_work_dir(dataset: str, modes: Sequence[str]) -> str:
+    tag = "all" if list(modes) == list(MODES) else "+".join(modes)
+    return os.path.join("work_dirs", "eval", f"{dataset}_{tag}")
+
+
+# ================================================================================================ dist
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    initialized: bool = False
+    nonce: str = ""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str) -> int:
+    v = os.environ.get(name)
+    if v is None:
+        raise RuntimeError(f"--launcher pytorch needs the {name} environment variable (start the job with "
+                           "projects/sasasa2va/evaluation/dist_test.sh or torchrun)")
+    try:
+        return int(v)
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def init_distributed(launcher: str, device: str | None, timeout_s: float) -> DistContext:
+    """launcher 'none' -> one process; 'pytorch' -> RANK/WORLD_SIZE/LOCAL_RANK from the environment,
+    nccl on CUDA, gloo on CPU, with a timeout."""
+    import torch
+
+    if launcher not in ("none", "pytorch"):
+        raise ValueError(f"unknown launcher {launcher!r}; expected 'none' or 'pytorch'")
+    ctx = DistContext()
+    if launcher == "pytorch":
+        ctx.rank, ctx.world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+        ctx.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda":
+        device = f"cuda:{ctx.local_rank}"
+    ctx.device = device
+    if launcher == "pytorch":
+        import datetime
+
+        import torch.distributed as dist
+
+        cuda = device.startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        ctx.initialized = True
+        obj = [uuid.uuid4().hex if ctx.rank == 0 else None]
+        dist.broadcast_object_list(obj, src=0)  # also the start barrier
+        ctx.nonce = str(obj[0])
+    return ctx
+
+
+def _sync(ctx: DistContext) -> None:
+    if ctx.initialized:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def shutdown_distributed(ctx: DistContext) -> None:
+    if ctx.initialized:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        ctx.initialized = False
+
+
+def _marker_path(work_dir: str, ctx: DistContext, rank: int) -> str:
+    return os.path.join(work_dir, DIST_DIR, f"rank{rank}.{ctx.nonce}.json")
+
+
+def _write_marker(work_dir: str, ctx: DistContext, status: str, **info) -> None:
+    if ctx.world_size > 1:
+        atomic_write_json(_marker_path(work_dir, ctx, ctx.rank), {"rank": ctx.rank, "status": status, **info})
+
+
+def _wait_for_ranks(work_dir: str, ctx: DistContext, timeout_s: float, poll_s: float = 0.2) -> list[dict]:
+    """Rank 0: wait for every rank's done/failed marker; a failed rank's error is raised here."""
+    markers: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for r in range(ctx.world_size):
+            if r in markers:
+                continue
+            path = _marker_path(work_dir, ctx, r)
+            if os.path.isfile(path):
+                with open(path, "r", encoding="utf-8") as f:
+                    markers[r] = json.load(f)
+                if markers[r].get("status") != "done":
+                    raise RuntimeError(f"rank {r} failed:\n{markers[r].get('error', '(no error text)')}")
+        if len(markers) == ctx.world_size:
+            return [markers[r] for r in range(ctx.world_size)]
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(ctx.world_size)) - set(markers))
+            raise TimeoutError(f"ranks {missing} did not finish within {timeout_s:.0f} s (no marker in "
+                               f"{os.path.join(work_dir, DIST_DIR)})")
+        time.sleep(poll_s)
+
+
+def _clean_markers(work_dir: str, keep_nonce: str | None) -> None:
+    d = os.path.join(work_dir, DIST_DIR)
+    if not os.path.isdir(d):
+        return
+    for name in os.listdir(d):
+        if keep_nonce is None or f".{keep_nonce}." not in name:
+            try:
+                os.unlink(os.path.join(d, name))
+            except FileNotFoundError:
+                pass
+    if keep_nonce is None:
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
+# ================================================================================================ model
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto, float32 or bfloat16")
+    return table[dtype]
+
+
+def _import_factory(spec: str) -> Callable:
+    """'pkg.module:function' or 'path/to/file.py:function'."""
+    if ":" not in spec:
+        raise ValueError(f"model factory {spec!r} must look like module:function or file.py:function")
+    target, func = spec.rsplit(":", 1)
+    if target.endswith(".py"):
+        path = os.path.abspath(target)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: model factory file not found")
+        name = "_eval_model_factory_" + uuid.uuid5(uuid.NAMESPACE_URL, path).hex
+        mod = sys.modules.get(name)
+        if mod is None:
+            s = importlib.util.spec_from_file_location(name, path)
+            mod = importlib.util.module_from_spec(s)
+            sys.modules[name] = mod
+            s.loader.exec_module(mod)
+    else:
+        mod = importlib.import_module(target)
+    if not hasattr(mod, func):
+        raise AttributeError(f"model factory {spec!r}: no function {func!r}")
+    return getattr(mod, func)
+
+
+def load_model(opts: EvalOptions, ctx: DistContext):
+    """(model, tokenizer) in eval mode on ctx.device. Remote code by default, the repo's own classes
+    with remote_code=False, or a test factory."""
+    import torch
+
+    dtype = resolve_dtype(opts.dtype, ctx.device)
+    if opts.model_factory is not None:
+        factory = opts.model_factory if callable(opts.model_factory) else _import_factory(opts.model_factory)
+        return factory(hf_dir=opts.hf_dir, device=ctx.device, dtype=dtype, remote_code=opts.remote_code,
+                       rank=ctx.rank)
+    from transformers import AutoModel, AutoTokenizer
+
+    if not os.path.isdir(opts.hf_dir):
+        raise FileNotFoundError(f"{opts.hf_dir}: HF model folder not found")
+    kwargs = dict(torch_dtype=dtype, low_cpu_mem_usage=True)
+    if opts.remote_code:
+        model = AutoModel.from_pretrained(opts.hf_dir, trust_remote_code=True, **kwargs)
+    else:
+        from projects.sasasa2va.hf.models.modeling_sasasa2va_chat import SaSaSa2VAChatModel
+
+        model = SaSaSa2VAChatModel.from_pretrained(opts.hf_dir, **kwargs)
+    model = model.to(torch.device(ctx.device)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(opts.hf_dir, trust_remote_code=opts.remote_code)
+    return model, tokenizer
+
+
+# ================================================================================================ prediction
+@dataclass
+class ExpressionTask:
+    """One expression of the current video, ready for the model."""
+
+    index: int
+    video_id: str
+    exp_id: str
+    text: str               # expression fed to the model (the blind text in the language-blind control)
+    prompt: str             # eval_prompt(text), also stored as results "exp"
+    selected_fids: list[int] | None = None
+
+
+@dataclass
+class ExpressionOutput:
+    """Normalised model output for one expression. status: ok | no_seg | failed."""
+
+    status: str
+    prediction: str = ""
+    masks: np.ndarray | None = None   # bool [T,H,W]
+    probs: np.ndarray | None = None   # float32 [T,H,W]
+    num_seg: int = 0
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class PredictOptions:
+    return_probs: bool = True
+    extra_kwargs: dict = field(default_factory=dict)  # forwarded to predict_forward (model fix options)
+
+
+def failed_output(error: str, prediction: str = "", seconds: float = 0.0) -> ExpressionOutput:
+    return ExpressionOutput(status="failed", prediction=prediction, error=error, seconds=seconds)
+
+
+def _first_array(value, what: str, shape: tuple[int, int, int], dtype) -> np.ndarray | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if len(value) == 0:
+            return None
+        value = value[0]
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy() if dtype != bool else value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.shape != shape:
+        raise ValueError(f"model returned {what} of shape {arr.shape}, expected [T,H,W] = {list(shape)}")
+    return arr.astype(dtype, copy=False)
+
+
+def normalize_output(raw: Any, num_frames: int, hw: tuple[int, int]) -> ExpressionOutput:
+    """Check a predict_forward result against the video and convert it (raises ValueError)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"predict_forward returned {type(raw).__name__}, expected a dict")
+    shape = (num_frames, int(hw[0]), int(hw[1]))
+    status = raw.get("status", "ok")
+    if status not in ("ok", "no_seg"):
+        raise ValueError(f"predict_forward returned status {status!r}, expected 'ok' or 'no_seg'")
+    text = raw.get("prediction", "")
+    text = text if isinstance(text, str) else str(text)
+    masks = _first_array(raw.get("prediction_masks"), "prediction_masks", shape, bool)
+    probs = _first_array(raw.get("probabilities"), "probabilities", shape, np.float32)
+    if masks is None:
+        if status == "ok":
+            raise ValueError("predict_forward returned status 'ok' without prediction_masks")
+        masks = np.zeros(shape, dtype=bool)
+    if probs is None:
+        probs = masks.astype(np.float32)
+    num_seg = int(raw.get("num_seg", 0 if status == "no_seg" else 1))
+    if status == "no_seg":
+        return ExpressionOutput("no_seg", text, masks, probs, num_seg,
+                                error=f"no [SEG] token in the generated text (status no_seg, num_seg={num_seg})")
+    return ExpressionOutput("ok", text, masks, probs, num_seg)
+
+
+def predict_one(model, tokenizer, frames, task: ExpressionTask, mode: str, options: PredictOptions,
+                hw: tuple[int, int]) -> ExpressionOutput:
+    """predict_forward for one expression; any exception becomes a failed output."""
+    import torch
+
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            raw = model.predict_forward(video=frames, text=task.prompt, tokenizer=tokenizer, mode=mode,
+                                        selected_fids=task.selected_fids, return_probs=options.return_probs,
+                                        **options.extra_kwargs)
+        out = normalize_output(raw, len(frames), hw)
+    except Exception as exc:  # recorded per expression; the run goes on
+        logger.debug("expression %s/%s failed", task.video_id, task.exp_id, exc_info=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return failed_output(f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def predict_video(model, tokenizer, frames, items: Sequence[ExpressionTask], mode: str,
+                  options: PredictOptions, on_result: Callable[[int, ExpressionOutput], None] | None = None
+                  ) -> list[ExpressionOutput]:
+    """Outputs for every expression of one video (same order as ``items``).
+
+    Default: one predict_forward call per expression. A shared per-video path (encode frames once)
+    can replace this; ``on_result(i, output)`` lets it report each output as soon as it exists (the
+    runner writes those immediately and the rest after the return).
+    """
+    hw = (frames[0].size[1], frames[0].size[0])
+    outs = []
+    for i, task in enumerate(items):
+        out = predict_one(model, tokenizer, frames, task, mode, options, hw)
+        if on_result is not None:
+            on_result(i, out)
+        outs.append(out)
+    return outs
+
+
+# ================================================================================================ data
+def select_records(records: dict, videos: Sequence[str] | None, max_videos: int | None) -> dict:
+    """Subset for quick runs: --videos (dataset order kept) then the first --max-videos."""
+    out = records
+    if videos:
+        unknown = [v for v in videos if v not in records]
+        if unknown:
+            raise ValueError(f"--videos: {len(unknown)} unknown video id(s), e.g. {unknown[0]!r}")
+        wanted = set(videos)
+        out = {k: v for k, v in out.items() if k in wanted}
+    if max_videos is not None:
+        if max_videos < 1:
+            raise ValueError(f"--max-videos must be >= 1, got {max_videos}")
+        out = dict(itertools.islice(out.items(), max_videos))
+    return out
+
+
+def load_video_frames(record) -> list:
+    """All frames of a video as RGB PIL images, same size (DataError naming the bad frame)."""
+    from projects.sasasa2va.datasets.errors import DataError
+    from projects.sasasa2va.datasets.readers import load_frame
+
+    frames = [load_frame(record, i) for i in range(record.num_frames)]
+    size = frames[0].size
+    for i, f in enumerate(frames):
+        if f.size != size:
+            raise DataError(f"{record.frame_path(i)}: frame size {f.size[0]}x{f.size[1]} differs from frame 0 "
+                            f"({size[0]}x{size[1]}) in video {record.video_id!r}")
+    return frames
+
+
+def _fallback_hw(record) -> tuple[int, int]:
+    """Frame size from the first readable header (for failed entries of a broken video)."""
+    from projects.sasasa2va.datasets.readers import frame_size
+
+    for i in range(record.num_frames):
+        try:
+            return frame_size(record, i)
+        except Exception:
+            continue
+    return 1, 1
+
+
+# ================================================================================================ layout
+def run_dir_for(work_dir: str, mode: str, modes: Sequence[str], multi: bool | None = None) -> str:
+    """The work dir for a single-mode run, else <work_dir>/modes/<mode> (also when averaging)."""
+    multi = len(modes) > 1 if multi is None else multi
+    return os.path.join(work_dir, "modes", mode) if multi else work_dir
+
+
+def preds_path(run_dir: str, video_id: str, exp_id: str) -> str:
+    return os.path.join(run_dir, "preds", str(video_id), f"{exp_id}.json")
+
+
+def _read_pred(run_dir: str, video_id: str, exp_id: str, num_frames: int) -> dict | None:
+    """A finished expression's entry, or None when absent/unusable (then it is recomputed)."""
+    path = preds_path(run_dir, video_id, exp_id)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            e = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(e, dict) or e.get("video_id") != video_id or e.get("exp_id") != exp_id
+            or len(e.get("prediction_masks") or []) != num_frames):
+        return None
+    return e
+
+
+def _is_done(run_dir: str, video_id: str, exp_id: str, num_frames: int, retry_failed: bool) -> bool:
+    e = _read_pred(run_dir, video_id, exp_id, num_frames)
+    if e is None:
+        return False
+    if e.get("status") == "ok" and not os.path.isfile(probs_path(run_dir, video_id, exp_id)):
+        return False
+    return not (retry_failed and e.get("status") == "failed")
+
+
+def _run_config(opts: EvalOptions, split: ResolvedSplit, mode: str) -> dict:
+    return {"model": os.path.abspath(opts.hf_dir) if isinstance(opts.hf_dir, str) else str(opts.hf_dir),
+            "split": split.name, "split_dir": split.split_dir, "mode": mode,
+            "blind_expression": opts.blind_expression, "dtype": opts.dtype,
+            "qframe_file": split.qframe_file if mode == "q_frame" else None}
+
+
+def _check_run_config(run_dir: str, cfg: dict) -> None:
+    path = os.path.join(run_dir, "run_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, "r", encoding="utf-8") as f:
+        old = json.load(f)
+    diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
+    if diff:
+        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{run_dir} holds predictions of a different run ({lines}); use another --work-dir "
+                         "or --overwrite")
+
+
+# ================================================================================================ per rank
+@dataclass
+class RankStats:
+    processed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    model_seconds: float = 0.0
+
+
+def _entry_for(task: ExpressionTask, frame_names: list[str], out: ExpressionOutput, hw: tuple[int, int]) -> dict:
+    masks = out.masks if out.masks is not None else np.zeros((len(frame_names),) + tuple(hw), dtype=bool)
+    status = "ok" if out.status == "ok" else "failed"
+    return make_entry(task.index, task.video_id, task.exp_id, frame_names, masks, text_prediction=out.prediction,
+                      exp=task.prompt, status=status, error=out.error if status == "failed" else None)
+
+
+def _write_output(run_dir: str, task: ExpressionTask, frame_names: list[str], out: ExpressionOutput,
+                  hw: tuple[int, int], stats: RankStats) -> None:
+    """probs first, then the preds entry (its presence marks the expression as done)."""
+    if out.status in ("ok", "no_seg") and out.probs is not None:
+        save_probs(run_dir, task.video_id, task.exp_id, out.probs)
+    entry = _entry_for(task, frame_names, out, hw)
+    atomic_write_json(preds_path(run_dir, task.video_id, task.exp_id), entry)
+    stats.processed += 1
+    stats.model_seconds += out.seconds
+    if entry["status"] == "failed":
+        stats.failed += 1
+        logger.warning("%s/%s failed: %s", task.video_id, task.exp_id, out.error)
+
+
+def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Item], indices: Sequence[int],
+                   opts: EvalOptions, modes: Sequence[str], qframe: dict | None, progress: bool,
+                   run_dirs: dict[str, str], options: PredictOptions | None = None) -> RankStats:
+    """Run this rank's items (video-major) for every mode, skipping finished expressions."""
+    options = options or PredictOptions()
+    stats = RankStats()
+    mine = [items[i] for i in indices]
+    pending: list[tuple[str, list[tuple[str, sharding.Item]]]] = []
+    for vid, group in itertools.groupby(mine, key=lambda it: it.video_id):
+        rec = records[vid]
+        group = list(group)
+        todo = [(m, it) for m in modes for it in group
+                if not _is_done(run_dirs[m], it.video_id, it.exp_id, rec.num_frames, opts.retry_failed)]
+        stats.skipped += len(group) * len(modes) - len(todo)
+        if todo:
+            pending.append((vid, todo))
+    total = sum(len(t) for _, t in pending)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="eval", unit="exp", dynamic_ncols=True)
+    try:
+        for vid, todo in pending:
+            rec = records[vid]
+            try:
+                frames = load_video_frames(rec)
+                hw, frame_error = (frames[0].size[1], frames[0].size[0]), None
+            except Exception as exc:
+                frames, hw, frame_error = None, _fallback_hw(rec), f"frame loading failed: {type(exc).__name__}: {exc}"
+            for mode in modes:
+                its = [it for m, it in todo if m == mode]
+                if not its:
+                    continue
+                tasks = []
+                for it in its:
+                    text = opts.blind_expression if opts.blind_expression else rec.expressions[it.exp_id].text
+                    fids = qframe[vid][it.exp_id] if (mode == "q_frame" and qframe is not None) else None
+                    tasks.append(ExpressionTask(it.index, vid, it.exp_id, text, eval_prompt(text), fids))
+                _run_video_mode(model, tokenizer, frames, frame_error, hw, rec.frame_names, tasks, mode,
+                                run_dirs[mode], options, stats, bar)
+            del frames
+    finally:
+        if bar is not None:
+            bar.close()
+    return stats
+
+
+def _run_video_mode(model, tokenizer, frames, frame_error, hw, frame_names, tasks, mode, run_dir, options,
+                    stats, bar) -> None:
+    written: set[int] = set()
+
+    def emit(i: int, out: ExpressionOutput) -> None:
+        if i in written or not 0 <= i < len(tasks):
+            return
+        _write_output(run_dir, tasks[i], frame_names, out, hw, stats)
+        written.add(i)
+        if bar is not None:
+            bar.update(1)
+
+    if frame_error is not None:
+        for i in range(len(tasks)):
+            emit(i, failed_output(frame_error))
+        return
+    try:
+        outs = predict_video(model, tokenizer, frames, tasks, mode, options, on_result=emit)
+        if len(outs) != len(tasks):
+            raise ValueError(f"predict_video returned {len(outs)} outputs for {len(tasks)} expressions")
+    except Exception as exc:
+        logger.warning("video %s mode %s failed", tasks[0].video_id, mode, exc_info=True)
+        outs = [failed_output(f"{type(exc).__name__}: {exc}")] * len(tasks)
+    for i, out in enumerate(outs):
+        emit(i, out)
+
+
+# ================================================================================================ rank 0
+def _split_meta(split: ResolvedSplit, opts: EvalOptions, all_records: dict, records: dict,
+                items: Sequence[sharding.Item]) -> dict:
+    meta = {"split": split.name, "num_videos": len(records), "num_expressions": len(items),
+            "model": os.path.basename(os.path.normpath(str(opts.hf_dir)))}
+    if len(records) != len(all_records):
+        meta["subset"] = True
+        meta["split_num_videos"] = len(all_records)
+        meta["split_num_expressions"] = sum(len(r.expressions) for r in all_records.values())
+    if opts.blind_expression:
+        meta["blind_expression"] = opts.blind_expression
+    return meta
+
+
+def assemble_results(run_dir: str, records: dict, items: Sequence[sharding.Item], meta: dict) -> dict:
+    """results.json of one run dir from its per-expression files, in dataset order.
+
+    Returns {"path", "failed", "failures": [(video, exp, error)]}; a missing expression is an error.
+    """
+    entries, failures = [], []
+    for it in items:
+        e = _read_pred(run_dir, it.video_id, it.exp_id, records[it.video_id].num_frames)
+        if e is None:
+            raise RuntimeError(f"{preds_path(run_dir, it.video_id, it.exp_id)}: prediction missing after all "
+                               "ranks finished")
+        e["index"] = it.index
+        if e.get("status") == "failed":
+            failures.append((it.video_id, it.exp_id, e.get("error")))
+        entries.append(e)
+    path = os.path.join(run_dir, "results.json")
+    write_results(path, entries, {**meta, "failed": len(failures)})
+    return {"path": path, "failed": len(failures), "failures": failures}
+
+
+def average_runs(member_dirs: Sequence[str], member_names: Sequence[str], records: dict,
+                 items: Sequence[sharding.Item], out_path: str, meta: dict, threshold: float = 0.5,
+                 blind_expression: str | None = None) -> dict:
+    """Per-pixel mean of the members' stored probabilities > threshold (averaging.ensemble_masks).
+
+    A member without probabilities for an expression (it raised there) is left out of that mean. The
+    averaged expression is failed when no member succeeded on it (then its masks are the mean of the
+    no_seg members' empty probabilities, or empty).
+    """
+    def member_ok(d: str, it, num_frames: int) -> bool:
+        e = _read_pred(d, it.video_id, it.exp_id, num_frames)
+        return e.get("status") == "ok" if e is not None else True  # external run dir: probs only
+
+    def entries():
+        for it in items:
+            rec = records[it.video_id]
+            probs, ok = [], []
+            for name, d in zip(member_names, member_dirs):
+                if os.path.isfile(probs_path(d, it.video_id, it.exp_id)):
+                    p = load_probs(d, it.video_id, it.exp_id)
+                    if p.shape[0] != rec.num_frames:
+                        raise ValueError(f"{probs_path(d, it.video_id, it.exp_id)}: {p.shape[0]} frames, video "
+                                         f"{it.video_id!r} has {rec.num_frames}")
+                    probs.append(p)
+                    if member_ok(d, it, rec.num_frames):
+                        ok.append(name)
+            text = blind_expression or rec.expressions[it.exp_id].text
+            if probs:
+                masks = ensemble_masks(probs, threshold=threshold)
+            else:
+                masks = np.zeros((rec.num_frames,) + _fallback_hw(rec), dtype=bool)
+            status, error = "ok", None
+            if not ok:
+                status, error = "failed", f"every member failed on this expression ({', '.join(member_names)})"
+                failures.append((it.video_id, it.exp_id, error))
+            yield make_entry(it.index, it.video_id, it.exp_id, rec.frame_names, masks, text_prediction="",
+                             exp=eval_prompt(text), status=status, error=error)
+
+    failures: list[tuple[str, str, str]] = []
+    entry_list = list(entries())
+    m = {**meta, "mode": "average", "modes": list(member_names), "threshold": threshold, "failed": len(failures)}
+    write_results(out_path, entry_list, m)
+    return {"path": out_path, "failed": len(failures), "failures": failures}
+
+
+def write_submission(results_path: str, ann_dir: str, split: ResolvedSplit, complete: bool) -> dict:
+    """PNGs of a results.json under ann_dir; checked against the split when the run covers all of it."""
+    from projects.sasasa2va.evaluation.submission import check_submission, write_submission_pngs
+
+    n = write_submission_pngs(results_path, ann_dir)
+    info: dict[str, Any] = {"dir": ann_dir, "num_png": n}
+    if complete and os.path.basename(split.meta_file) == "meta_expressions.json":
+        problems = check_submission(ann_dir, split.split_dir)
+        info["problems"] = problems[:MAX_LISTED_FAILURES]
+        info["num_problems"] = len(problems)
+    return info
+
+
+# ================================================================================================ summary
+def format_summary(s: dict) -> str:
+    lines = [f"== evaluation summary: split {s['split']} ({s['split_dir']})",
+             f"   {s['num_videos']} videos, {s['num_expressions']} expressions, modes {', '.join(s['modes'])}, "
+             f"{s['world_size']} process(es)"]
+    for name, r in s["runs"].items():
+        lines.append(f"-- {name}: {s['num_expressions'] - r['failed']} ok, {r['failed']} failed -> {r['path']}")
+        for vid, eid, err in r["failures"][:MAX_LISTED_FAILURES]:
+            lines.append(f"     failed {vid}/{eid}: {err}")
+        if r["failed"] > MAX_LISTED_FAILURES:
+            lines.append(f"     ... and {r['failed'] - MAX_LISTED_FAILURES} more (see eval_summary.json)")
+    t = s["this_run"]
+    if t["processed"]:
+        per = (f"{t['model_seconds_per_expression']:.3f} s model time per expression, "
+               f"{t['wall_seconds'] / t['processed']:.3f} s wall per expression")
+    else:
+        per = "nothing left to predict"
+    lines.append(f"-- this run: {t['processed']} expression(s) predicted, {t['skipped']} resumed from earlier runs, "
+                 f"{t['failed']} failed; {per}; wall {t['wall_seconds']:.1f} s")
+    for sub in s.get("submission", []):
+        extra = ""
+        if "num_problems" in sub:
+            extra = " (check ok)" if sub["num_problems"] == 0 else f" (check: {sub['num_problems']} problem(s))"
+        lines.append(f"-- submission PNGs: {sub['num_png']} in {sub['dir']}{extra}")
+        for p in sub.get("problems", [])[:5]:
+            lines.append(f"     {p}")
+    lines.append(f"-- outputs under {s['work_dir']}")
+    return "\n".join(lines)
+
+
+# ================================================================================================ entry
+def _resolve_members(opts: EvalOptions, modes: Sequence[str]) -> tuple[list[str], list[str]] | None:
+    """(names, run dirs) of the averaging members, or None without averaging."""
+    if not opts.average and not opts.average_members:
+        return None
+    names, dirs = [], []
+    for m in (opts.average_members or modes):
+        if m in modes:
+            names.append(m)
+            dirs.append(run_dir_for(opts.work_dir, m, modes, True))
+        elif os.path.isdir(m):
+            names.append(os.path.basename(os.path.normpath(m)))
+            dirs.append(m)
+        else:
+            raise ValueError(f"--average-members: {m!r} is neither a mode of this run ({', '.join(modes)}) nor a "
+                             "run directory")
+    if len(dirs) < 2:
+        raise ValueError(f"--average needs at least two members, got {names}")
+    if not 0.0 < opts.average_threshold < 1.0:
+        raise ValueError(f"--average-threshold must be in (0, 1), got {opts.average_threshold}")
+    return names, dirs
+
+
+def run_evaluation(opts: EvalOptions) -> dict | None:
+    """Run the whole evaluation on this process; returns the summary on rank 0 (None elsewhere).
+
+    Any error of this rank is written to its marker file and re-raised, so the job fails loudly.
+    """
+    modes = parse_modes(opts.modes)
+    if opts.shard_by not in sharding.SCHEMES:
+        raise ValueError(f"--shard-by must be one of {sharding.SCHEMES}, got {opts.shard_by!r}")
+    if opts.work_dir is None:
+        opts.work_dir = default_work_dir(opts.dataset, modes)
+    multi = len(modes) > 1 or bool(opts.average or opts.average_members)
+    members = _resolve_members(opts, modes)
+    ctx = init_distributed(opts.launcher, opts.device, opts.dist_timeout)
+    try:
+        return _run(opts, modes, multi, members, ctx)
+    finally:
+        shutdown_distributed(ctx)
+
+
+def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistContext) -> dict | None:
+    t_start = time.perf_counter()
+    work_dir = opts.work_dir
+    os.makedirs(work_dir, exist_ok=True)
+    if ctx.is_main:
+        _clean_markers(work_dir, keep_nonce=ctx.nonce)
+    try:
+        split = resolve_split(opts.dataset, opts.data_root, opts.split_dir, opts.qframe_file)
+        all_records = split.load_records()
+        records = select_records(all_records, opts.videos, opts.max_videos)
+        items = sharding.enumerate_items(records)
+        run_dirs = {m: run_dir_for(work_dir, m, modes, multi) for m in modes}
+        configs = {m: _run_config(opts, split, m) for m in modes}
+        if opts.overwrite:
+            if ctx.is_main:
+                stale = [os.path.join(d, sub) for d in run_dirs.values()
+                         for sub in ("preds", "probs", "Annotations", "results.json", "run_config.json")]
+                stale += [os.path.join(work_dir, sub) for sub in ("Annotations", "results.json", "eval_summary.json")]
+                for p in stale:
+                    if os.path.isdir(p):
+                        shutil.rmtree(p)
+                    elif os.path.exists(p):
+                        os.unlink(p)
+            _sync(ctx)
+        else:
+            for m in modes:
+                _check_run_config(run_dirs[m], configs[m])
+        if ctx.is_main:
+            for m in modes:
+                atomic_write_json(os.path.join(run_dirs[m], "run_config.json"), configs[m], indent=1)
+        qframe = split.load_qframe(records) if "q_frame" in modes else None
+        model, tokenizer = load_model(opts, ctx)
+        indices = sharding.shard_indices(items, ctx.world_size, ctx.rank, opts.shard_by, include_padding=False)
+        logger.info("rank %d/%d: %d of %d expression(s), modes %s", ctx.rank, ctx.world_size, len(indices),
+                    len(items), ",".join(modes))
+        stats = evaluate_shard(model, tokenizer, records, items, indices, opts, modes, qframe,
+                               progress=opts.progress and ctx.is_main, run_dirs=run_dirs)
+        del model
+    except BaseException as exc:
+        _write_marker(work_dir, ctx, "failed", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        raise
+    own = {"rank": ctx.rank, "status": "done", "processed": stats.processed, "failed": stats.failed,
+           "skipped": stats.skipped, "model_seconds": stats.model_seconds}
+    _write_marker(work_dir, ctx, "done", **{k: v for k, v in own.items() if k not in ("rank", "status")})
+    if not ctx.is_main:
+        return None
+
+    markers = _wait_for_ranks(work_dir, ctx, opts.dist_timeout) if ctx.world_size > 1 else [own]
+    _clean_markers(work_dir, keep_nonce=None)
+    meta = _split_meta(split, opts, all_records, records, items)
+    runs: dict[str, dict] = {}
+    for m in modes:
+        runs[m] = assemble_results(run_dirs[m], records, items, {**meta, "mode": m})
+    if members is not None:
+        names, dirs = members
+        runs["average"] = average_runs(dirs, names, records, items, os.path.join(work_dir, "results.json"), meta,
+                                       opts.average_threshold, opts.blind_expression)
+    submission = []
+    if opts.submit:
+        complete = len(records) == len(all_records)
+        finals = [(runs["average"]["path"], os.path.join(work_dir, "Annotations"))] if members is not None else \
+            [(runs[m]["path"], os.path.join(run_dirs[m], "Annotations")) for m in modes]
+        for res_path, ann_dir in finals:
+            submission.append(write_submission(res_path, ann_dir, split, complete))
+    processed = sum(mk.get("processed", 0) for mk in markers)
+    model_s = sum(mk.get("model_seconds", 0.0) for mk in markers)
+    summary = {
+        "split": split.name, "split_dir": split.split_dir, "work_dir": os.path.abspath(work_dir), "modes": modes,
+        "num_videos": len(records), "num_expressions": len(items), "world_size": ctx.world_size,
+        "shard_by": opts.shard_by, "runs": runs, "submission": submission,
+        "this_run": {"processed": processed, "failed": sum(mk.get("failed", 0) for mk in markers),
+                     "skipped": sum(mk.get("skipped", 0) for mk in markers), "model_seconds": model_s,
+                     "model_seconds_per_expression": model_s / processed if processed else 0.0,
+                     "wall_seconds": time.perf_counter() - t_start},
+    }
+    atomic_write_json(os.path.join(work_dir, "eval_summary.json"), summary, indent=1)
+    print(format_summary(summary), flush=True)
+    return summary

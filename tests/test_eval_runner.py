@@ -1,0 +1,471 @@
+"""Evaluation runner: splits, sharding/gathering, resume, failures, multi-process, averaging, submission.
+
+The model is a deterministic fake implementing ``predict_forward`` (masks from a hash of the prompt, the
+mode and the frame index); subprocess runs load it through the hidden ``--model-factory`` option.
+Environment knobs read by the fake: FAKE_EVAL_RAISE / FAKE_EVAL_NOSEG (JSON lists of expression texts
+that raise / return no_seg), FAKE_EVAL_FAIL_RANK (rank whose model loading fails), FAKE_EVAL_ABORT_AFTER
+(abort the process after N calls), FAKE_EVAL_SLEEP (seconds per call).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from projects.sasasa2va.evaluation import sharding  # noqa: E402
+from projects.sasasa2va.evaluation.splits import SPLITS, resolve_split  # noqa: E402
+
+THIS_FILE = os.path.abspath(__file__)
+FACTORY = f"{THIS_FILE}:make_fake_model"
+DIST_TEST = os.path.join(ROOT, "projects", "sasasa2va", "evaluation", "dist_test.sh")
+SCRIPT = os.path.join(ROOT, "projects", "sasasa2va", "evaluation", "ref_vos_eval.py")
+PY = sys.executable
+
+
+# ================================================================================================ fake model
+class FakeAbort(BaseException):
+    """Simulates a hard interruption (not caught as a per-expression failure)."""
+
+
+def _h(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()[:8], "little")
+
+
+class FakeModel:
+    """Deterministic stand-in for SaSaSa2VAChatModel.predict_forward."""
+
+    def __init__(self, raise_texts=(), noseg_texts=(), abort_after=None, sleep=0.0):
+        from projects.sasasa2va.hf.models.templates import eval_prompt
+
+        self.raise_prompts = {eval_prompt(t) for t in raise_texts}
+        self.noseg_prompts = {eval_prompt(t) for t in noseg_texts}
+        self.abort_after = abort_after
+        self.sleep = sleep
+        self.calls = 0
+
+    def predict_forward(self, video, text, tokenizer, mode, selected_fids=None, return_probs=True):
+        self.calls += 1
+        if self.abort_after is not None and self.calls > self.abort_after:
+            raise FakeAbort(f"abort after {self.abort_after} calls")
+        if self.sleep:
+            time.sleep(self.sleep)
+        if mode == "q_frame":
+            assert isinstance(selected_fids, list) and len(selected_fids) == 100, selected_fids
+        else:
+            assert selected_fids is None
+        w, h = video[0].size
+        t_n = len(video)
+        if text in self.raise_prompts:
+            raise RuntimeError(f"fake failure for {text!r}")
+        if text in self.noseg_prompts:
+            z = np.zeros((t_n, h, w), dtype=np.float32)
+            return {"prediction": "Sorry, nothing here.<|end|>", "prediction_masks": [z > 0.5],
+                    "probabilities": [z], "num_seg": 0, "status": "no_seg"}
+        base = _h(text, mode)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        probs = np.empty((t_n, h, w), dtype=np.float32)
+        for t in range(t_n):
+            cx, cy = (base + 5 * t) % w, (base // w + 3 * t) % h
+            r = 5 + base % 9
+            d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
+            probs[t] = 1.0 / (1.0 + np.exp((d - r) / 2.0))
+        answer = ", ".join(f"Clip_{i + 1} [SEG]" for i in range(10)) + ".<|end|>"
+        return {"prediction": answer, "prediction_masks": [probs > 0.5], "probabilities": [probs],
+                "num_seg": 10, "status": "ok"}
+
+
+def make_fake_model(hf_dir, device, dtype, remote_code, rank=0):
+    """Model factory (runner's hidden --model-factory)."""
+    fail_rank = os.environ.get("FAKE_EVAL_FAIL_RANK")
+    if fail_rank is not None and int(fail_rank) == rank:
+        raise RuntimeError(f"fake load failure on rank {rank}")
+    abort = os.environ.get("FAKE_EVAL_ABORT_AFTER")
+    model = FakeModel(json.loads(os.environ.get("FAKE_EVAL_RAISE", "[]")),
+                      json.loads(os.environ.get("FAKE_EVAL_NOSEG", "[]")),
+                      abort_after=int(abort) if abort else None,
+                      sleep=float(os.environ.get("FAKE_EVAL_SLEEP", "0")))
+    return model, object()
+
+
+# ================================================================================================ fixtures
+@pytest.fixture(scope="module")
+def syn_root(tmp_path_factory):
+    """Tiny synthetic MeViS valid_u (3 videos, 3-5 frames of 64x48, 16 expressions) + Q-frame files."""
+    from projects.sasasa2va.datasets.synthetic import generate_all
+
+    root = tmp_path_factory.mktemp("evaldata")
+    generate_all(str(root / "synthetic"), seed=0, num_train_videos=0, num_valid_u_videos=3, num_valid_videos=0,
+                 min_frames=3, max_frames=6, sizes=((64, 48),), formats=("mevis", "qframe"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def split(syn_root):
+    return resolve_split("SYN_MEVIS_U", data_root=syn_root)
+
+
+@pytest.fixture(scope="module")
+def failing(split):
+    """(raise text, no_seg text, expected failed (video, exp) pairs) chosen from the split's expressions."""
+    recs = split.load_records()
+    texts = [(v, e, x.text) for v, r in recs.items() for e, x in r.expressions.items()]
+    raise_text, noseg_text = texts[1][2], texts[6][2]
+    assert raise_text != noseg_text
+    failed = {(v, e) for v, e, t in texts if t in (raise_text, noseg_text)}
+    return raise_text, noseg_text, failed
+
+
+@pytest.fixture()
+def fake_env(monkeypatch, failing):
+    monkeypatch.setenv("FAKE_EVAL_RAISE", json.dumps([failing[0]]))
+    monkeypatch.setenv("FAKE_EVAL_NOSEG", json.dumps([failing[1]]))
+    for k in ("FAKE_EVAL_FAIL_RANK", "FAKE_EVAL_ABORT_AFTER", "FAKE_EVAL_SLEEP"):
+        monkeypatch.delenv(k, raising=False)
+    return failing
+
+
+def _cli(syn_root, work_dir, *extra):
+    return ["fakehf", "--dataset", "SYN_MEVIS_U", "--data-root", syn_root, "--work-dir", str(work_dir),
+            "--model-factory", FACTORY, "--no-progress", *extra]
+
+
+def run_inproc(syn_root, work_dir, *extra) -> int:
+    from projects.sasasa2va.evaluation import ref_vos_eval
+
+    return ref_vos_eval.main(_cli(syn_root, work_dir, *extra))
+
+
+def run_dist(syn_root, work_dir, nproc, *extra, env_extra=None, timeout=90):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env["PORT"] = str(s.getsockname()[1])
+    cmd = ["bash", DIST_TEST, SCRIPT] + _cli(syn_root, work_dir, *extra)[:1] + [str(nproc)] + \
+        _cli(syn_root, work_dir, *extra)[1:]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def load(path) -> dict:
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ================================================================================================ sharding
+def _items(counts):
+    items = []
+    for v, n in enumerate(counts):
+        for e in range(n):
+            items.append(sharding.Item(len(items), f"v{v}", str(e)))
+    return items
+
+
+def test_sharding_expression_793_8():
+    n, w = 793, 8
+    shards = [sharding.shard_expression(n, w, r) for r in range(w)]
+    assert all(len(s) == 100 for s in shards)
+    flat = [i for s in shards for i in s]
+    assert len(flat) - len(set(flat)) == 7 and set(flat) == set(range(n))
+    assert shards[3][:3] == [3, 11, 19]
+    assert [s[-1] for s in shards] == [792, 0, 1, 2, 3, 4, 5, 6]  # padding = the first items again
+    assert sharding.interleave_gather(shards, n) == list(range(n))
+    assert sharding.gather(shards, shards, n) == list(range(n))
+    no_pad = [sharding.shard_expression(n, w, r, include_padding=False) for r in range(w)]
+    assert sorted(i for s in no_pad for i in s) == list(range(n))
+
+
+@pytest.mark.parametrize("scheme", sharding.SCHEMES)
+def test_sharding_small_cases(scheme):
+    for counts in ([], [1], [3], [2, 5, 1], [4, 4, 4, 1, 7], [1] * 9):
+        items = _items(counts)
+        n = len(items)
+        for w in (1, 2, 3, 4, 8):
+            shards = [sharding.shard_indices(items, w, r, scheme) for r in range(w)]
+            parts = [[("res", i) for i in s] for s in shards]
+            assert sharding.gather(parts, shards, n) == [("res", i) for i in range(n)]
+            if scheme == "expression":
+                assert sharding.interleave_gather(shards, n) == list(range(n))
+                assert len({len(s) for s in shards}) <= 1
+            else:
+                flat = [i for s in shards for i in s]
+                assert sorted(flat) == list(range(n))  # no duplicates, no gaps
+                for s in shards:
+                    assert s == sorted(s)  # dataset order within a rank (video-major)
+                owners = {}
+                for r, s in enumerate(shards):
+                    for i in s:
+                        assert owners.setdefault(items[i].video_id, r) == r  # whole videos
+
+
+def test_video_assignment_greedy_longest_first():
+    items = _items([2, 7, 3, 3, 1])
+    owner = sharding.video_assignment(items, 2)
+    # longest first: v1(7)->0, v2(3)->1, v3(3)->1, v0(2)->1, v4(1)->0 (tie 8/8 -> rank 0)
+    assert owner == {"v1": 0, "v2": 1, "v3": 1, "v0": 1, "v4": 0}
+    assert sharding.shard_video(items, 2, 0) == [i.index for i in items if i.video_id in ("v1", "v4")]
+    with pytest.raises(ValueError):
+        sharding.gather([[1]], [[0]], 2)  # a gap
+
+
+def test_enumerate_items_order(split):
+    recs = split.load_records()
+    items = sharding.enumerate_items(recs)
+    assert [(i.video_id, i.exp_id) for i in items] == [(v, e) for v, r in recs.items() for e in r.expressions]
+    assert [i.index for i in items] == list(range(len(items)))
+
+
+# ================================================================================================ splits
+def test_splits_table_and_errors(syn_root, tmp_path):
+    assert {"MEVIS", "MEVIS_U", "MEVIS_T", "SYN_MEVIS", "SYN_MEVIS_U"} <= set(SPLITS)
+    s = resolve_split("SYN_MEVIS_U", data_root=syn_root)
+    assert s.mask_file and s.mask_file.endswith("mask_dict.json")
+    assert s.qframe_file.endswith(os.path.join("synthetic", "mevis_q_frame", "valid_u", "selected_frames.json"))
+    with pytest.raises(FileNotFoundError, match="valid"):
+        resolve_split("SYN_MEVIS", data_root=syn_root)  # not generated
+    with pytest.raises(ValueError, match="unknown split"):
+        resolve_split("NOPE", data_root=syn_root)
+    # MEVIS_T prefers meta_expressions_release.json; Q-frame file is only needed when loaded
+    d = tmp_path / "video_datas" / "mevis" / "test"
+    (d / "JPEGImages").mkdir(parents=True)
+    (d / "meta_expressions_release.json").write_text('{"videos": {}}')
+    (d / "meta_expressions.json").write_text('{"videos": {}}')
+    t = resolve_split("MEVIS_T", data_root=str(tmp_path))
+    assert os.path.basename(t.meta_file) == "meta_expressions_release.json" and t.mask_file is None
+    with pytest.raises(FileNotFoundError, match="selected_frames.json"):
+        t.load_qframe({})
+    c = resolve_split("custom", split_dir=s.split_dir, qframe_file=s.qframe_file)
+    assert len(c.load_qframe(c.load_records())) == 3
+
+
+# ================================================================================================ runner
+def test_runner_results_format_and_failures(syn_root, split, fake_env, tmp_path):
+    out = tmp_path / "u"
+    assert run_inproc(syn_root, out) == 0
+    res = load(out / "results.json")
+    keys = list(res)
+    assert keys[0] == "__meta__"
+    recs = split.load_records()
+    assert keys[1:] == list(recs)
+    meta = res["__meta__"]
+    assert meta["split"] == "SYN_MEVIS_U" and meta["mode"] == "uniform"
+    assert meta["num_videos"] == 3 and meta["num_expressions"] == 16 and meta["failed"] == len(fake_env[2])
+    from projects.sasasa2va.hf.models.templates import eval_prompt
+    from projects.sasasa2va.evaluation.averaging import load_probs
+    from projects.sasasa2va.evaluation.results_io import entry_masks
+
+    index = 0
+    for vid, rec in recs.items():
+        assert list(res[vid]) == list(rec.expressions)
+        for eid, exp in rec.expressions.items():
+            e = res[vid][eid]
+            assert e["index"] == index and e["video_id"] == vid and e["exp_id"] == eid
+            assert e["frames"] == rec.frame_names and e["exp"] == eval_prompt(exp.text)
+            assert len(e["prediction_masks"]) == rec.num_frames
+            index += 1
+            if (vid, eid) in fake_env[2]:
+                assert e["status"] == "failed" and not entry_masks(e).any()
+                assert ("fake failure" in e["error"]) if exp.text == fake_env[0] else ("no [SEG]" in e["error"])
+                if exp.text == fake_env[1]:
+                    assert e["text_prediction"].startswith("Sorry")
+            else:
+                assert e["status"] == "ok" and e["error"] is None and "[SEG]" in e["text_prediction"]
+                m = entry_masks(e)
+                assert m.any() and m.shape == (rec.num_frames, 48, 64)
+                q = load_probs(str(out), vid, eid)  # uint8 round(255 p); p = 0.5 exactly quantises to 128
+                assert m[q >= 129].all() and not m[q <= 126].any()
+    assert os.path.isfile(out / "preds" / keys[1] / "0.json")
+    summary = load(out / "eval_summary.json")
+    assert summary["this_run"]["processed"] == 16 and summary["this_run"]["failed"] == len(fake_env[2])
+
+
+def test_resume_byte_identical(syn_root, fake_env, tmp_path, monkeypatch):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_inproc(syn_root, full) == 0
+    # interrupted run: hard abort after 5 expressions
+    monkeypatch.setenv("FAKE_EVAL_ABORT_AFTER", "5")
+    with pytest.raises(BaseException, match="abort after 5 calls"):  # FakeAbort of the factory module
+        run_inproc(syn_root, part)
+    monkeypatch.delenv("FAKE_EVAL_ABORT_AFTER")
+    assert not os.path.exists(part / "results.json")
+    assert 0 < sum(len(fs) for _, _, fs in os.walk(part / "preds")) < 16
+    assert run_inproc(syn_root, part) == 0
+    assert read_bytes(part / "results.json") == read_bytes(full / "results.json")
+    assert load(part / "eval_summary.json")["this_run"]["skipped"] == 5
+    # delete results.json, some preds and a probs file, leave a stale temp file: rerun -> identical
+    os.unlink(part / "results.json")
+    vids = sorted(os.listdir(part / "preds"))
+    shutil.rmtree(part / "preds" / vids[0])
+    os.unlink(part / "preds" / vids[2] / "1.json")
+    os.unlink(part / "probs" / vids[1] / "3.npz")  # an ok entry without its probs is recomputed
+    (part / "preds" / vids[2] / ".tmp_garbage1.json").write_text('{"trunc')
+    assert run_inproc(syn_root, part) == 0
+    assert read_bytes(part / "results.json") == read_bytes(full / "results.json")
+    # another model/setting in the same work dir is refused
+    with pytest.raises(ValueError, match="different run"):
+        run_inproc(syn_root, part, "--blind-expression", "the object")
+    assert run_inproc(syn_root, part, "--blind-expression", "the object", "--overwrite") == 0
+    assert load(part / "results.json")["__meta__"]["blind_expression"] == "the object"
+
+
+def test_predict_video_replacement(syn_root, split, fake_env, tmp_path, monkeypatch):
+    """A shared per-video path may return all outputs at once (no callback) or raise for the video."""
+    from projects.sasasa2va.evaluation import runner
+
+    ref = tmp_path / "ref"
+    assert run_inproc(syn_root, ref) == 0
+    original = runner.predict_video
+    bad_video = list(split.load_records())[1]
+
+    def batched(model, tokenizer, frames, items, mode, options, on_result=None):
+        if items[0].video_id == bad_video:
+            raise RuntimeError("shared path exploded")
+        return original(model, tokenizer, frames, items, mode, options)  # no on_result
+
+    monkeypatch.setattr(runner, "predict_video", batched)
+    out = tmp_path / "batched"
+    assert run_inproc(syn_root, out) == 0
+    got, want = load(out / "results.json"), load(ref / "results.json")
+    for vid in want:
+        if vid == "__meta__":
+            continue
+        if vid == bad_video:
+            assert all(e["status"] == "failed" and "shared path exploded" in e["error"] for e in got[vid].values())
+        else:
+            assert got[vid] == want[vid]
+
+
+def test_resume_after_kill9(syn_root, fake_env, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_inproc(syn_root, full, "--mode", "uniform") == 0
+    env = dict(os.environ, FAKE_EVAL_SLEEP="0.15", PYTHONPATH=ROOT)
+    proc = subprocess.Popen([PY, SCRIPT] + _cli(syn_root, part), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            n = sum(len([f for f in fs if not f.startswith(".")]) for _, _, fs in os.walk(part / "preds"))
+            if n >= 4 or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert not os.path.exists(part / "results.json")
+    assert run_inproc(syn_root, part) == 0
+    assert read_bytes(part / "results.json") == read_bytes(full / "results.json")
+
+
+def test_multiprocess_identical_and_failing_rank(syn_root, fake_env, tmp_path):
+    one = tmp_path / "p1"
+    assert run_inproc(syn_root, one, "--mode", "uniform,q_frame") == 0
+    env = {"FAKE_EVAL_RAISE": json.dumps([fake_env[0]]), "FAKE_EVAL_NOSEG": json.dumps([fake_env[1]])}
+    for nproc, scheme in ((2, "video"), (3, "expression")):
+        out = tmp_path / f"p{nproc}"
+        r = run_dist(syn_root, out, nproc, "--mode", "uniform,q_frame", "--shard-by", scheme, env_extra=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert f"{nproc} process(es)" in r.stdout
+        for mode in ("uniform", "q_frame"):
+            rel = os.path.join("modes", mode, "results.json")
+            assert read_bytes(out / rel) == read_bytes(one / rel), (nproc, mode)
+        assert not os.path.isdir(out / ".dist") or not os.listdir(out / ".dist")  # markers cleaned up
+    # one rank raising makes the whole job fail with that rank's error, without hanging
+    r = run_dist(syn_root, tmp_path / "fail", 2, env_extra={**env, "FAKE_EVAL_FAIL_RANK": "1"}, timeout=60)
+    assert r.returncode != 0
+    assert "fake load failure on rank 1" in r.stdout + r.stderr
+
+
+def test_multimode_average_and_submit(syn_root, split, fake_env, tmp_path):
+    from projects.sasasa2va.evaluation.averaging import ensemble_masks, load_probs
+    from projects.sasasa2va.evaluation.results_io import entry_masks, read_results
+    from projects.sasasa2va.evaluation.submission import check_submission
+
+    out = tmp_path / "avg"
+    assert run_inproc(syn_root, out, "--mode", "uniform,q_frame,wrap_around", "--average",
+                      "--average-members", "uniform,wrap_around", "--submit") == 0
+    for m in ("uniform", "q_frame", "wrap_around"):
+        res, meta = read_results(str(out / "modes" / m / "results.json"))
+        assert meta["mode"] == m and os.path.isdir(out / "modes" / m / "probs")
+    avg, meta = read_results(str(out / "results.json"))
+    assert meta["mode"] == "average" and meta["modes"] == ["uniform", "wrap_around"]
+    uni, _ = read_results(str(out / "modes" / "uniform" / "results.json"))
+    differs = False
+    for vid, exps in avg.items():
+        for eid, e in exps.items():
+            dirs = [str(out / "modes" / m) for m in ("uniform", "wrap_around")]
+            members = [load_probs(d, vid, eid) for d in dirs
+                       if os.path.isfile(os.path.join(d, "probs", vid, f"{eid}.npz"))]
+            if (vid, eid) in fake_env[2]:
+                assert e["status"] == "failed"
+            else:
+                np.testing.assert_array_equal(entry_masks(e), ensemble_masks(members))
+                differs |= not np.array_equal(entry_masks(e), entry_masks(uni[vid][eid]))
+    assert differs  # the average is not just one member
+    assert check_submission(str(out / "Annotations"), split.split_dir) == []
+    assert not os.path.exists(out / "modes" / "uniform" / "Annotations")
+    # single mode --submit: PNGs of that run
+    single = tmp_path / "single"
+    assert run_inproc(syn_root, single, "--submit", "--mode", "q_frame") == 0
+    assert check_submission(str(single / "Annotations"), split.split_dir) == []
+
+
+def test_blind_subset_and_corrupt_frame(syn_root, split, fake_env, tmp_path):
+    from projects.sasasa2va.hf.models.templates import eval_prompt
+
+    recs = split.load_records()
+    vids = list(recs)
+    out = tmp_path / "blind"
+    assert run_inproc(syn_root, out, "--blind-expression", "the object", "--videos", f"{vids[2]},{vids[0]}",
+                      "--max-videos", "1") == 0
+    res = load(out / "results.json")
+    assert list(res) == ["__meta__", vids[0]]
+    assert res["__meta__"]["subset"] is True and res["__meta__"]["split_num_expressions"] == 16
+    assert res["__meta__"]["blind_expression"] == "the object"
+    assert {e["exp"] for e in res[vids[0]].values()} == {eval_prompt("the object")}
+    # a corrupt frame fails the expressions of its video only
+    sdir = tmp_path / "split"
+    shutil.copytree(split.split_dir, sdir)
+    bad = recs[vids[1]]
+    with open(sdir / "JPEGImages" / vids[1] / f"{bad.frame_names[1]}.jpg", "wb") as f:
+        f.write(b"not a jpeg")
+    out2 = tmp_path / "corrupt"
+    assert run_inproc(syn_root, out2, "--split-dir", str(sdir)) == 0
+    res = load(out2 / "results.json")
+    assert all(e["status"] == "failed" and "frame loading failed" in e["error"] for e in res[vids[1]].values())
+    assert all(len(e["prediction_masks"]) == bad.num_frames for e in res[vids[1]].values())
+    assert any(e["status"] == "ok" for e in res[vids[0]].values())
+
+
+def test_cli_options(tmp_path):
+    from projects.sasasa2va.evaluation import ref_vos_eval
+    from projects.sasasa2va.evaluation.runner import default_work_dir, parse_modes
+
+    p = ref_vos_eval.build_parser()
+    a = p.parse_args(["hf", "--work_dir", "x"])
+    assert a.work_dir == "x" and a.mode == "uniform" and a.shard_by == "video" and a.launcher == "none"
+    assert p.parse_args(["hf", "--work-dir", "y"]).work_dir == "y"
+    assert parse_modes("all") == ["uniform", "uniform_plus", "q_frame", "wrap_around", "wrap_around_plus"]
+    assert parse_modes("q_frame,uniform,q_frame") == ["q_frame", "uniform"]
+    with pytest.raises(ValueError):
+        parse_modes("bogus")
+    assert default_work_dir("MEVIS_U", ["uniform"]) == os.path.join("work_dirs", "eval", "MEVIS_U_uniform")
+    assert ref_vos_eval.main(["hf", "--mode", "bogus"]) == 2
+    assert os.access(DIST_TEST, os.X_OK)
