@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""Train a SaSaSa2VA config: xtuner's train entry (mmengine Runner / DeepSpeed FlexibleRunner), made
+to work on machines without CUDA.
+
+    python tools/train.py CONFIG [--work-dir DIR] [--deepspeed NAME|JSON|none] [--resume PATH|auto]
+                          [--seed N] [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
+
+Usually started through ``bash tools/dist.sh train CONFIG NUM_GPUS [args]``. What this file adds to
+``xtuner.tools.train.main`` (which it calls with the same arguments):
+
+* without CUDA: no DeepSpeed, ``AmpOptimWrapper`` -> ``OptimWrapper`` (float32), gloo backend, the
+  process group is created here (mmengine's init calls ``torch.cuda.set_device``) and DDP wraps the
+  CPU module (``device_ids=None``);
+* ``--deepspeed deepspeed_zero2`` resolves to ``configs/deepspeed/deepspeed_zero2.json`` (then to
+  xtuner's bundled file of that name); ``none`` disables DeepSpeed;
+* ``--resume auto`` resumes from ``<work_dir>/last_checkpoint`` when there is one (else starts fresh);
+  resumed checkpoints are this run's own files, loaded with ``weights_only=False`` (mmengine stores
+  its message hub in them);
+* the config's ``auto_prepare`` entry (tiny config) creates missing synthetic data / tiny checkpoints
+  with the library functions behind tools/make_synthetic_data.py and tools/make_tiny_pretrained.py.
+
+Checkpoints (``iter_<n>.pth``, the trainable weights under ``state_dict``), logs and the dumped config
+land in the work dir (default ``work_dirs/<config stem>``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import fcntl
+import logging
+import os
+import os.path as osp
+import sys
+import time
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+NO_DEEPSPEED = ("", "none", "None", "false", "False", "0")
+DEEPSPEED_DIR = osp.join(ROOT, "configs", "deepspeed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Same options as xtuner's train CLI (``--resume`` also accepts 'auto')."""
+    from mmengine.config import DictAction
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="config file path")
+    p.add_argument("--work-dir", help="where checkpoints and logs go (default: work_dirs/<config stem>)")
+    p.add_argument("--deepspeed", default=None,
+                   help="DeepSpeed config: a name (deepspeed_zero2, ...), a .json path, or 'none'; ignored without CUDA")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' (latest in the work dir)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (a resumed run keeps the checkpoint's seed)")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config entries, key=value")
+    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    return p
+
+
+def log(msg: str, level: int = logging.INFO) -> None:
+    from mmengine.logging import print_log
+
+    print_log(f"[tools/train.py] {msg}", logger="current", level=level)
+
+
+# ------------------------------------------------------------------------------------ resolution
+def resolve_deepspeed(name: str | None, has_cuda: bool) -> str | None:
+    """None when DeepSpeed is off (asked for, or no CUDA); else a JSON path or an xtuner config name."""
+    if name is None or name in NO_DEEPSPEED:
+        return None
+    if not has_cuda:
+        log(f"--deepspeed {name} ignored: CUDA is not available (training with mmengine's OptimWrapper on CPU)",
+            logging.WARNING)
+        return None
+    if osp.isfile(name):
+        return name
+    local = osp.join(DEEPSPEED_DIR, name if name.endswith(".json") else name + ".json")
+    if osp.isfile(local):
+        return local
+    from xtuner.configs import cfgs_name_path
+
+    if name in cfgs_name_path:
+        return name
+    raise FileNotFoundError(f"--deepspeed {name!r}: not a file, not in {DEEPSPEED_DIR}, not an xtuner config name")
+
+
+def default_work_dir(config: str) -> str:
+    return osp.join("./work_dirs", osp.splitext(osp.basename(config))[0])
+
+
+def resolve_resume(resume: str | None, work_dir: str) -> str | None:
+    """'auto' -> the work dir's last checkpoint (None if there is none); a path must exist."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        from mmengine.runner.checkpoint import find_latest_checkpoint
+
+        path = find_latest_checkpoint(work_dir)
+        if path is None:
+            log(f"--resume auto: no checkpoint in {work_dir}; starting from scratch")
+        else:
+            log(f"--resume auto: resuming from {path}")
+        return path
+    if not osp.exists(resume):
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+    return resume
+
+
+# ------------------------------------------------------------------------------------ auto prepare
+@contextlib.contextmanager
+def file_lock(path: str):
+    """Exclusive lock so that the ranks of one node create shared inputs once."""
+    os.makedirs(osp.dirname(osp.abspath(path)) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _ensure(folder: str, marker: str, make, command: str) -> None:
+    if osp.isfile(osp.join(folder, marker)):
+        return
+    with file_lock(osp.normpath(folder) + ".lock"):
+        if osp.isfile(osp.join(folder, marker)):  # made by another rank meanwhile
+            return
+        log(f"{folder} is missing; creating it (equivalent to: {command})")
+        start = time.time()
+        try:
+            make()
+        except Exception as exc:
+            raise RuntimeError(f"could not create {folder} ({type(exc).__name__}: {exc}); "
+                               f"create it by hand with: {command}") from exc
+        log(f"created {folder} in {time.time() - start:.1f} s")
+
+
+def auto_prepare(cfg) -> None:
+    """Create the inputs named in ``cfg.auto_prepare`` (synthetic data, tiny checkpoints) if missing."""
+    spec = cfg.get("auto_prepare")
+    if not spec:
+        return
+    syn = dict(spec.get("synthetic_data") or {})
+    if syn:
+        from projects.sasasa2va.datasets.synthetic import generate_all
+
+        root = syn.pop("root")
+        seed = int(syn.pop("seed", 0))
+        cmd = f"python tools/make_synthetic_data.py --root {root} --seed {seed}"
+        _ensure(root, "synthetic_info.json", lambda: generate_all(root, seed=seed, **syn), cmd)
+    tiny = dict(spec.get("tiny_pretrained") or {})
+    if tiny:
+        from projects.sasasa2va.models.tiny import make_tiny_pretrained
+
+        out_dir = tiny.pop("out_dir")
+        cmd = (f"python tools/make_tiny_pretrained.py --out {out_dir} --arch {tiny.get('arch', 'qwen2')} "
+               f"--image-size {tiny.get('image_size', 112)} --seed {tiny.get('seed', 0)}")
+        _ensure(out_dir, "tiny_manifest.json", lambda: make_tiny_pretrained(out_dir, **tiny), cmd)
+
+
+# ------------------------------------------------------------------------------------ CPU patches
+def _type_name(value) -> str:
+    if isinstance(value, str):
+        return value.rsplit(".", 1)[-1]
+    return getattr(value, "__name__", type(value).__name__)
+
+
+def patch_for_cpu(cfg, launcher: str) -> None:
+    """float32 OptimWrapper, gloo, DDP on CPU modules."""
+    ow = cfg.optim_wrapper
+    if _type_name(ow.get("type")) == "AmpOptimWrapper":
+        ow.type = "OptimWrapper"  # registry name (a class object would break the config dump)
+        for key in ("dtype", "loss_scale"):
+            ow.pop(key, None)
+        log("no CUDA: AmpOptimWrapper -> OptimWrapper (float32)")
+    env = cfg.setdefault("env_cfg", {})
+    env.setdefault("dist_cfg", {})["backend"] = "gloo"
+    if launcher != "none" and cfg.get("model_wrapper_cfg") is None:
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False,
+                                     find_unused_parameters=bool(cfg.get("find_unused_parameters", False)))
+
+
+def init_cpu_process_group(timeout_s: int) -> None:
+    """gloo process group from the torchrun environment (before mmengine, which would call
+    torch.cuda.set_device)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    import torch
+    from mmengine.config import Config
+
+    has_cuda = torch.cuda.is_available()
+    if not osp.isfile(args.config):
+        raise FileNotFoundError(f"config not found: {args.config}")
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    work_dir = args.work_dir or cfg.get("work_dir") or default_work_dir(args.config)
+    deepspeed = resolve_deepspeed(args.deepspeed, has_cuda)
+    auto_prepare(cfg)
+    resume = resolve_resume(args.resume, work_dir)
+    if resume is not None:
+        # mmengine and xtuner call torch.load without weights_only; the checkpoint is this run's own
+        os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    if not has_cuda:
+        if args.launcher == "pytorch":
+            timeout = int(((cfg.get("env_cfg") or {}).get("dist_cfg") or {}).get("timeout", 1800))
+            init_cpu_process_group(timeout)
+
+    import xtuner.tools.train as xtuner_train
+
+    class RunConfig(Config):
+        """What xtuner's main loads: the file, with the CPU adjustments (cfg-options applied after)."""
+
+        @staticmethod
+        def fromfile(filename, *a, **kw):
+            loaded = Config.fromfile(filename, *a, **kw)
+            if not has_cuda:
+                patch_for_cpu(loaded, args.launcher)
+            return loaded
+
+    xtuner_train.Config = RunConfig
+    new_argv = strip_options(argv, ("--work-dir", "--deepspeed", "--resume", "--launcher"))
+    new_argv += ["--work-dir", work_dir, "--launcher", args.launcher]
+    if deepspeed is not None:
+        new_argv += ["--deepspeed", deepspeed]
+    if resume is not None:
+        new_argv += ["--resume", resume]
+    sys.argv = [sys.argv[0]] + new_argv
+    xtuner_train.main()
+
+
+def strip_options(argv: list, names) -> list:
+    """argv without the given single-value options (``--opt v`` and ``--opt=v`` forms); the rest,
+    including the raw --cfg-options tokens, is passed to xtuner unchanged."""
+    out, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+            continue
+        if tok in names:
+            skip = True
+            continue
+        if any(tok.startswith(n + "=") for n in names):
+            continue
+        out.append(tok)
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        import torch_npu  # noqa: F401  (Ascend, as the reference entry)
+        from torch_npu.contrib import transfer_to_npu  # noqa: F401
+    except ImportError:
+        pass
+    main()
