@@ -400,3 +400,88 @@ class SaSaSa2VAChatModel(PreTrainedModel):
     # =========================================================================================
     # predict_forward (five inference modes) -- RESERVED: added by a later task in this file.
     # =========================================================================================
+    @torch.no_grad()
+    def predict_forward(
+        self,
+        image=None,
+        video=None,
+        text: Optional[str] = None,
+        tokenizer=None,
+        mode: str = "uniform",
+        selected_fids: Optional[Sequence[int]] = None,
+        past_text: str = "",
+        mask_prompts=None,
+        print_answer: bool = False,
+        return_probs: bool = False,
+        **options,
+    ) -> dict:
+        """One expression on a video (five modes, evaluation.md §1-2) or an image (one mask per [SEG]).
+
+        Returns ``{"prediction": answer text, "prediction_masks": [bool [T,H,W]] (video; image: one
+        [1,H,W] per [SEG]), "probabilities": like the masks, float32 sigmoid (only if return_probs),
+        "num_seg": int, "status": "ok" | "no_seg"}``. A video answer without [SEG] gives all-empty
+        masks and status "no_seg". ``text`` must hold '<image>' (templates.eval_prompt does).
+        q_frame needs ``selected_fids`` (the 100 indices of selected_frames.json).
+        Options (faithful defaults): q_frame_anchor_fix=False, uncovered_fix=False,
+        path_b_average='logits'|'probs', propagation='memory'|'none', max_new_tokens=2048,
+        naive=False (no caching at all), feature_budget_bytes=None.
+        Runs on the device and dtype of the model's parameters, in eval mode for the call.
+        """
+        from .video_context import predict_forward as _predict_forward
+
+        return _predict_forward(
+            self, image=image, video=video, text=text, tokenizer=tokenizer, mode=mode,
+            selected_fids=selected_fids, past_text=past_text, mask_prompts=mask_prompts,
+            print_answer=print_answer, return_probs=return_probs, **options,
+        )
+
+    @torch.no_grad()
+    def predict_video(
+        self,
+        frames,
+        texts: Sequence[str],
+        tokenizer,
+        modes: Sequence[str],
+        selected_fids=None,
+        return_probs: bool = True,
+        context=None,
+        **options,
+    ) -> dict:
+        """Every (text, mode) of one video through one shared VideoContext -> ``{mode: [result per text]}``.
+
+        Results equal a fresh ``predict_forward`` per (text, mode) bit for bit (on CPU float32), but
+        frames are SAM2-encoded once, MLLM images encoded once, prompt prefixes, answers and decode
+        results are reused. ``selected_fids`` (q_frame): dict keyed by text index (or text) or a list of
+        lists. Extra keywords: ``on_result(mode, text_index, result)`` callback, ``keep_results``
+        (False: only the callback sees results), ``errors='raise'|'record'`` (record: a failing item
+        gets status "failed" and "error"), plus the predict_forward options. Pass ``context`` (a
+        VideoContext from ``video_context``) to read its work counters or reuse it across calls.
+        """
+        from .video_context import predict_video as _predict_video
+
+        return _predict_video(self, frames, texts, tokenizer, modes, selected_fids=selected_fids,
+                              return_probs=return_probs, context=context, **options)
+
+    def video_context(self, tokenizer, frames, feature_budget_bytes: Optional[int] = None, **kwargs):
+        """A VideoContext (shared per-video caches + work counters) for ``predict_video(context=...)``."""
+        from .video_context import VideoContext
+
+        return VideoContext(self, tokenizer, frames, feature_budget_bytes, **kwargs)
+
+    @staticmethod
+    def _remote_code_modules() -> tuple:
+        """Every sibling module, imported by this file.
+
+        ``from_pretrained(local_folder, trust_remote_code=True)`` copies into transformers' module
+        cache only the modules that the model file itself imports relatively (it does not follow
+        imports of imports for local folders), so each sibling must be named here for an export folder
+        to load (tests/test_export.py checks that none is missing).
+        """
+        from .configuration_intern_vit import InternVisionConfig
+        from .configuration_internlm2 import InternLM2Config
+        from .frame_sampling import decode_plan
+        from .inference import InferenceOptions
+        from .preprocessing import kfc_mllm_images
+        from .video_context import VideoContext
+
+        return InternVisionConfig, InternLM2Config, decode_plan, InferenceOptions, kfc_mllm_images, VideoContext

@@ -1,0 +1,189 @@
+"""Inference helpers shared by the video and image paths (spec evaluation.md §1-2, §11): options,
+prompt building, tokenisation, [SEG] projection and logits -> masks/probabilities.
+
+Duck-typed on the chat model (no import of the model class). Copied into every export folder; it must
+not import video_context.py (transformers' remote-code loader loops forever on an import cycle).
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .templates import IMG_END_TOKEN, get_template
+
+IMAGE_PLACEHOLDER = "<image>"
+PROPAGATION = ("memory", "none")
+PATH_B_AVERAGE = ("logits", "probs")
+
+
+# ============================================================================================ options
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Per-call behaviour switches; every default is the faithful reference behaviour (spec §11.1).
+
+    q_frame_anchor_fix: Q1 (q_frame, L > N) condition the selected frames themselves and propagate
+        forward and backward, instead of real frames 0..N-1.
+    uncovered_fix: Q3 (q_frame, L < N) decode frames absent from the list with the nearest copy's clip.
+    path_b_average: Q4 'logits' (faithful, a -1024 'no object' copy dominates) or 'probs'.
+    propagation: 'memory' (faithful Path C) or 'none' (decode every frame on its own with a Path A
+        mapping, Sa2VA-i style; see VideoContext.plan_for).
+    max_new_tokens: generation limit (spec §2.2: 2048).
+    """
+
+    q_frame_anchor_fix: bool = False
+    uncovered_fix: bool = False
+    path_b_average: str = "logits"
+    propagation: str = "memory"
+    max_new_tokens: int = 2048
+
+    def __post_init__(self):
+        for name in ("q_frame_anchor_fix", "uncovered_fix"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"option {name} must be a bool, got {getattr(self, name)!r}")
+        if self.path_b_average not in PATH_B_AVERAGE:
+            raise ValueError(f"option path_b_average must be one of {PATH_B_AVERAGE}, got {self.path_b_average!r}")
+        if self.propagation not in PROPAGATION:
+            raise ValueError(f"option propagation must be one of {PROPAGATION}, got {self.propagation!r}")
+        m = self.max_new_tokens
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
+            raise ValueError(f"option max_new_tokens must be an int >= 1, got {m!r}")
+
+
+OPTION_NAMES = tuple(f.name for f in fields(InferenceOptions))
+CONTEXT_OPTION_NAMES = ("naive", "feature_budget_bytes")
+
+
+def split_options(options: Mapping[str, Any], allow_context: bool = True) -> tuple[InferenceOptions, dict]:
+    """Named options -> (InferenceOptions, VideoContext keyword options); unknown names raise."""
+    known = OPTION_NAMES + (CONTEXT_OPTION_NAMES if allow_context else ())
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown predict option(s) {unknown}; known options: {list(known)}")
+    per_call = {k: v for k, v in options.items() if k in OPTION_NAMES}
+    ctx = {k: v for k, v in options.items() if k in CONTEXT_OPTION_NAMES}
+    return InferenceOptions(**per_call), ctx
+
+
+# ============================================================================================ inputs
+def to_pil(image, what: str = "image") -> Image.Image:
+    """PIL images pass through (converted to RGB); HxWx3 uint8 arrays are wrapped."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+        return Image.fromarray(image)
+    raise ValueError(f"{what}: expected a PIL image or an HxWx3 uint8 array, got {type(image).__name__}"
+                     f"{'' if not hasattr(image, 'shape') else ' of shape ' + str(tuple(image.shape))}")
+
+
+def build_prompt_text(text: str, image_tokens: Optional[str], template_name: str, past_text: str = "") -> str:
+    """past_text + the template's INSTRUCTION around the user text, '<image>' replaced (spec §2.1).
+
+    Single round, no system prompt. A visual input needs the '<image>' placeholder in ``text``
+    (templates.eval_prompt always adds it); a follow-up round (``past_text``) must not repeat it.
+    """
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"text must be a non-empty string, got {text!r}")
+    past_text = past_text or ""
+    if image_tokens is not None:
+        if IMAGE_PLACEHOLDER in text:
+            if past_text:
+                raise ValueError("text contains '<image>' but past_text is not empty: images are only "
+                                 "inserted in the first round")
+            text = text.replace(IMAGE_PLACEHOLDER, image_tokens)
+        elif IMAGE_PLACEHOLDER not in past_text and IMG_END_TOKEN not in past_text:
+            raise ValueError(f"text {text[:80]!r} has no '<image>' placeholder, so the image/video would not "
+                             f"reach the model; use e.g. templates.eval_prompt(expression)")
+    elif IMAGE_PLACEHOLDER in text:
+        raise ValueError("text contains '<image>' but no image or video was given")
+    template = get_template(template_name)
+    return past_text + template["INSTRUCTION"].format(input=text)
+
+
+def tokenize_prompt(tokenizer, prompt: str, device) -> torch.Tensor:
+    """[1, n] ids with the tokenizer's default special tokens (spec §2.1)."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    return ids.to(device)
+
+
+def canonical_boundary(ids: torch.Tensor, img_end_id: Optional[int]) -> int:
+    """Where the prompt is split for prefix caching: right after its last '</img>' (0 = no split).
+
+    The split depends only on the tokens, never on what happens to be cached, so a fresh call and a
+    cache hit run exactly the same two prefill chunks (bitwise-equal results on CPU).
+    """
+    if img_end_id is None:
+        return 0
+    hits = (ids[0] == img_end_id).nonzero()
+    if hits.numel() == 0:
+        return 0
+    boundary = int(hits[-1, 0]) + 1
+    return boundary if boundary < ids.shape[1] else 0
+
+
+def token_id(tokenizer, token: str) -> Optional[int]:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if tid is None or (unk is not None and tid == unk and token != tokenizer.unk_token):
+        return None
+    return int(tid)
+
+
+# ============================================================================================ model bits
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def module_dtype(module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Inference must not run dropout; the caller's train/eval state is restored afterwards."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def seg_prompts(model, seg_hidden_states: torch.Tensor) -> torch.Tensor:
+    """[n_seg, D] last-layer [SEG] states -> text_hidden_fcs -> [n_seg, sam2 hidden] (spec §2.3)."""
+    fcs = model.text_hidden_fcs
+    return fcs(seg_hidden_states.to(dtype=module_dtype(fcs), device=model_device(model)))
+
+
+def logits_to_outputs(grounding, low_res: torch.Tensor, size: tuple[int, int], return_probs: bool,
+                      chunk: int = 16) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Low-res logits [M,h,w] -> bool masks [M,H,W] (+ float32 probabilities) on the CPU (spec §2.4).
+
+    Two-step bilinear upsampling, sigmoid, > 0.5. NaN logits (a Path B frame without any copy, faithful
+    Q3) give an empty mask and probability 0, so the probabilities stay consistent with the masks.
+    Chunked so a long high-resolution video never holds all full-size maps on the device at once.
+    """
+    h, w = int(size[0]), int(size[1])
+    m = low_res.shape[0]
+    masks = np.zeros((m, h, w), dtype=bool)
+    probs = np.zeros((m, h, w), dtype=np.float32) if return_probs else None
+    for start in range(0, m, chunk):
+        up = grounding.upsample_logits(low_res[start:start + chunk], (h, w))
+        p = torch.sigmoid(up.float())
+        masks[start:start + chunk] = (p > 0.5).cpu().numpy()
+        if probs is not None:
+            probs[start:start + chunk] = torch.nan_to_num(p, nan=0.0).cpu().numpy()
+    return masks, probs
+
+
+def make_result(text: str, masks: list, probs: Optional[list], num_seg: int, status: str,
+                return_probs: bool) -> dict:
+    out = {"prediction": text, "prediction_masks": masks, "num_seg": int(num_seg), "status": status}
+    if return_probs:
+        out["probabilities"] = probs if probs is not None else []
+    return out

@@ -1,0 +1,560 @@
+"""Per-video shared computation for inference: every expression and every mode of one video.
+
+MeViS has ~10-20 expressions per video and the method runs five modes, but most of the work depends
+only on the video or on the frame selection. A :class:`VideoContext` caches
+
+(a) SAM2 features per frame (LRU under ``feature_budget_bytes``; evicted frames are recomputed),
+(b) InternViT+mlp1 tokens per distinct MLLM image (key frame or grid, keyed by frame indices and size),
+(c) prompt KV caches at a canonical split after the last ``</img>`` (everything but the question),
+(d) whole generations (same tokens + same images -> same greedy answer; e.g. uniform and
+    uniform_plus see the same 100 frames) and the combined low-res logits of identical decode plans,
+
+and counts the work done (:class:`WorkCounters`).
+
+Exactness: every computation is split into units that do not depend on what is cached — SAM2 encodes
+frame blocks aligned to ``encode_batch``, each MLLM image goes through the ViT alone, the prompt is
+prefilled in the same two chunks, decodes run on the sorted distinct (frame, prompt) pairs — so a cache
+hit returns bit-for-bit what a fresh :class:`VideoContext` would compute. ``naive=True`` turns every
+cache off and follows the reference's batching (all frames encoded per call, 20 images in one ViT
+batch, one-shot prefill, 100 virtual decodes in Path B), as a baseline for benchmarks.
+"""
+from __future__ import annotations
+
+import numbers
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .frame_sampling import (
+    MODES,
+    DecodePlan,
+    combine_decoded_logits,
+    decode_plan,
+    seg_prompt_indices,
+    select_indices,
+    split_clips,
+)
+from .inference import (
+    InferenceOptions,
+    build_prompt_text,
+    canonical_boundary,
+    eval_mode,
+    logits_to_outputs,
+    make_result,
+    model_device,
+    module_dtype,
+    seg_prompts,
+    split_options,
+    to_pil,
+    token_id,
+    tokenize_prompt,
+)
+from .preprocessing import check_same_size, dynamic_preprocess, kfc_mllm_images, mllm_transform, sam2_resize
+from .sam2_grounding import FrameFeatures
+from .templates import IMG_END_TOKEN, get_template, image_token_string
+
+ImageSpec = tuple  # (hashable key, zero-argument callable -> float pixels [3, S, S])
+
+
+@dataclass
+class WorkCounters:
+    """What a context actually computed (cache hits are counted separately)."""
+
+    sam2_frames_encoded: int = 0      # frames through the SAM2 image encoder (recomputes included)
+    mllm_images_encoded: int = 0      # images through InternViT + mlp1
+    tokens_prefilled: int = 0         # prompt tokens run through the LLM
+    tokens_decoded: int = 0           # generated tokens fed back through the LLM
+    sam2_decodes: int = 0             # (frame, prompt) mask-decoder evaluations, conditioning frames included
+    sam2_frames_tracked: int = 0      # frames tracked from memory (Path C)
+    prefix_tokens_reused: int = 0     # prompt tokens served from a cached prefix
+    generations_reused: int = 0       # answers served from the generation cache
+    logits_reused: int = 0            # decode plans served from the logits cache
+    sam2_features_evicted: int = 0    # frames dropped from the feature cache by the budget
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Generation(NamedTuple):
+    key: tuple                        # (prompt ids, image keys, max_new_tokens)
+    ids: torch.Tensor
+    text: str
+    seg_hidden_states: torch.Tensor
+
+
+class VideoContext:
+    """Shared state for running many (expression, mode) pairs on one video with one model.
+
+    ``frames``: the video's frames (PIL images, or HxWx3 uint8 arrays), all the same size.
+    ``feature_budget_bytes``: bound on cached SAM2 features (None = keep every frame); while a block
+    of ``encode_batch`` frames is being used the cache may exceed it by that block.
+    ``naive``: no caching at all (reference-style batching), for benchmarks.
+    ``encode_batch`` / ``decode_batch``: SAM2 encoder / mask-decoder batch sizes; ``max_prefix_caches``,
+    ``max_cached_logits``, ``max_vision_images``: LRU sizes of the prompt-prefix KV caches, combined
+    low-res logits and vision tokens (0 disables that cache). Answers are always kept (small).
+    """
+
+    def __init__(self, model, tokenizer, frames, feature_budget_bytes: Optional[int] = None, *,
+                 naive: bool = False, encode_batch: int = 8, decode_batch: int = 16,
+                 max_prefix_caches: int = 4, max_cached_logits: int = 8, max_vision_images: int = 512):
+        if tokenizer is None:
+            raise ValueError("VideoContext needs the tokenizer")
+        if frames is None or isinstance(frames, (str, bytes)):
+            raise ValueError(f"video must be a list of frames, got {type(frames).__name__}")
+        source = list(frames)
+        self.frames = [f if hasattr(f, "size") and hasattr(f, "convert") else to_pil(f, f"video frame {i}")
+                       for i, f in enumerate(source)]
+        check_same_size(self.frames, where="video")
+        if feature_budget_bytes is not None and feature_budget_bytes < 0:
+            raise ValueError(f"feature_budget_bytes must be >= 0 or None, got {feature_budget_bytes}")
+        for name, value in (("encode_batch", encode_batch), ("decode_batch", decode_batch)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self._source = source
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.grounding = model.grounding_encoder
+        self.device = model_device(model)
+        self.naive = bool(naive)
+        self.feature_budget_bytes = feature_budget_bytes
+        self.encode_batch = encode_batch
+        self.decode_batch = decode_batch
+        self.max_prefix_caches = max(0, int(max_prefix_caches))
+        self.max_cached_logits = max(0, int(max_cached_logits))
+        self.max_vision_images = max(0, int(max_vision_images))
+        self.num_frames = len(self.frames)
+        self.width, self.height = self.frames[0].size if self.frames else (0, 0)
+        self.stop_words = list(get_template(self.config.template)["STOP_WORDS"])
+        self.img_end_id = token_id(tokenizer, IMG_END_TOKEN)
+        self.counters = WorkCounters()
+        self._features: "OrderedDict[int, FrameFeatures]" = OrderedDict()
+        self._feature_bytes = 0
+        self._vision: OrderedDict = OrderedDict()
+        self._prefix: OrderedDict = OrderedDict()
+        self._generations: dict = {}
+        self._logits: OrderedDict = OrderedDict()
+
+    # ------------------------------------------------------------------------------------ helpers
+    def same_frames(self, frames) -> bool:
+        frames = list(frames)
+        return len(frames) == len(self._source) and all(a is b for a, b in zip(frames, self._source))
+
+    @property
+    def feature_bytes(self) -> int:
+        """Bytes of SAM2 features currently cached."""
+        return self._feature_bytes
+
+    @property
+    def cached_frames(self) -> list:
+        return list(self._features)
+
+    # ------------------------------------------------------------------------------------ (a) SAM2 features
+    def _encode_frames(self, frame_ids: Sequence[int]) -> FrameFeatures:
+        g = self.grounding
+        images = torch.stack([sam2_resize(self.frames[t], g.image_size) for t in frame_ids]).to(self.device)
+        feats = g.encode(g.preprocess(images, dtype=module_dtype(g)), chunk_size=self.encode_batch)
+        self.counters.sam2_frames_encoded += len(frame_ids)
+        return feats
+
+    def _encode_block(self, frame: int) -> dict:
+        """Encode the aligned block holding ``frame``: the batch composition never depends on the cache."""
+        start = frame - frame % self.encode_batch
+        ids = list(range(start, min(start + self.encode_batch, self.num_frames)))
+        feats = self._encode_frames(ids)
+        out = {}
+        for i, t in enumerate(ids):  # own storage per frame, so evicting a frame frees its memory
+            one = feats[i]
+            out[t] = FrameFeatures(tuple(x.clone() for x in one.high_res), one.low.clone(), feats.pos)
+        return out
+
+    @torch.no_grad()
+    def frame_features(self, t: int) -> FrameFeatures:
+        """1-frame SAM2 features of frame ``t`` (computed with its block on a miss)."""
+        if not 0 <= t < self.num_frames:
+            raise ValueError(f"frame index {t} outside 0..{self.num_frames - 1}")
+        hit = self._features.get(t)
+        if hit is not None:
+            self._features.move_to_end(t)
+            return hit
+        block = self._encode_block(t)
+        for k, v in block.items():
+            if k not in self._features:
+                self._features[k] = v
+                self._feature_bytes += v.nbytes
+        self._features.move_to_end(t)
+        self._evict(protect=set(block))
+        return block[t]
+
+    def _evict(self, protect=()) -> None:
+        budget = self.feature_budget_bytes
+        if budget is None:
+            return
+        for key in list(self._features):
+            if self._feature_bytes <= budget:
+                break
+            if key in protect:
+                continue
+            self._feature_bytes -= self._features.pop(key).nbytes
+            self.counters.sam2_features_evicted += 1
+
+    @torch.no_grad()
+    def gather_features(self, frame_ids: Sequence[int]) -> FrameFeatures:
+        return FrameFeatures.cat([self.frame_features(int(t)) for t in frame_ids])
+
+    # ------------------------------------------------------------------------------------ (b) vision tokens
+    @torch.no_grad()
+    def vision_tokens(self, specs: Sequence[ImageSpec]) -> torch.Tensor:
+        """[n_images, tokens, D]; each distinct image through the ViT once, alone (batch of 1)."""
+        vision = self.model.vision_model
+        dtype = module_dtype(vision)
+        out = []
+        for key, build in specs:
+            tokens = self._vision.get(key)
+            if tokens is None:
+                pixels = build().to(device=self.device, dtype=dtype)[None]
+                tokens = self.model.extract_feature(pixels)[0]
+                self.counters.mllm_images_encoded += 1
+                if self.max_vision_images:
+                    self._vision[key] = tokens
+                    while len(self._vision) > self.max_vision_images:
+                        self._vision.popitem(last=False)
+            else:
+                self._vision.move_to_end(key)
+            out.append(tokens)
+        return torch.stack(out)
+
+    def _vision_tokens_naive(self, specs: Sequence[ImageSpec]) -> torch.Tensor:
+        vision = self.model.vision_model
+        pixels = torch.stack([build() for _, build in specs]).to(device=self.device, dtype=module_dtype(vision))
+        self.counters.mllm_images_encoded += len(specs)
+        return self.model.extract_feature(pixels)
+
+    def clip_image_specs(self, indices: Sequence[int]) -> list:
+        """KFC images (key_0, grid_0, key_1, ...) as (key, builder) pairs; keys match kfc_mllm_images'."""
+        cfg = self.config
+        size, grid = cfg.image_size, cfg.grid_size
+        pixels: dict = {}  # built on demand, per call (only images whose tokens are not cached)
+
+        def builder(clip, which):
+            return lambda: kfc_mllm_images(self.frames, clip, 1, grid, size, cache=pixels)[which]
+
+        specs = []
+        for clip in split_clips(indices, cfg.num_clips):
+            specs.append((("key", size, (clip[0],)), builder(clip, 0)))
+            specs.append((("grid", size, grid, tuple(clip[1:])), builder(clip, 1)))
+        return specs
+
+    # ------------------------------------------------------------------------------------ (c)+(d) generation
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, specs: Sequence[ImageSpec], max_new_tokens: int) -> Generation:
+        """Greedy answer for prompt ``ids`` whose <IMG_CONTEXT> blocks show the images of ``specs``."""
+        keys = tuple(k for k, _ in specs)
+        gkey = (tuple(ids[0].tolist()), keys, int(max_new_tokens))
+        if not self.naive and gkey in self._generations:
+            self.counters.generations_reused += 1
+            return self._generations[gkey]
+        model, n = self.model, int(ids.shape[1])
+        common = dict(tokenizer=self.tokenizer, stop_words=self.stop_words, max_new_tokens=max_new_tokens)
+        boundary = 0 if self.naive else canonical_boundary(ids, self.img_end_id)
+        if self.naive:
+            vision = self._vision_tokens_naive(specs) if specs else None
+            answer = model.generate_answer(ids, vision_embeds=vision, **common)
+            self.counters.tokens_prefilled += n
+        elif boundary:
+            pkey = (gkey[0][:boundary], keys)
+            prefix = self._prefix.get(pkey)
+            if prefix is None:
+                vision = self.vision_tokens(specs) if specs else None
+                prefix = model.build_prefix_cache(ids[:, :boundary], vision_embeds=vision)
+                self.counters.tokens_prefilled += boundary
+                if self.max_prefix_caches:
+                    self._prefix[pkey] = prefix
+                    while len(self._prefix) > self.max_prefix_caches:
+                        self._prefix.popitem(last=False)
+            else:
+                self._prefix.move_to_end(pkey)
+                self.counters.prefix_tokens_reused += boundary
+            answer = model.generate_answer(ids, prefix_cache=prefix, **common)
+            self.counters.tokens_prefilled += n - boundary
+        else:
+            vision = self.vision_tokens(specs) if specs else None
+            answer = model.generate_answer(ids, vision_embeds=vision, **common)
+            self.counters.tokens_prefilled += n
+        self.counters.tokens_decoded += max(int(answer.ids.numel()) - 1, 0)  # the last token is never fed back
+        gen = Generation(gkey, answer.ids, answer.text, answer.seg_hidden_states)
+        if not self.naive:
+            self._generations[gkey] = gen
+        return gen
+
+    # ------------------------------------------------------------------------------------ SAM2 decoding
+    @torch.no_grad()
+    def decode_pairs(self, pairs: Sequence[tuple], prompts: torch.Tensor,
+                     features: Optional[FrameFeatures] = None) -> torch.Tensor:
+        """Low-res logits [len(pairs), h, w]: pair (frame, k) decoded with prompts[k] ('infer' flavour).
+
+        Decoded ``decode_batch`` pairs at a time; ``features`` (all frames, naive mode) bypasses the cache.
+        """
+        out = []
+        for start in range(0, len(pairs), self.decode_batch):
+            chunk = pairs[start:start + self.decode_batch]
+            frames = [int(f) for f, _ in chunk]
+            index = torch.as_tensor([int(k) for _, k in chunk], dtype=torch.long, device=prompts.device)
+            if features is None:
+                feats, ids = self.gather_features(frames), list(range(len(chunk)))
+            else:
+                feats, ids = features, frames
+            out.append(self.grounding.decode(feats, ids, prompts.index_select(0, index), mode="infer"))
+            self.counters.sam2_decodes += len(chunk)
+        if not out:
+            size = self.grounding.low_res_size
+            return torch.zeros((0, size, size), dtype=torch.float32, device=self.device)
+        return torch.cat(out)
+
+    def plan_for(self, mode: str, indices: Sequence[int], options: InferenceOptions) -> DecodePlan:
+        """decode_plan, or with propagation='none' a Path A plan replacing Path C's memory tracking.
+
+        propagation='none': conditioning frames keep the prompt the plan gives them (so
+        q_frame_anchor_fix still decides Q1) and every other frame is decoded with the prompt of the
+        nearest conditioning frame (ties: the earlier one), e.g. wrap_around L>100 uses P_{f//10} for
+        f < 100 and P_9 after.
+        """
+        cfg = self.config
+        plan = decode_plan(self.num_frames, mode, list(indices), cfg.num_clips,
+                           q_frame_anchor_fix=options.q_frame_anchor_fix, uncovered_fix=options.uncovered_fix)
+        if plan.path != "C" or options.propagation == "memory":
+            return plan
+        cond = dict(zip(plan.decode_frames, plan.prompt_index))
+        anchors = np.asarray(sorted(cond))
+        mapping = []
+        for f in range(self.num_frames):
+            if f in cond:
+                mapping.append(cond[f])
+                continue
+            dist = np.abs(anchors - f)
+            nearest = int(anchors[int(np.argmin(dist))])  # argmin takes the first (earlier) on a tie
+            mapping.append(cond[nearest])
+        return DecodePlan("A", list(range(self.num_frames)), mapping, self.num_frames, False)
+
+    def _propagate(self, cond: dict, features: Optional[FrameFeatures]) -> torch.Tensor:
+        """Path C; frames before the first conditioning frame (only with q_frame_anchor_fix) are
+        tracked backward by running the same forward tracker on the time-reversed video."""
+        L = self.num_frames
+        fetch: Callable[[int], FrameFeatures] = (lambda t: features[t]) if features is not None \
+            else self.frame_features
+        first = min(cond)
+        out = self.grounding.propagate(fetch, L, cond)
+        self.counters.sam2_decodes += len(cond)
+        self.counters.sam2_frames_tracked += (L - first) - sum(1 for f in cond if f >= first)
+        if first > 0:
+            rev_cond = {L - 1 - f: p for f, p in cond.items()}
+            rev = self.grounding.propagate(lambda r: fetch(L - 1 - r), L, rev_cond)
+            out[:first] = rev.flip(0)[:first]
+            self.counters.sam2_decodes += len(cond)
+            self.counters.sam2_frames_tracked += (max(cond) + 1) - len(cond)
+        return out
+
+    @torch.no_grad()
+    def plan_logits(self, plan: DecodePlan, prompts: torch.Tensor, options: InferenceOptions,
+                    features: Optional[FrameFeatures] = None) -> torch.Tensor:
+        """Low-res logits [L, h, w] of every real frame for ``plan`` (``prompts``: one per clip)."""
+        if plan.path == "C":
+            cond = {f: prompts[k] for f, k in zip(plan.decode_frames, plan.prompt_index)}
+            return self._propagate(cond, features)
+        calls = list(zip(plan.decode_frames, plan.prompt_index))
+        if features is not None:  # naive: every decode call, as the reference does
+            low = self.decode_pairs(calls, prompts, features)
+        else:  # equal (frame, prompt) pairs give equal logits: decode each once, then expand
+            unique = sorted(set(calls))
+            position = {pair: i for i, pair in enumerate(unique)}
+            low_unique = self.decode_pairs(unique, prompts)
+            index = torch.as_tensor([position[c] for c in calls], dtype=torch.long, device=low_unique.device)
+            low = low_unique.index_select(0, index)
+        return combine_decoded_logits(plan, low, average=options.path_b_average)
+
+    # ------------------------------------------------------------------------------------ one prediction
+    @torch.no_grad()
+    def predict(self, text: str, mode: str = "uniform", selected_fids=None, return_probs: bool = False,
+                past_text: str = "", options: Optional[InferenceOptions] = None) -> dict:
+        """One expression in one mode (spec evaluation.md §1-2); the result dict of predict_forward."""
+        with eval_mode(self.model):
+            return self._predict(text, mode, selected_fids, return_probs, past_text,
+                                 options or InferenceOptions())
+
+    def _predict(self, text, mode, selected_fids, return_probs, past_text, options) -> dict:
+        cfg = self.config
+        L = self.num_frames
+        if L == 0:
+            raise ValueError("video has no frames")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
+        if mode == "q_frame" and selected_fids is None:
+            raise ValueError(f"mode 'q_frame' needs selected_fids: the {cfg.num_sampled_frames} frame indices "
+                             f"selected for this expression (selected_frames.json)")
+        indices = select_indices(L, mode, cfg.num_sampled_frames, selected_fids if mode == "q_frame" else None)
+        specs = self.clip_image_specs(indices)
+        image_tokens = image_token_string(len(specs), self.model.num_image_token)
+        prompt = build_prompt_text(text, image_tokens, cfg.template, past_text)
+        ids = tokenize_prompt(self.tokenizer, prompt, self.device)
+        gen = self.generate(ids, specs, options.max_new_tokens)
+        answer = gen.text.strip()
+        num_seg = int(gen.seg_hidden_states.shape[0])
+        order = seg_prompt_indices(num_seg, cfg.num_clips)
+        size = (self.height, self.width)
+        if order is None:  # robustness fix (spec §11.2): empty masks, the run goes on
+            masks = np.zeros((L, *size), dtype=bool)
+            probs = np.zeros((L, *size), dtype=np.float32) if return_probs else None
+            return make_result(answer, [masks], [probs] if return_probs else None, 0, "no_seg", return_probs)
+        plan = self.plan_for(mode, indices, options)
+        lkey = (gen.key, plan.path, tuple(plan.decode_frames), tuple(plan.prompt_index),
+                options.path_b_average if plan.path == "B" else None)
+        low = None if self.naive else self._logits.get(lkey)
+        if low is not None:
+            self._logits.move_to_end(lkey)
+            self.counters.logits_reused += 1
+        else:
+            index = torch.as_tensor(order, dtype=torch.long, device=self.device)
+            prompts = seg_prompts(self.model, gen.seg_hidden_states).index_select(0, index)
+            features = self._encode_frames(list(range(L))) if self.naive else None
+            low = self.plan_logits(plan, prompts, options, features)
+            if not self.naive and self.max_cached_logits:
+                self._logits[lkey] = low
+                while len(self._logits) > self.max_cached_logits:
+                    self._logits.popitem(last=False)
+        masks, probs = logits_to_outputs(self.grounding, low, size, return_probs)
+        return make_result(answer, [masks], [probs] if return_probs else None, num_seg, "ok", return_probs)
+
+
+# ============================================================================================ entry points
+# predict_forward / predict_video of SaSaSa2VAChatModel delegate here.
+def predict_forward(model, image=None, video=None, text=None, tokenizer=None, mode="uniform",
+                    selected_fids=None, past_text="", mask_prompts=None, print_answer=False,
+                    return_probs=False, **options) -> dict:
+    """One expression on one image or video; see SaSaSa2VAChatModel.predict_forward."""
+    if tokenizer is None:
+        raise ValueError("predict_forward needs the tokenizer (tokenizer=...)")
+    if mask_prompts is not None:
+        raise ValueError("predict_forward: mask_prompts (visual prompts) are not supported by this model")
+    if image is not None and video is not None:
+        raise ValueError("predict_forward: pass image or video, not both")
+    opts, ctx_opts = split_options(options)
+    with torch.no_grad(), eval_mode(model):
+        if video is not None:
+            ctx = VideoContext(model, tokenizer, video, **ctx_opts)
+            out = ctx.predict(text, mode, selected_fids=selected_fids, return_probs=return_probs,
+                              past_text=past_text, options=opts)
+        else:
+            out = predict_image_or_text(model, tokenizer, image, text, past_text, return_probs, opts,
+                                        **ctx_opts)
+    if print_answer:
+        print(out["prediction"])
+    return out
+
+
+def predict_video(model, frames, texts: Sequence[str], tokenizer, modes: Sequence[str],
+                  selected_fids=None, return_probs: bool = True, context=None,
+                  on_result: Optional[Callable[[str, int, dict], None]] = None, keep_results: bool = True,
+                  errors: str = "raise", **options) -> dict:
+    """Every (text, mode) of one video through one VideoContext; see SaSaSa2VAChatModel.predict_video."""
+    if errors not in ("raise", "record"):
+        raise ValueError(f"errors must be 'raise' or 'record', got {errors!r}")
+    opts, ctx_opts = split_options(options)
+    if isinstance(texts, str):
+        raise ValueError("texts must be a list of strings, got a single string")
+    texts = list(texts)
+    modes = list(modes)
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"modes must be distinct, got {modes}")
+    fids = [_selected_for(selected_fids, i, t) for i, t in enumerate(texts)]
+    if "q_frame" in modes and errors == "raise":
+        missing = [i for i, f in enumerate(fids) if f is None]
+        if missing:
+            raise ValueError(f"mode 'q_frame' needs selected_fids for every text; missing for text index(es) "
+                             f"{missing[:10]}")
+    if context is None:
+        if frames is None:
+            raise ValueError("predict_video needs frames (or a VideoContext via context=)")
+        context = VideoContext(model, tokenizer, frames, **ctx_opts)
+    else:
+        if context.model is not model:
+            raise ValueError("predict_video: the context was built for another model")
+        if frames is not None and not context.same_frames(frames):
+            raise ValueError("predict_video: frames differ from the frames of the given context")
+        if ctx_opts:
+            raise ValueError(f"predict_video: {sorted(ctx_opts)} are fixed when the context is built; "
+                             f"pass them to VideoContext instead")
+    results = {mode: [None] * len(texts) for mode in modes}
+    with torch.no_grad(), eval_mode(model):
+        for i, text in enumerate(texts):  # text-major: modes of one text share generations and logits
+            for mode in modes:
+                try:
+                    out = context.predict(text, mode, selected_fids=fids[i], return_probs=return_probs,
+                                          options=opts)
+                except Exception as exc:
+                    if errors == "raise":
+                        raise
+                    out = {"prediction": "", "prediction_masks": [], "num_seg": 0, "status": "failed",
+                           "error": f"{type(exc).__name__}: {exc}"}
+                if on_result is not None:
+                    on_result(mode, i, out)
+                if keep_results:
+                    results[mode][i] = out
+    return results
+
+
+def _selected_for(selected_fids, index: int, text: str):
+    """selected_fids: None, a list aligned with texts, or a dict keyed by text index or text."""
+    if selected_fids is None:
+        return None
+    if isinstance(selected_fids, Mapping):
+        if index in selected_fids:
+            return selected_fids[index]
+        return selected_fids.get(text)
+    if isinstance(selected_fids, (list, tuple)):
+        if len(selected_fids) and isinstance(selected_fids[0], numbers.Integral):
+            raise ValueError("predict_video: selected_fids must map each text to its list (a dict keyed by "
+                             "text index, or a list of lists), got a flat list of ints")
+        return selected_fids[index] if index < len(selected_fids) else None
+    raise ValueError(f"selected_fids must be None, a dict or a list of lists, got {type(selected_fids).__name__}")
+
+
+def predict_image_or_text(model, tokenizer, image, text, past_text, return_probs, opts: InferenceOptions,
+                          naive: bool = False, feature_budget_bytes=None) -> dict:
+    """Single image (InternVL dynamic tiles, one mask [1,H,W] per [SEG]) or text only (no masks)."""
+    config = model.config
+    if image is None:
+        prompt = build_prompt_text(text, None, config.template, past_text)
+        ids = tokenize_prompt(tokenizer, prompt, model_device(model))
+        ctx = VideoContext(model, tokenizer, [], naive=naive)
+        gen = ctx.generate(ids, [], opts.max_new_tokens)
+        n_seg = int(gen.seg_hidden_states.shape[0])
+        return make_result(gen.text.strip(), [], [], n_seg, "ok" if n_seg else "no_seg", return_probs)
+    pil = to_pil(image)
+    size = config.image_size
+    if config.dynamic_image_size:
+        tiles = dynamic_preprocess(pil, config.min_dynamic_patch, config.max_dynamic_patch, size,
+                                   config.use_thumbnail)
+    else:
+        tiles = [pil]
+    pixels = torch.stack([mllm_transform(t, size) for t in tiles])
+    image_tokens = image_token_string(len(tiles), model.num_image_token)
+    prompt = build_prompt_text(text, image_tokens, config.template, past_text)
+    ids = tokenize_prompt(tokenizer, prompt, model_device(model))
+    ctx = VideoContext(model, tokenizer, [pil], naive=naive, feature_budget_bytes=feature_budget_bytes)
+    specs = [(("tile", size, len(tiles), k), (lambda k=k: pixels[k])) for k in range(len(tiles))]
+    gen = ctx.generate(ids, specs, opts.max_new_tokens)
+    n_seg = int(gen.seg_hidden_states.shape[0])
+    h, w = pil.size[1], pil.size[0]
+    if n_seg == 0:
+        return make_result(gen.text.strip(), [], [], 0, "no_seg", return_probs)
+    prompts = seg_prompts(model, gen.seg_hidden_states)
+    low = ctx.decode_pairs([(0, k) for k in range(n_seg)], prompts)
+    masks, probs = logits_to_outputs(model.grounding_encoder, low, (h, w), return_probs)
+    return make_result(gen.text.strip(), [m[None] for m in masks],
+                       [p[None] for p in probs] if probs is not None else None, n_seg, "ok", return_probs)
