@@ -9,9 +9,11 @@ venv:
 	@bash tools/setup_env.sh
 
 test: venv
+	@export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: venv
+	@export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 data: venv
