@@ -13,8 +13,23 @@ from projects.sasasa2va.hf.models.sam2_grounding import (
 
 
 def _tiny(seed=0):
+    """Tiny trunk with hiera-L's heads (multimask, object score): exercises the faithful glue paths."""
     torch.manual_seed(seed)
-    return SAM2Grounding("tiny").eval()
+    return SAM2Grounding({"name": "tiny", "reference_heads": True}).eval()
+
+
+def test_tiny_default_preset_single_mask_without_object_score():
+    """The random-init tiny preset drops the untrained-head behaviours (see _TINY_FLAGS)."""
+    cfg = sam2_config_preset("tiny")
+    assert cfg["multimask_output_in_sam"] is False and cfg["pred_obj_scores"] is False
+    assert sam2_config_preset("tiny", {"reference_heads": True})["pred_obj_scores"] is True
+    torch.manual_seed(0)
+    g = SAM2Grounding("tiny").eval()
+    feats = g.encode(g.preprocess(torch.randint(0, 255, (2, 3, 256, 256), dtype=torch.uint8)))
+    prompts = torch.randn(3, g.hidden_dim)
+    out = g.decode(feats, torch.tensor([0, 1, 1]), prompts, mode="infer")
+    assert out.shape == (3, g.low_res_size, g.low_res_size)
+    assert torch.isfinite(out).all() and (out > -1000).all()  # no object-score veto
 
 
 def _frames(n, size=256, seed=1):

@@ -57,7 +57,21 @@ _TINY_TRUNK = {
     "window_spec": [8, 4, 8, 8],
 }
 _TINY_DEFAULTS = {"image_size": 256, "hidden_dim": 64, "mem_dim": 16}
-_SHORTCUTS = ("image_size", "hidden_dim", "mem_dim", "postprocessing")
+# The tiny model starts from random weights, and the reference trains neither the IoU head nor the
+# object-score head (they get no gradient). With a random IoU head, multimask selection picks an
+# arbitrary mask token per sample (splitting the training signal across three tokens), and a random
+# object-score head would veto arbitrary frames at inference. So the tiny preset uses the single-mask
+# output and no object-score head; hiera-L keeps the reference behaviour (its heads are pretrained).
+_TINY_FLAGS = {
+    "multimask_output_in_sam": False,
+    "multimask_output_for_tracking": False,
+    "use_multimask_token_for_obj_ptr": False,
+    "pred_obj_scores": False,
+    "pred_obj_scores_mlp": False,
+    "fixed_no_obj_ptr": False,
+    "sam_mask_decoder_extra_args": {"dynamic_multimask_via_stability": False},
+}
+_SHORTCUTS = ("image_size", "hidden_dim", "mem_dim", "postprocessing", "reference_heads")
 
 PromptMap = Mapping[int, torch.Tensor]
 
@@ -145,6 +159,10 @@ def sam2_config_preset(name: str, overrides: Mapping | None = None) -> dict:
     cfg = _tiny_node() if name == "tiny" else _yaml_model_node(name)
     if overrides.pop("postprocessing", True):
         for key, value in INFERENCE_POSTPROCESSING.items():
+            cfg[key] = dict(value) if isinstance(value, dict) else value
+    reference_heads = bool(overrides.pop("reference_heads", False))
+    if name == "tiny" and not reference_heads:
+        for key, value in _TINY_FLAGS.items():
             cfg[key] = dict(value) if isinstance(value, dict) else value
     if "image_size" in overrides:
         _set_image_size(cfg, int(overrides.pop("image_size")))
