@@ -9,7 +9,7 @@ from projects.sasasa2va.hf.models.frame_sampling import (
     MODES, DecodePlan, combine_decoded_logits, decode_plan, select_indices, seg_prompt_indices,
     split_clips, training_indices)
 
-LENGTHS = [1, 7, 13, 50, 64, 99, 100, 101, 150, 155, 300]
+LENGTHS = [1, 2, 7, 13, 50, 64, 99, 100, 101, 150, 155, 300, 1000]
 
 
 def runs(seq):

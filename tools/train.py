@@ -14,8 +14,13 @@ Usually started through ``bash tools/dist.sh train CONFIG NUM_GPUS [args]``. Wha
 * ``--deepspeed deepspeed_zero2`` resolves to ``configs/deepspeed/deepspeed_zero2.json`` (then to
   xtuner's bundled file of that name); ``none`` disables DeepSpeed;
 * ``--resume auto`` resumes from ``<work_dir>/last_checkpoint`` when there is one (else starts fresh);
-  resumed checkpoints are this run's own files, loaded with ``weights_only=False`` (mmengine stores
-  its message hub in them);
+  mmengine ``.pth`` checkpoints are loaded with ``torch.load(weights_only=True)`` plus an explicit
+  allow-list for the non-tensor metadata mmengine stores in them (message hub HistoryBuffers, numpy
+  scalars; see ``projects/sasasa2va/utils/checkpoint.py``). DeepSpeed resume folders (CUDA) are read by
+  DeepSpeed itself with ``weights_only=False`` (and ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` is set for
+  xtuner's seed lookup in them), so resume only from folders your own runs wrote. The base config's
+  ``RNGStateHook`` stores the RNG states in every checkpoint, so a resumed CPU run reproduces the
+  uninterrupted one bit for bit (tests/test_robustness_train_kill.py);
 * the config's ``auto_prepare`` entry (tiny config) creates missing synthetic data / tiny checkpoints
   with the library functions behind tools/make_synthetic_data.py and tools/make_tiny_pretrained.py.
 
@@ -90,14 +95,59 @@ def default_work_dir(config: str) -> str:
     return osp.join("./work_dirs", osp.splitext(osp.basename(config))[0])
 
 
+def checkpoint_complete(path: str) -> bool:
+    """A DeepSpeed checkpoint folder, or a .pth whose zip directory is intact (a file cut short by a kill
+    during torch.save has none)."""
+    import zipfile
+
+    if osp.isdir(path):
+        return True
+    if not osp.isfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            return bool(z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _iter_number(name: str) -> int | None:
+    stem = name[:-4] if name.endswith(".pth") else name
+    if stem.startswith("iter_") and stem[5:].isdigit():
+        return int(stem[5:])
+    return None
+
+
+def latest_complete_checkpoint(work_dir: str) -> str | None:
+    """``<work_dir>/last_checkpoint`` when it names a complete checkpoint; else (the file is missing,
+    empty, or names a deleted / half-written checkpoint, e.g. after kill -9) the complete ``iter_<n>.pth``
+    with the largest n."""
+    recorded = None
+    marker = osp.join(work_dir, "last_checkpoint")
+    if osp.isfile(marker):
+        with open(marker, "r", encoding="utf-8") as f:
+            recorded = f.read().strip() or None
+    if recorded is not None and checkpoint_complete(recorded):
+        return recorded
+    found = []
+    if osp.isdir(work_dir):
+        for name in os.listdir(work_dir):
+            n = _iter_number(name)
+            if n is not None and checkpoint_complete(osp.join(work_dir, name)):
+                found.append((n, osp.join(work_dir, name)))
+    best = max(found)[1] if found else None
+    if recorded is not None:
+        log(f"--resume auto: {marker} names {recorded!r}, which is missing or incomplete; "
+            f"{'using ' + best if best else 'no other complete checkpoint found'}", logging.WARNING)
+    return best
+
+
 def resolve_resume(resume: str | None, work_dir: str) -> str | None:
-    """'auto' -> the work dir's last checkpoint (None if there is none); a path must exist."""
+    """'auto' -> the work dir's latest complete checkpoint (None if there is none); a path must exist."""
     if resume is None:
         return None
     if resume == "auto":
-        from mmengine.runner.checkpoint import find_latest_checkpoint
-
-        path = find_latest_checkpoint(work_dir)
+        path = latest_complete_checkpoint(work_dir)
         if path is None:
             log(f"--resume auto: no checkpoint in {work_dir}; starting from scratch")
         else:
@@ -195,6 +245,9 @@ def init_cpu_process_group(timeout_s: int) -> None:
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from projects.sasasa2va.utils.launch import die_with_parent
+
+    die_with_parent()  # under torchrun: no orphaned trainer when the launcher is killed
     import torch
     from mmengine.config import Config
 
@@ -209,8 +262,17 @@ def main(argv=None) -> None:
     auto_prepare(cfg)
     resume = resolve_resume(args.resume, work_dir)
     if resume is not None:
-        # mmengine and xtuner call torch.load without weights_only; the checkpoint is this run's own
-        os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+        if osp.isdir(resume):
+            # DeepSpeed checkpoint folder (CUDA runs): DeepSpeed reads its files with weights_only=False
+            # anyway; xtuner's seed lookup in mp_rank_00_model_states.pt gets the same treatment. Only
+            # resume from folders your own runs wrote.
+            os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+        else:
+            # mmengine/xtuner call torch.load(filename), weights_only=True by default since torch 2.6: allow
+            # exactly the non-tensor metadata mmengine stores (HistoryBuffer + numpy), nothing else
+            from projects.sasasa2va.utils.checkpoint import allow_mmengine_checkpoints
+
+            allow_mmengine_checkpoints()
     if not has_cuda:
         if args.launcher == "pytorch":
             timeout = int(((cfg.get("env_cfg") or {}).get("dist_cfg") or {}).get("timeout", 1800))

@@ -29,8 +29,10 @@ __all__ = [
     "RefSAVRecord",
     "annotation_mask",
     "check_frame_files",
+    "check_same_frame_size",
     "decode_masklet",
     "decode_video_frames",
+    "empty_expression_error",
     "expression_masks",
     "frame_size",
     "list_frames",
@@ -173,12 +175,16 @@ def read_meta_expressions(
     *,
     require_anno_id: bool = False,
     check_frames: bool = False,
+    allow_empty_text: bool = False,
 ) -> dict[str, VideoRecord]:
     """meta_expressions.json -> {video_id: VideoRecord}, videos in JSON order, frames sorted,
     expression ids sorted as strings.
 
     ``require_anno_id``: training/valid_u splits must say which masks belong to each expression
     (MeViS valid has no anno_id, so it is optional by default). ``check_frames``: stat every frame file.
+    ``allow_empty_text``: keep an empty or whitespace-only ``exp`` string (with a warning naming the file
+    and key) instead of raising; evaluation uses this to record that one expression as failed and go on
+    (see ``empty_expression_error``). A missing or non-string ``exp`` is always an error.
     """
     data = load_json(meta_path)
     if not isinstance(data, dict) or not isinstance(data.get("videos"), dict):
@@ -200,7 +206,9 @@ def read_meta_expressions(
                 raise DataError(f"{meta_path}: {key} must be an object with 'exp'")
             text = e.get("exp")
             if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{meta_path}: {key}.exp must be a non-empty string, got {text!r}")
+                if not (allow_empty_text and isinstance(text, str)):
+                    raise DataError(f"{meta_path}: {key}.exp must be a non-empty string, got {text!r}")
+                logger.warning("%s", empty_expression_error(meta_path, vid, exp_id, text))
             obj_ids = _as_int_list(e["obj_id"], meta_path, f"{key}.obj_id") if "obj_id" in e else []
             if "anno_id" in e:
                 anno_ids = _as_str_list(e["anno_id"], meta_path, f"{key}.anno_id")
@@ -216,6 +224,12 @@ def read_meta_expressions(
             check_frame_files(rec)
         records[vid] = rec
     return records
+
+
+def empty_expression_error(meta_path: str, video_id: str, exp_id: str, text: str) -> str:
+    """The message for an empty/whitespace expression (reader warning and evaluation failure reason)."""
+    return (f"{meta_path}: videos[{video_id!r}].expressions[{exp_id!r}].exp is empty or whitespace ({text!r}); "
+            "nothing to segment")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,6 +285,24 @@ def load_frame(record: VideoRecord, i: int) -> Image.Image:
     if not 0 <= i < record.num_frames:
         raise DataError(f"video {record.video_id!r}: frame index {i} out of range [0, {record.num_frames})")
     return _open_image(record.frame_path(i))
+
+
+def check_same_frame_size(record: VideoRecord, frames: Sequence[Image.Image],
+                          indices: Sequence[int] | None = None) -> None:
+    """DataError naming the first frame file whose size differs from the first one (frames[k] is frame
+    ``indices[k]`` of the video, default 0..n-1): masks, grids and SAM2 inputs assume one size per video."""
+    idx = list(range(len(frames))) if indices is None else [int(i) for i in indices]
+    if len(idx) != len(frames):
+        raise ValueError(f"check_same_frame_size: {len(frames)} frames for {len(idx)} indices")
+    if not frames:
+        return
+    w0, h0 = frames[0].size
+    for i, im in zip(idx, frames):
+        if im.size != (w0, h0):
+            raise DataError(
+                f"{record.frame_path(i)}: frame size {im.size[0]}x{im.size[1]} (WxH) differs from "
+                f"{w0}x{h0} of {record.frame_path(idx[0])} in video {record.video_id!r}; every frame of a video "
+                "must have the same size")
 
 
 def frame_size(record: VideoRecord, i: int = 0) -> tuple[int, int]:

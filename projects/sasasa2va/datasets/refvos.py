@@ -25,8 +25,8 @@ from projects.sasasa2va.hf.models.templates import (
 from .conversation import build_turns, encode_conversation, seg_token_id
 from .errors import DataError
 from .readers import (
-    expression_masks, load_frame, load_mask_dict, load_refsav_sample, read_meta_expressions, read_refsav,
-    read_refytvos)
+    check_same_frame_size, expression_masks, load_frame, load_mask_dict, load_refsav_sample, read_meta_expressions,
+    read_refsav, read_refytvos)
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +336,7 @@ class SaSaSa2VARefVOS(RefTrainingDataset):
             indices = training_indices(item.num_frames, self.num_sampled_frames, self.frame_strategy)
             uniq = sorted(set(indices))
             frames = [load_frame(item, f) for f in uniq]
+            check_same_frame_size(item, frames, uniq)
             key_idx = [c[0] for c in split_clips(indices, self.num_clips)]
             w, h = frames[0].size  # first sampled frame (indices are sorted, so uniq[0] == indices[0])
             cache: dict[str, np.ndarray] = {}

@@ -264,7 +264,7 @@ def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: st
     from projects.sasasa2va.hf.models.templates import eval_prompt
 
     records = read_meta_expressions(os.path.join(split_dir, "meta_expressions.json"),
-                                    os.path.join(split_dir, "JPEGImages"))
+                                    os.path.join(split_dir, "JPEGImages"), allow_empty_text=True)
     keys = [(v, e) for v, rec in records.items() for e in rec.expressions]
     masks_iter = ensemble(run_dirs, weights, threshold, voting, keys=keys)
 
@@ -379,7 +379,7 @@ def greedy_select(run_dirs: Sequence[str], split_dir: str, weights=None, thresho
         raise ValueError(f"run names (folder names) must be unique, got {names}")
     w = _norm_weights(weights, len(run_dirs)).tolist()
     meta_path, mask_path, image_folder = split_paths(split_dir)
-    records = read_meta_expressions(meta_path, image_folder)
+    records = read_meta_expressions(meta_path, image_folder, allow_empty_text=True)
     mask_dict = load_mask_dict(mask_path)
     wanted = {(v, e) for v, rec in records.items() for e in rec.expressions}
     for r in run_dirs:

@@ -59,10 +59,13 @@ class ResolvedSplit:
     qframe_file: str | None
 
     def load_records(self) -> dict:
-        """{video_id: VideoRecord} in JSON order (datasets.readers.read_meta_expressions)."""
+        """{video_id: VideoRecord} in JSON order (datasets.readers.read_meta_expressions).
+
+        Empty/whitespace expressions are kept (with a warning): the runner records them as failed
+        expressions instead of refusing the whole split. Structural errors still raise DataError."""
         from projects.sasasa2va.datasets.readers import read_meta_expressions
 
-        return read_meta_expressions(self.meta_file, self.image_folder)
+        return read_meta_expressions(self.meta_file, self.image_folder, allow_empty_text=True)
 
     def load_qframe(self, records: dict, num_samples: int = 100) -> dict[str, dict[str, list[int]]]:
         """Q-frame indices for ``records`` (q_frame mode only); clear error when the file is absent."""

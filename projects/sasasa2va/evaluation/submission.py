@@ -87,7 +87,7 @@ def _split_records(split_dir: str) -> dict:
     meta = os.path.join(split_dir, "meta_expressions.json")
     if not os.path.isfile(meta):
         raise FileNotFoundError(f"{meta}: meta_expressions.json not found in split dir {split_dir!r}")
-    return read_meta_expressions(meta, os.path.join(split_dir, "JPEGImages"))
+    return read_meta_expressions(meta, os.path.join(split_dir, "JPEGImages"), allow_empty_text=True)
 
 
 def _check_video(args) -> list[str]:

@@ -141,7 +141,7 @@ def visualize_split(split_dir: str, results_path: str, out_dir: str, max_express
     meta = os.path.join(split_dir, "meta_expressions.json")
     if not os.path.isfile(meta):
         raise FileNotFoundError(f"{meta}: meta_expressions.json not found in split dir {split_dir!r}")
-    records = read_meta_expressions(meta, os.path.join(split_dir, "JPEGImages"))
+    records = read_meta_expressions(meta, os.path.join(split_dir, "JPEGImages"), allow_empty_text=True)
     results, _ = read_results(results_path)
     mask_dict = None
     for name in ("mask_dict.json", "mask_dict.pkl"):

@@ -343,7 +343,7 @@ def evaluate_split(split_dir: str, results_path: str | None = None, pred_dir: st
         results, _ = read_results(results_path)
     elif not os.path.isdir(pred_dir):
         raise FileNotFoundError(f"{pred_dir}: prediction PNG folder not found")
-    records = read_meta_expressions(meta_path, image_folder)
+    records = read_meta_expressions(meta_path, image_folder, allow_empty_text=True)
     mask_dict = load_mask_dict(mask_path)
     tasks = _tasks(records, mask_dict, results, pred_dir, bound_th)
     if workers and workers > 1:

@@ -13,6 +13,7 @@ from projects.sasasa2va.datasets.concat import ConcatDatasetWithRepeats
 from projects.sasasa2va.datasets.refseg import SaSaSa2VARefSeg
 from projects.sasasa2va.datasets.refvos import SaSaSa2VARefVOS
 from projects.sasasa2va.models.sasasa2va import SaSaSa2VAModel
+from projects.sasasa2va.utils.checkpoint import RNGStateHook
 
 #######################################################################
 #                          PART 1  Settings                           #
@@ -128,7 +129,8 @@ train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
 #######################################################################
 #                           PART 5  Runtime                           #
 #######################################################################
-custom_hooks = []
+# RNG states go into every checkpoint, so a killed and resumed run continues with the same random draws
+custom_hooks = [dict(type=RNGStateHook)]
 default_hooks = dict(
     timer=dict(type=IterTimerHook),
     logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=log_interval),

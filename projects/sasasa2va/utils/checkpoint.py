@@ -1,0 +1,160 @@
+"""Loading mmengine training checkpoints with ``torch.load(weights_only=True)`` and an explicit allow-list.
+
+An mmengine ``iter_<n>.pth`` holds, besides tensors (``state_dict``, ``optimizer``), plain metadata
+(``meta``, ``param_schedulers``) and the message hub, whose ``log_scalars`` are
+``mmengine.logging.HistoryBuffer`` objects holding numpy arrays and numpy scalars. torch's weights-only
+unpickler refuses those globals by default. Instead of unpickling the file fully (which would run any
+code a crafted file names), exactly these globals are allowed:
+
+* ``mmengine.logging.history_buffer.HistoryBuffer`` (instantiated with ``__new__`` and its ``__dict__``
+  filled; no code of the class runs);
+* numpy's array / dtype / scalar reconstructors (``numpy._core.multiarray._reconstruct``,
+  ``numpy.ndarray``, ``numpy.dtype`` and the numeric ``numpy.dtypes.*DType`` classes,
+  ``numpy._core.multiarray.scalar``; also under their numpy 1.x names ``numpy.core.multiarray.*``);
+* ``builtins.getattr``, replaced by :func:`_history_buffer_getattr`, which only resolves
+  ``getattr(HistoryBuffer, 'min' | 'max' | 'current' | 'mean')`` (the pickled statistics methods of the
+  buffers) and refuses everything else.
+
+Anything else in the pickle (``os.system``, ``subprocess``, arbitrary classes) makes ``torch.load`` raise
+``pickle.UnpicklingError`` naming the global.
+
+``allow_mmengine_checkpoints()`` registers the list process-wide; tools/train.py calls it before a
+resume, so mmengine's own ``torch.load(filename, map_location=...)`` (weights_only defaults to True in
+torch >= 2.6) reads the checkpoint without ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``.
+
+Not covered: DeepSpeed checkpoint folders (CUDA training) are read by DeepSpeed with
+``weights_only=False``; resume only from folders your own runs wrote.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+
+HISTORY_BUFFER_METHODS = ("min", "max", "current", "mean")
+
+
+def _history_buffer_getattr(obj, name):
+    """Stand-in for ``builtins.getattr`` inside checkpoint pickles: HistoryBuffer statistics only."""
+    from mmengine.logging import HistoryBuffer
+
+    if obj is HistoryBuffer and name in HISTORY_BUFFER_METHODS:
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(
+        f"checkpoint pickle calls getattr({getattr(obj, '__name__', type(obj).__name__)}, {name!r}); only "
+        f"getattr(HistoryBuffer, {'|'.join(HISTORY_BUFFER_METHODS)}) is allowed")
+
+
+def mmengine_checkpoint_safe_globals() -> list:
+    """The allow-list (objects, or (object, pickled name) pairs) for ``torch.serialization.safe_globals``."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    out: list = [HistoryBuffer, np.ndarray, np.dtype, (_history_buffer_getattr, "builtins.getattr")]
+    # numpy >= 1.25 restores a dtype's state on its concrete class (numpy.dtypes.Float64DType, ...)
+    for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+              np.float16, np.float32, np.float64, np.longdouble, np.complex64, np.complex128):
+        cls = type(np.dtype(t))
+        if cls is not np.dtype and cls not in out:
+            out.append(cls)
+    for fn in (multiarray._reconstruct, multiarray.scalar):
+        for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+            out.append((fn, f"{mod}.{fn.__name__}"))
+    return out
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Register the allow-list process-wide (for mmengine's own torch.load calls during --resume)."""
+    import torch
+
+    torch.serialization.add_safe_globals(mmengine_checkpoint_safe_globals())
+
+
+def load_mmengine_checkpoint(path: str, map_location="cpu") -> dict:
+    """An mmengine ``.pth`` via ``torch.load(weights_only=True)`` + the allow-list above.
+
+    Raises FileNotFoundError, or ValueError naming the file when the pickle needs anything else
+    (a checkpoint that was not written by mmengine, or a malicious one).
+    """
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    try:
+        with torch.serialization.safe_globals(mmengine_checkpoint_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "global" in ln.lower() or "getattr" in ln), first[0] if first else "")
+        raise ValueError(f"{path}: refused by the weights-only loader ({detail}); only tensors, plain "
+                         "containers and mmengine's HistoryBuffer/numpy metadata are allowed") from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# exact resume: RNG states in the checkpoint
+# --------------------------------------------------------------------------------------------------
+from mmengine.hooks import Hook  # noqa: E402
+
+
+class RNGStateHook(Hook):
+    """Save the torch / numpy / python RNG states in every checkpoint and restore them on resume.
+
+    mmengine re-seeds a resumed run from the checkpoint's seed, so the random draws after the resume
+    (loss point sampling, object subsets) would differ from an uninterrupted run. The states are taken
+    when the checkpoint is written (end of iteration n) and put back right before iteration n + 1 of the
+    resumed run, i.e. after the dataloader iterator was created (which itself draws from torch's RNG), so
+    an interrupted and resumed CPU run reproduces the uninterrupted one. The states are tensors, numpy
+    arrays and ints, so the checkpoint stays loadable with weights_only=True (see above). mmengine writes
+    checkpoints on rank 0 only, so only rank 0's state is stored and restored; the other ranks of a
+    multi-process run keep mmengine's re-seeding.
+    """
+
+    priority = "VERY_LOW"
+
+    def __init__(self):
+        self._pending = None
+
+    @staticmethod
+    def capture() -> dict:
+        import random
+
+        import numpy as np
+        import torch
+
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()  # current device only (no context on the others)
+        return state
+
+    @staticmethod
+    def restore(state: dict) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(tuple(state["numpy"]))
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        if torch.is_tensor(state.get("cuda")) and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = self.capture()
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        self._pending = checkpoint.get("rng_state")
+        if self._pending is None:
+            runner.logger.warning("RNGStateHook: the resumed checkpoint has no RNG state; random draws after the "
+                                  "resume will differ from an uninterrupted run")
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        if self._pending is not None:
+            rank = int(getattr(runner, "rank", 0) or 0)
+            if rank == 0:
+                self.restore(self._pending)
+            self._pending = None
