@@ -1,0 +1,210 @@
+"""The embedded default main job: the whole SaSaSa2VA pipeline on a CPU, no downloads.
+
+data -> tiny checkpoints -> training (tools/dist.sh) -> export (convert_to_hf.py) -> five-mode
+evaluation + selective averaging on synthetic valid_u -> J&F -> language-blind control -> synthetic
+valid submission zip -> visualisation page. Every stage runs the same CLI a user would run, and its
+wall time lands in ``<work-dir>/summary.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from projects.sasasa2va.utils.io import atomic_write_json  # noqa: E402
+
+MODES = ("uniform", "uniform_plus", "q_frame", "wrap_around", "wrap_around_plus")
+CONFIG = "projects/sasasa2va/configs/sasasa2va_tiny.py"
+PY = sys.executable
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-root", default=ROOT,
+                   help="folder holding data/synthetic and pretrained/tiny (the tiny config's relative paths); "
+                        "default: the repository root")
+    p.add_argument("--work-dir", default="work_dirs/quickstart", help="where every output goes (under --run-root)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the config's)")
+    p.add_argument("--gpus", type=int, default=1, help="processes for training and evaluation")
+    p.add_argument("--max-videos", type=int, default=None, help="evaluate only the first N videos")
+    p.add_argument("--synthetic-args", default="", help="extra arguments for tools/make_synthetic_data.py")
+    p.add_argument("--train-args", default="", help="extra --cfg-options for training, e.g. 'a=1 b=2'")
+    p.add_argument("--blind-expression", default="the object",
+                   help="expression given to every object by the language-blind control")
+    p.add_argument("--skip-train", action="store_true", help="reuse the last checkpoint in the work dir")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on generated answer tokens in evaluation (short smoke runs of barely trained models)")
+    return p.parse_args(argv)
+
+
+def run(cmd: list[str], log_path: str, env: dict | None = None, cwd: str = ROOT) -> None:
+    """Run one stage, teeing its output to a log; a failure stops the job with the log's tail."""
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    full_env.update(env or {})
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        tail: list[str] = []
+        for line in proc.stdout:
+            log.write(line)
+            tail = (tail + [line])[-40:]
+            if _interesting(line):
+                print("  " + line.rstrip()[:200], flush=True)
+        rc = proc.wait()
+    if rc != 0:
+        sys.stderr.write("".join(tail))
+        raise SystemExit(f"stage failed (exit {rc}): {' '.join(cmd)}\nfull log: {log_path}")
+
+
+def _interesting(line: str) -> bool:
+    return bool(re.search(r"(Iter\(train\)|J&F|Saved|saved|error|Error|wrote|Wrote|done)", line))
+
+
+def last_line(log_path: str) -> str:
+    with open(log_path) as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def parse_jf(line: str) -> dict:
+    m = re.match(r"J&F ([\d.]+) J ([\d.]+) F ([\d.]+)$", line)
+    if not m:
+        raise SystemExit(f"unexpected metric line: {line!r}")
+    return {"J&F": float(m.group(1)), "J": float(m.group(2)), "F": float(m.group(3))}
+
+
+def latest_checkpoint(train_dir: str) -> str:
+    marker = os.path.join(train_dir, "last_checkpoint")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            path = f.read().strip()
+        if os.path.exists(path):
+            return path
+    found = sorted(glob.glob(os.path.join(train_dir, "iter_*.pth")),
+                   key=lambda p: int(re.findall(r"iter_(\d+)", p)[-1]))
+    if not found:
+        raise SystemExit(f"no checkpoint found in {train_dir}")
+    return found[-1]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    run_root = os.path.abspath(args.run_root)
+    wd = os.path.join(run_root, args.work_dir)
+    logs = os.path.join(wd, "logs")
+    data_root = os.path.join(run_root, "data", "synthetic")
+    pretrained = os.path.join(run_root, "pretrained", "tiny")
+    tool = lambda name: os.path.join(ROOT, name)  # noqa: E731
+    times: dict[str, float] = {}
+    t_all = time.time()
+
+    def stage(name, fn):
+        print(f"\n=== {name} ===", flush=True)
+        t0 = time.time()
+        out = fn()
+        times[name] = round(time.time() - t0, 1)
+        print(f"=== {name}: {times[name]:.1f}s", flush=True)
+        return out
+
+    stage("data", lambda: run([PY, tool("tools/make_synthetic_data.py"), "--root", data_root, "--quiet"]
+                              + shlex.split(args.synthetic_args), os.path.join(logs, "data.log")))
+    stage("pretrained", lambda: run([PY, tool("tools/make_tiny_pretrained.py"), "--out", pretrained],
+                                    os.path.join(logs, "pretrained.log")))
+
+    train_dir = os.path.join(wd, "train")
+    cfg_opts = []
+    if args.iters:  # iteration-based run (warm-up = first 20%)
+        cfg_opts += ["train_cfg.max_epochs=None", f"train_cfg.max_iters={args.iters}",
+                     "param_scheduler.0.end=0.2", "param_scheduler.1.begin=0.2"]
+    cfg_opts += shlex.split(args.train_args)
+    cfg_arg = ["--cfg-options", *cfg_opts] if cfg_opts else []
+    if not args.skip_train:
+        stage("train", lambda: run(["bash", tool("tools/dist.sh"), "train", tool(CONFIG), str(args.gpus),
+                                    "--work-dir", train_dir, *cfg_arg],
+                                   os.path.join(logs, "train.log"), cwd=run_root))
+    ckpt = latest_checkpoint(train_dir)
+
+    hf_dir = os.path.join(wd, "hf")
+    stage("export", lambda: run([PY, tool("projects/sasasa2va/hf/convert_to_hf.py"), tool(CONFIG),
+                                 "--pth-model", ckpt, "--save-path", hf_dir, "--overwrite"],
+                                os.path.join(logs, "export.log"), cwd=run_root))
+
+    eval_common = ["--data-root", os.path.join(run_root, "data")]
+    if args.max_videos:
+        eval_common += ["--max-videos", str(args.max_videos)]
+    if args.max_new_tokens:
+        eval_common += ["--max-new-tokens", str(args.max_new_tokens)]
+    dist_test = ["bash", tool("projects/sasasa2va/evaluation/dist_test.sh"),
+                 tool("projects/sasasa2va/evaluation/ref_vos_eval.py"), hf_dir, str(args.gpus)]
+    eval_u = os.path.join(wd, "eval_valid_u")
+    stage("eval_valid_u", lambda: run(dist_test + ["--dataset", "SYN_MEVIS_U", "--work-dir", eval_u,
+                                                   "--mode", ",".join(MODES), "--average"] + eval_common,
+                                      os.path.join(logs, "eval_valid_u.log")))
+    blind = os.path.join(wd, "eval_blind")
+    stage("eval_blind", lambda: run(dist_test + ["--dataset", "SYN_MEVIS_U", "--work-dir", blind,
+                                                 "--mode", "uniform", "--blind-expression",
+                                                 args.blind_expression] + eval_common,
+                                    os.path.join(logs, "eval_blind.log")))
+
+    split_u = os.path.join(data_root, "mevis", "valid_u")
+    scores: dict[str, dict] = {}
+
+    def score_all():
+        runs = {m: os.path.join(eval_u, "modes", m, "results.json") for m in MODES}
+        runs["average"] = os.path.join(eval_u, "results.json")
+        runs["blind"] = os.path.join(blind, "results.json")
+        for name, res in runs.items():
+            log = os.path.join(logs, f"metrics_{name}.log")
+            run([PY, "tools/eval_mevis.py", "--split-dir", split_u, "--results", res], log)
+            scores[name] = parse_jf(last_line(log))
+    stage("metrics", score_all)
+
+    eval_v = os.path.join(wd, "eval_valid")
+    split_v = os.path.join(data_root, "mevis", "valid")
+    zip_path = os.path.join(wd, "submission_valid.zip")
+    stage("submission", lambda: (
+        run(dist_test + ["--dataset", "SYN_MEVIS", "--work-dir", eval_v, "--mode", ",".join(MODES),
+                         "--average", "--submit"] + eval_common, os.path.join(logs, "eval_valid.log")),
+        run([PY, "tools/make_submission_zip.py", "--ann-dir", os.path.join(eval_v, "Annotations"),
+             "--split-dir", split_v, "--out", zip_path], os.path.join(logs, "zip.log"))))
+
+    vis_dir = os.path.join(wd, "visualization")
+    stage("visualize", lambda: run([PY, "tools/visualize.py", "--split-dir", split_u, "--results",
+                                    os.path.join(eval_u, "results.json"), "--out", vis_dir,
+                                    "--max-expressions", "24"], os.path.join(logs, "visualize.log")))
+    times["total"] = round(time.time() - t_all, 1)
+
+    summary = {name: scores[name] for name in list(MODES) + ["average", "blind"]}
+    summary["language_blind"] = summary.pop("blind")
+    summary["times_s"] = times
+    summary["outputs"] = {"checkpoint": ckpt, "hf_dir": hf_dir, "valid_u": eval_u, "blind": blind,
+                          "submission_zip": zip_path, "visualization": os.path.join(vis_dir, "index.html")}
+    atomic_write_json(os.path.join(wd, "summary.json"), summary, indent=2)
+    print_table(summary)
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    print("\nSynthetic MeViS valid_u (percent)")
+    print(f"{'run':<22}{'J':>8}{'F':>8}{'J&F':>8}")
+    for name in list(MODES) + ["average", "language_blind"]:
+        s = summary[name]
+        print(f"{name:<22}{s['J']:>8.2f}{s['F']:>8.2f}{s['J&F']:>8.2f}")
+    print("\nstage times (s): " + ", ".join(f"{k} {v}" for k, v in summary["times_s"].items()))
+    for k, v in summary["outputs"].items():
+        print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    main()
