@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist-timeout", type=float, default=6 * 3600.0,
                    help="seconds rank 0 waits for the other ranks / collective timeout (default: 6 h)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--naive", action="store_true",
+                   help="recompute every (expression, mode) from scratch instead of computing each video once "
+                        "(slow; the benchmark baseline; same outputs)")
+    p.add_argument("--feature-budget-mb", type=float, default=None, metavar="MB",
+                   help="bound on the SAM2 frame features cached for the current video; frames evicted past it "
+                        "are recomputed (default: keep the whole video)")
     p.add_argument("--model-factory", default=None, help=argparse.SUPPRESS)  # tests: module:function
     return p
 
@@ -77,11 +83,16 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         dtype=args.dtype, device=args.device, remote_code=args.remote_code, shard_by=args.shard_by,
         launcher=args.launcher, data_root=args.data_root, split_dir=args.split_dir, qframe_file=args.qframe_file,
         model_factory=args.model_factory, retry_failed=args.retry_failed, overwrite=args.overwrite,
-        dist_timeout=args.dist_timeout, progress=args.progress)
+        dist_timeout=args.dist_timeout, progress=args.progress, naive=args.naive,
+        feature_budget_mb=args.feature_budget_mb)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.launcher == "pytorch":
+        from projects.sasasa2va.utils.launch import die_with_parent
+
+        die_with_parent()  # under torchrun: no orphaned rank when the launcher is killed
     rank = int(os.environ.get("RANK", "0")) if args.launcher == "pytorch" else 0
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")

@@ -1,8 +1,12 @@
 """Ref-VOS evaluation runner (spec evaluation.md §1.1, §2.1, §4, decisions §11).
 
-One rank (or each rank of a torchrun job) takes its shard of expressions (``sharding``), loads each
-video's frames once, runs every requested mode through ``predict_video`` and writes one file per
-expression as it finishes::
+One rank (or each rank of a torchrun job) takes its shard of expressions (``sharding``), video-major,
+loads each video's frames once and computes the video once for all its expressions and ALL requested
+modes: ``model.predict_video`` on one ``VideoContext`` (SAM2 features, vision tokens, prompt prefix,
+answers shared; ``--feature-budget-mb`` bounds the cached features; one video at a time). Models
+without ``predict_video`` go through ``predict_forward`` per expression and mode; ``--naive``
+recomputes everything per (expression, mode) (benchmark baseline, same outputs). One file is written
+per (mode, expression) as it finishes::
 
     <run_dir>/preds/<video>/<exp_id>.json   the results.json entry (atomic; the "done" marker)
     <run_dir>/probs/<video>/<exp_id>.npz    uint8 probabilities (averaging.save_probs)
@@ -73,6 +77,9 @@ class EvalOptions:
     overwrite: bool = False
     dist_timeout: float = 6 * 3600.0
     progress: bool = True
+    naive: bool = False                   # recompute per (expression, mode): the benchmark baseline
+    feature_budget_mb: float | None = None  # SAM2 features cached per video (None: the whole video)
+    predict_options: dict = field(default_factory=dict)  # predict_forward options (e.g. max_new_tokens)
 
 
 def parse_modes(text: str | Sequence[str]) -> list[str]:
@@ -379,11 +386,13 @@ def predict_one(model, tokenizer, frames, task: ExpressionTask, mode: str, optio
 def predict_video(model, tokenizer, frames, items: Sequence[ExpressionTask], mode: str,
                   options: PredictOptions, on_result: Callable[[int, ExpressionOutput], None] | None = None
                   ) -> list[ExpressionOutput]:
-    """Outputs for every expression of one video (same order as ``items``).
+    """Outputs for every expression of one video in one mode (same order as ``items``): one
+    predict_forward call per expression.
 
-    Default: one predict_forward call per expression. A shared per-video path (encode frames once)
-    can replace this; ``on_result(i, output)`` lets it report each output as soon as it exists (the
-    runner writes those immediately and the rest after the return).
+    The runner uses this per-expression path for models without ``predict_video`` (see
+    ``supports_shared_path``; SaSaSa2VAChatModel goes through ``_run_video_shared`` instead). A
+    replacement may report each output early through ``on_result(i, output)`` (written immediately)
+    and return the rest.
     """
     hw = (frames[0].size[1], frames[0].size[0])
     outs = []
@@ -414,15 +423,10 @@ def select_records(records: dict, videos: Sequence[str] | None, max_videos: int 
 
 def load_video_frames(record) -> list:
     """All frames of a video as RGB PIL images, same size (DataError naming the bad frame)."""
-    from projects.sasasa2va.datasets.errors import DataError
-    from projects.sasasa2va.datasets.readers import load_frame
+    from projects.sasasa2va.datasets.readers import check_same_frame_size, load_frame
 
     frames = [load_frame(record, i) for i in range(record.num_frames)]
-    size = frames[0].size
-    for i, f in enumerate(frames):
-        if f.size != size:
-            raise DataError(f"{record.frame_path(i)}: frame size {f.size[0]}x{f.size[1]} differs from frame 0 "
-                            f"({size[0]}x{size[1]}) in video {record.video_id!r}")
+    check_same_frame_size(record, frames)
     return frames
 
 
@@ -478,7 +482,8 @@ def _run_config(opts: EvalOptions, split: ResolvedSplit, mode: str) -> dict:
     return {"model": os.path.abspath(opts.hf_dir) if isinstance(opts.hf_dir, str) else str(opts.hf_dir),
             "split": split.name, "split_dir": split.split_dir, "mode": mode,
             "blind_expression": opts.blind_expression, "dtype": opts.dtype,
-            "qframe_file": split.qframe_file if mode == "q_frame" else None}
+            "qframe_file": split.qframe_file if mode == "q_frame" else None,
+            **({"predict_options": dict(opts.predict_options)} if opts.predict_options else {})}
 
 
 def _check_run_config(run_dir: str, cfg: dict) -> None:
@@ -501,6 +506,11 @@ class RankStats:
     failed: int = 0
     skipped: int = 0
     model_seconds: float = 0.0
+    work: dict = field(default_factory=dict)  # summed VideoContext work counters (shared/naive paths)
+
+    def add_work(self, counters: dict) -> None:
+        for k, v in counters.items():
+            self.work[k] = self.work.get(k, 0) + int(v)
 
 
 def _entry_for(task: ExpressionTask, frame_names: list[str], out: ExpressionOutput, hw: tuple[int, int]) -> dict:
@@ -524,11 +534,26 @@ def _write_output(run_dir: str, task: ExpressionTask, frame_names: list[str], ou
         logger.warning("%s/%s failed: %s", task.video_id, task.exp_id, out.error)
 
 
+def input_errors_for(records: dict, meta_file: str, blind_expression: str | None) -> dict[tuple[str, str], str]:
+    """{(video, exp): reason} for expressions that cannot be run at all (empty/whitespace text)."""
+    from projects.sasasa2va.datasets.readers import empty_expression_error
+
+    if blind_expression:
+        return {}
+    return {(v, e): empty_expression_error(meta_file, v, e, x.text)
+            for v, r in records.items() for e, x in r.expressions.items() if not x.text.strip()}
+
+
 def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Item], indices: Sequence[int],
                    opts: EvalOptions, modes: Sequence[str], qframe: dict | None, progress: bool,
-                   run_dirs: dict[str, str], options: PredictOptions | None = None) -> RankStats:
-    """Run this rank's items (video-major) for every mode, skipping finished expressions."""
+                   run_dirs: dict[str, str], options: PredictOptions | None = None,
+                   input_errors: dict[tuple[str, str], str] | None = None) -> RankStats:
+    """Run this rank's items (video-major) for every mode, skipping finished expressions.
+
+    ``input_errors``: {(video, exp): reason} of expressions recorded as failed without calling the model.
+    """
     options = options or PredictOptions()
+    input_errors = input_errors or {}
     stats = RankStats()
     mine = [items[i] for i in indices]
     pending: list[tuple[str, list[tuple[str, sharding.Item]]]] = []
@@ -546,6 +571,8 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc="eval", unit="exp", dynamic_ncols=True)
+    shared = supports_shared_path(model)
+    budget = None if opts.feature_budget_mb is None else int(float(opts.feature_budget_mb) * 2**20)
     try:
         for vid, todo in pending:
             rec = records[vid]
@@ -554,6 +581,7 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
                 hw, frame_error = (frames[0].size[1], frames[0].size[0]), None
             except Exception as exc:
                 frames, hw, frame_error = None, _fallback_hw(rec), f"frame loading failed: {type(exc).__name__}: {exc}"
+            tasks_by_mode: dict[str, list[ExpressionTask]] = {}
             for mode in modes:
                 its = [it for m, it in todo if m == mode]
                 if not its:
@@ -562,9 +590,24 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
                 for it in its:
                     text = opts.blind_expression if opts.blind_expression else rec.expressions[it.exp_id].text
                     fids = qframe[vid][it.exp_id] if (mode == "q_frame" and qframe is not None) else None
-                    tasks.append(ExpressionTask(it.index, vid, it.exp_id, text, eval_prompt(text), fids))
-                _run_video_mode(model, tokenizer, frames, frame_error, hw, rec.frame_names, tasks, mode,
-                                run_dirs[mode], options, stats, bar)
+                    task = ExpressionTask(it.index, vid, it.exp_id, text, eval_prompt(text), fids)
+                    reason = input_errors.get((vid, it.exp_id))
+                    if reason is not None:  # nothing to run: recorded as failed, the others go on
+                        _write_output(run_dirs[mode], task, rec.frame_names, failed_output(reason), hw, stats)
+                        if bar is not None:
+                            bar.update(1)
+                        continue
+                    tasks.append(task)
+                if tasks:
+                    tasks_by_mode[mode] = tasks
+            if shared and frame_error is None and tasks_by_mode:
+                # one VideoContext for every expression and mode of the video (naive: one per pair)
+                _run_video_shared(model, tokenizer, frames, hw, rec.frame_names, tasks_by_mode, run_dirs,
+                                  options, stats, bar, naive=opts.naive, feature_budget_bytes=budget)
+            else:  # models without predict_video (or unreadable frames): per-expression predict_forward
+                for mode, tasks in tasks_by_mode.items():
+                    _run_video_mode(model, tokenizer, frames, frame_error, hw, rec.frame_names, tasks, mode,
+                                    run_dirs[mode], options, stats, bar)
             del frames
     finally:
         if bar is not None:
@@ -597,6 +640,98 @@ def _run_video_mode(model, tokenizer, frames, frame_error, hw, frame_names, task
         outs = [failed_output(f"{type(exc).__name__}: {exc}")] * len(tasks)
     for i, out in enumerate(outs):
         emit(i, out)
+
+
+def supports_shared_path(model) -> bool:
+    """The model computes a video once for many (expression, mode) pairs: SaSaSa2VAChatModel's
+    ``predict_video`` + ``video_context`` (test fakes with only ``predict_forward`` do not)."""
+    return callable(getattr(model, "predict_video", None)) and callable(getattr(model, "video_context", None))
+
+
+def _run_video_shared(model, tokenizer, frames, hw, frame_names, tasks_by_mode: dict, run_dirs: dict,
+                      options: PredictOptions, stats: RankStats, bar, naive: bool = False,
+                      feature_budget_bytes: int | None = None) -> None:
+    """Every pending (mode, expression) of one video through ``model.predict_video``.
+
+    Shared (default): ONE ``VideoContext`` for the whole video, so SAM2 features, vision tokens, prompt
+    prefixes, answers and decode results are computed once and reused by every expression and mode;
+    the context (this video's features) is dropped on return. Expressions needing the same set of modes
+    (all of them, except after a partial resume) go through one ``predict_video`` call, text-major.
+    ``naive``: a fresh cache-less context per (expression, mode), i.e. ``predict_forward(naive=True)``
+    per pair (the benchmark baseline). Each output is written as soon as it exists (resume works at
+    (mode, expression) granularity); results equal the per-expression path bit for bit on CPU float32.
+    """
+    import torch
+
+    modes = [m for m in MODES if m in tasks_by_mode] + [m for m in tasks_by_mode if m not in MODES]
+    per_exp: dict[str, dict[str, ExpressionTask]] = {}
+    for mode in modes:
+        for task in tasks_by_mode[mode]:
+            per_exp.setdefault(task.exp_id, {})[mode] = task
+    groups: dict[tuple, list[dict[str, ExpressionTask]]] = {}
+    for by_mode in per_exp.values():
+        groups.setdefault(tuple(m for m in modes if m in by_mode), []).append(by_mode)
+    written: set[tuple[str, str]] = set()
+    clock = [time.perf_counter()]
+
+    def emit(mode: str, task: ExpressionTask, out: ExpressionOutput) -> None:
+        key = (mode, task.exp_id)
+        if key in written:
+            return
+        out.seconds = time.perf_counter() - clock[0]  # model time since the previous output was written
+        _write_output(run_dirs[mode], task, frame_names, out, hw, stats)
+        clock[0] = time.perf_counter()
+        written.add(key)
+        if bar is not None:
+            bar.update(1)
+
+    def run_group(ctx, group: list[dict[str, ExpressionTask]], group_modes: Sequence[str]) -> None:
+        texts = [next(iter(by_mode.values())).prompt for by_mode in group]
+        fids = {i: by_mode["q_frame"].selected_fids for i, by_mode in enumerate(group) if "q_frame" in by_mode}
+
+        def on_result(mode: str, i: int, raw: dict) -> None:
+            task = group[i][mode]
+            if isinstance(raw, dict) and raw.get("status") == "failed":
+                out = failed_output(str(raw.get("error") or "prediction failed"))
+            else:
+                try:
+                    out = normalize_output(raw, len(frames), hw)
+                except Exception as exc:
+                    out = failed_output(f"{type(exc).__name__}: {exc}")
+            if out.status == "failed" and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            emit(mode, task, out)
+
+        model.predict_video(frames, texts, tokenizer, modes=list(group_modes), selected_fids=fids or None,
+                            return_probs=options.return_probs, context=ctx, on_result=on_result,
+                            keep_results=False, errors="record", **options.extra_kwargs)
+
+    ctx = None
+    try:
+        if naive:
+            for mode in modes:
+                for task in tasks_by_mode[mode]:
+                    ctx = model.video_context(tokenizer, frames, naive=True)
+                    try:
+                        run_group(ctx, [{mode: task}], [mode])
+                    finally:
+                        stats.add_work(ctx.counters.as_dict())
+                        ctx = None
+        else:
+            ctx = model.video_context(tokenizer, frames, feature_budget_bytes,
+                                      max_prefix_caches=len(modes) + 1)  # text-major order never evicts
+            for group_modes, group in groups.items():
+                run_group(ctx, group, group_modes)
+    except Exception as exc:  # the video's remaining pairs fail; the run goes on
+        logger.warning("video %s failed on the shared path", tasks_by_mode[modes[0]][0].video_id, exc_info=True)
+        error = f"{type(exc).__name__}: {exc}"
+        for mode in modes:
+            for task in tasks_by_mode[mode]:
+                emit(mode, task, failed_output(error))
+    finally:
+        if ctx is not None:
+            stats.add_work(ctx.counters.as_dict())
+        del ctx
 
 
 # ================================================================================================ rank 0
@@ -710,6 +845,11 @@ def format_summary(s: dict) -> str:
         per = "nothing left to predict"
     lines.append(f"-- this run: {t['processed']} expression(s) predicted, {t['skipped']} resumed from earlier runs, "
                  f"{t['failed']} failed; {per}; wall {t['wall_seconds']:.1f} s")
+    if t.get("work"):
+        w = t["work"]
+        lines.append(f"   {t.get('path', '')} path work: {w.get('sam2_frames_encoded', 0)} SAM2 frames encoded, "
+                     f"{w.get('mllm_images_encoded', 0)} MLLM images encoded, {w.get('tokens_prefilled', 0)} tokens "
+                     f"prefilled, {w.get('tokens_decoded', 0)} decoded, {w.get('sam2_decodes', 0)} SAM2 decodes")
     for sub in s.get("submission", []):
         extra = ""
         if "num_problems" in sub:
@@ -750,6 +890,8 @@ def run_evaluation(opts: EvalOptions) -> dict | None:
     Any error of this rank is written to its marker file and re-raised, so the job fails loudly.
     """
     modes = parse_modes(opts.modes)
+    if opts.feature_budget_mb is not None and not float(opts.feature_budget_mb) >= 0:
+        raise ValueError(f"--feature-budget-mb must be >= 0, got {opts.feature_budget_mb}")
     if opts.shard_by not in sharding.SCHEMES:
         raise ValueError(f"--shard-by must be one of {sharding.SCHEMES}, got {opts.shard_by!r}")
     if opts.work_dir is None:
@@ -765,6 +907,7 @@ def run_evaluation(opts: EvalOptions) -> dict | None:
 
 def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistContext) -> dict | None:
     t_start = time.perf_counter()
+    path = "per-expression"
     work_dir = opts.work_dir
     os.makedirs(work_dir, exist_ok=True)
     if ctx.is_main:
@@ -795,17 +938,20 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
                 atomic_write_json(os.path.join(run_dirs[m], "run_config.json"), configs[m], indent=1)
         qframe = split.load_qframe(records) if "q_frame" in modes else None
         model, tokenizer = load_model(opts, ctx)
+        path = ("naive" if opts.naive else "shared") if supports_shared_path(model) else "per-expression"
         indices = sharding.shard_indices(items, ctx.world_size, ctx.rank, opts.shard_by, include_padding=False)
         logger.info("rank %d/%d: %d of %d expression(s), modes %s", ctx.rank, ctx.world_size, len(indices),
                     len(items), ",".join(modes))
         stats = evaluate_shard(model, tokenizer, records, items, indices, opts, modes, qframe,
-                               progress=opts.progress and ctx.is_main, run_dirs=run_dirs)
+                               progress=opts.progress and ctx.is_main, run_dirs=run_dirs,
+                               options=PredictOptions(extra_kwargs=dict(opts.predict_options)),
+                               input_errors=input_errors_for(records, split.meta_file, opts.blind_expression))
         del model
     except BaseException as exc:
         _write_marker(work_dir, ctx, "failed", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         raise
     own = {"rank": ctx.rank, "status": "done", "processed": stats.processed, "failed": stats.failed,
-           "skipped": stats.skipped, "model_seconds": stats.model_seconds}
+           "skipped": stats.skipped, "model_seconds": stats.model_seconds, "work": dict(stats.work)}
     _write_marker(work_dir, ctx, "done", **{k: v for k, v in own.items() if k not in ("rank", "status")})
     if not ctx.is_main:
         return None
@@ -829,6 +975,10 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
             submission.append(write_submission(res_path, ann_dir, split, complete))
     processed = sum(mk.get("processed", 0) for mk in markers)
     model_s = sum(mk.get("model_seconds", 0.0) for mk in markers)
+    work: dict[str, int] = {}
+    for mk in markers:
+        for k, v in (mk.get("work") or {}).items():
+            work[k] = work.get(k, 0) + int(v)
     summary = {
         "split": split.name, "split_dir": split.split_dir, "work_dir": os.path.abspath(work_dir), "modes": modes,
         "num_videos": len(records), "num_expressions": len(items), "world_size": ctx.world_size,
@@ -836,7 +986,7 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
         "this_run": {"processed": processed, "failed": sum(mk.get("failed", 0) for mk in markers),
                      "skipped": sum(mk.get("skipped", 0) for mk in markers), "model_seconds": model_s,
                      "model_seconds_per_expression": model_s / processed if processed else 0.0,
-                     "wall_seconds": time.perf_counter() - t_start},
+                     "wall_seconds": time.perf_counter() - t_start, "path": path, "work": work},
     }
     atomic_write_json(os.path.join(work_dir, "eval_summary.json"), summary, indent=1)
     print(format_summary(summary), flush=True)

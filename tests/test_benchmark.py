@@ -1,0 +1,280 @@
+"""Issue 6: the evaluation runner computes each video once (shared VideoContext for all expressions and
+modes) with outputs byte-identical to the naive path, and tools/benchmark_eval.py runs end to end.
+
+The tiny random model answers a fixed '[SEG] x 10' text through bench.ForcedAnswer (a random LM head
+emits arbitrary tokens); everything else -- prompts, ViT, prefill, decoding steps, SAM2 -- runs for real
+on CPU float32. The multi-process check loads the same forced model through ``--model-factory``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from projects.sasasa2va.evaluation import bench, runner  # noqa: E402
+from projects.sasasa2va.evaluation.runner import EvalOptions, run_evaluation  # noqa: E402
+from projects.sasasa2va.evaluation.splits import resolve_split  # noqa: E402
+from projects.sasasa2va.hf.models.frame_sampling import MODES  # noqa: E402
+
+THIS_FILE = os.path.abspath(__file__)
+SCRIPT = os.path.join(ROOT, "projects", "sasasa2va", "evaluation", "ref_vos_eval.py")
+DIST_TEST = os.path.join(ROOT, "projects", "sasasa2va", "evaluation", "dist_test.sh")
+BENCH = os.path.join(ROOT, "tools", "benchmark_eval.py")
+ANSWER = "Sure, " + " ".join(["[SEG]"] * 10) + "."  # 10 prompts, short (fast) answer
+LAST_LINE = re.compile(r"^speedup \d+\.\d+ work_over_lower_bound \d+\.\d+$")
+E = 3
+
+
+def make_forced_tiny_model(hf_dir, device, dtype, remote_code, rank=0):
+    """--model-factory for subprocess runs: the tiny model cached in ``hf_dir``, forced answer."""
+    model, tok = bench.build_tiny_model(hf_dir, device=device, dtype=dtype)
+    bench.ForcedAnswer(model, tok, ANSWER)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("bench_tiny"))
+    bench.build_tiny_model(d)  # writes the folder once
+    return d
+
+
+@pytest.fixture(scope="module")
+def forced(tiny_dir, one_thread):
+    model, tok = bench.build_tiny_model(tiny_dir)
+    fa = bench.ForcedAnswer(model, tok, ANSWER)
+    yield model, tok, fa
+    fa.remove()
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """2 synthetic valid_u videos (5-7 frames, 64x48) with exactly E expressions each."""
+    root = str(tmp_path_factory.mktemp("bench_data"))
+    return bench.make_bench_splits(root, num_videos=2, exps_per_video=[E], seed=0, min_frames=5, max_frames=7,
+                                   sizes=((64, 48),))[E]
+
+
+def evaluate(model, tok, split, work_dir, naive=False, hf_dir="tiny", **kw):
+    opts = EvalOptions(hf_dir=hf_dir, dataset=split.name, split_dir=split.split_dir, qframe_file=split.qframe_file,
+                       work_dir=str(work_dir), modes=list(MODES), average=True, device="cpu",
+                       model_factory=lambda **_: (model, tok), progress=False, naive=naive, **kw)
+    return run_evaluation(opts)
+
+
+def result_bytes(work_dir) -> dict:
+    return {rel: open(os.path.join(work_dir, rel), "rb").read() for rel in bench.result_files("", list(MODES), True)}
+
+
+# ================================================================================================ runner
+def test_shared_path_equals_naive_and_encodes_each_frame_once(forced, split, tmp_path):
+    model, tok, fa = forced
+    naive = evaluate(model, tok, split, tmp_path / "naive", naive=True)
+    shared = evaluate(model, tok, split, tmp_path / "shared")
+    assert naive["this_run"]["path"] == "naive" and shared["this_run"]["path"] == "shared"
+    assert naive["this_run"]["failed"] == shared["this_run"]["failed"] == 0
+    a, b = result_bytes(tmp_path / "naive"), result_bytes(tmp_path / "shared")
+    assert a.keys() == b.keys() and len(a) == 6
+    for rel in a:
+        assert a[rel] == b[rel], rel
+    res = json.loads(b[os.path.join("modes", "uniform", "results.json")])
+    firsts = {e["prediction_masks"][0]["counts"] for v, exps in res.items() if v != "__meta__" for e in exps.values()}
+    assert len(firsts) > 1  # non-trivial masks: expressions get different ones
+
+    frames = sum(split.frames)
+    n_pairs = E * len(MODES)
+    ws, wn = shared["this_run"]["work"], naive["this_run"]["work"]
+    assert ws["sam2_frames_encoded"] == frames  # every distinct frame once per video
+    assert wn["sam2_frames_encoded"] == frames * n_pairs
+    assert ws["sam2_features_evicted"] == 0
+    records = resolve_split(split.name, split_dir=split.split_dir, qframe_file=split.qframe_file).load_records()
+    sp = resolve_split(split.name, split_dir=split.split_dir, qframe_file=split.qframe_file)
+    bound = bench.lower_bound_work(model, tok, records, sp.load_qframe(records), list(MODES), fa.num_tokens, fa.num_seg)
+    for k in ("sam2_frames_encoded", "mllm_images_encoded", "tokens_prefilled", "tokens_decoded"):
+        assert ws[k] == bound[k], (k, ws[k], bound[k])
+        assert wn[k] > ws[k], k
+    assert bound["sam2_decodes"] <= ws["sam2_decodes"] <= 1.5 * bound["sam2_decodes"]
+    assert wn["mllm_images_encoded"] == 20 * 2 * n_pairs  # 2 videos, 20 images per prediction
+    assert wn["tokens_decoded"] == 2 * n_pairs * (fa.num_tokens - 1)
+
+
+def test_shared_path_resume_failures_and_feature_budget(forced, split, tmp_path, monkeypatch):
+    """A failing (expression, mode) is recorded the same way on both paths; a run interrupted in the
+    middle of a video resumes (partial mode sets per expression) to byte-identical results, also with
+    a feature budget that forces evictions and recomputation."""
+    from projects.sasasa2va.hf.models.video_context import VideoContext
+    from projects.sasasa2va.hf.models.templates import eval_prompt
+
+    model, tok, _ = forced
+    records = resolve_split(split.name, split_dir=split.split_dir, qframe_file=split.qframe_file).load_records()
+    first = next(iter(records.values()))
+    bad_text = eval_prompt(first.expressions["1"].text)
+    original = VideoContext.predict
+
+    def predict(self, text, mode="uniform", *args, **kwargs):
+        if text == bad_text and mode == "wrap_around":
+            raise RuntimeError("planted failure")
+        return original(self, text, mode, *args, **kwargs)
+
+    monkeypatch.setattr(VideoContext, "predict", predict)
+    ref = evaluate(model, tok, split, tmp_path / "ref", naive=True)
+    assert ref["this_run"]["failed"] == 1
+
+    class Interrupt(BaseException):
+        pass
+
+    write = runner._write_output
+    count = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > 7:  # mid-way through the first video (15 pairs)
+            raise Interrupt()
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_write_output", interrupted)
+    with pytest.raises(Interrupt):
+        evaluate(model, tok, split, tmp_path / "part")
+    monkeypatch.setattr(runner, "_write_output", write)
+    budgets = []
+    make_context = model.video_context
+
+    def video_context(tokenizer, frames, feature_budget_bytes=None, **kw):
+        budgets.append(feature_budget_bytes)
+        return make_context(tokenizer, frames, feature_budget_bytes, **kw)
+
+    monkeypatch.setattr(model, "video_context", video_context)
+    resumed = evaluate(model, tok, split, tmp_path / "part", feature_budget_mb=0.5)
+    assert budgets == [2**19] * 2  # one context per video, with the budget
+    assert resumed["this_run"]["skipped"] == 7 and resumed["this_run"]["failed"] == 1
+    assert resumed["this_run"]["processed"] == 2 * E * len(MODES) - 7
+    a, b = result_bytes(tmp_path / "ref"), result_bytes(tmp_path / "part")
+    for rel in a:
+        assert a[rel] == b[rel], rel
+    failed = json.loads(b[os.path.join("modes", "wrap_around", "results.json")])[first.video_id]["1"]
+    assert failed["status"] == "failed" and "RuntimeError: planted failure" in failed["error"]
+
+
+def test_models_without_predict_video_use_predict_forward(forced, split, tmp_path):
+    """The per-expression fallback (test fakes, other models) gives the same bytes as the shared path."""
+    model, tok, _ = forced
+
+    class ForwardOnly:
+        def predict_forward(self, **kwargs):
+            return model.predict_forward(**kwargs)
+
+    proxy = ForwardOnly()
+    assert runner.supports_shared_path(model) and not runner.supports_shared_path(proxy)
+    opts = EvalOptions(hf_dir="tiny", dataset=split.name, split_dir=split.split_dir, qframe_file=split.qframe_file,
+                       work_dir=str(tmp_path / "fwd"), modes=["uniform", "q_frame"], average=True, device="cpu",
+                       model_factory=lambda **_: (proxy, tok), progress=False)
+    s = run_evaluation(opts)
+    assert s["this_run"]["path"] == "per-expression" and s["this_run"]["work"] == {}
+    opts.work_dir, opts.model_factory = str(tmp_path / "sh"), (lambda **_: (model, tok))
+    assert run_evaluation(opts)["this_run"]["path"] == "shared"
+    for rel in ("results.json", os.path.join("modes", "q_frame", "results.json")):
+        assert open(tmp_path / "fwd" / rel, "rb").read() == open(tmp_path / "sh" / rel, "rb").read()
+
+
+def test_cli_flags(tmp_path):
+    from projects.sasasa2va.evaluation import ref_vos_eval
+
+    args = ref_vos_eval.build_parser().parse_args(["hf", "--naive", "--feature-budget-mb", "256"])
+    opts = ref_vos_eval.options_from_args(args)
+    assert opts.naive is True and opts.feature_budget_mb == 256.0
+    opts = ref_vos_eval.options_from_args(ref_vos_eval.build_parser().parse_args(["hf"]))
+    assert opts.naive is False and opts.feature_budget_mb is None
+    with pytest.raises(ValueError, match="feature-budget-mb"):
+        run_evaluation(EvalOptions(hf_dir="hf", work_dir=str(tmp_path), feature_budget_mb=-1))
+
+
+@pytest.mark.slow
+def test_multiprocess_shared_path_identical(forced, split, tiny_dir, tmp_path):
+    model, tok, _ = forced
+    one = tmp_path / "p1"
+    evaluate(model, tok, split, one, hf_dir=tiny_dir)  # same model name in __meta__
+    common = ["--dataset", split.name, "--split-dir", split.split_dir, "--qframe-file", split.qframe_file,
+              "--mode", "all", "--average", "--no-progress", "--no-remote-code", "--model-factory",
+              f"{THIS_FILE}:make_forced_tiny_model"]
+    for nproc, scheme in ((2, "video"), (3, "expression")):
+        out = tmp_path / f"p{nproc}"
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            env["PORT"] = str(s.getsockname()[1])
+        cmd = ["bash", DIST_TEST, SCRIPT, tiny_dir, str(nproc), "--work-dir", str(out), "--shard-by", scheme] + common
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "shared path work" in r.stdout
+        a, b = result_bytes(one), result_bytes(out)
+        for rel in a:
+            assert a[rel] == b[rel], (nproc, rel)
+
+
+# ================================================================================================ benchmark tool
+def _bench_args(work_dir, *extra):
+    return ["--work-dir", str(work_dir), "--num-videos", "1", "--exps-per-video", "2", "--min-frames", "4",
+            "--max-frames", "5", "--frame-size", "64x48", "--device", "cpu", "--threads", "1", "--answer", ANSWER,
+            *extra]
+
+
+def test_benchmark_eval_quick(tiny_dir, one_thread, tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import benchmark_eval
+    finally:
+        sys.path.pop(0)
+    work = tmp_path / "bench"
+    shutil.copytree(tiny_dir, work / "tiny_model")  # reuse the tiny folder (no tokenizer training)
+    out_json = tmp_path / "figures.json"
+    assert benchmark_eval.main(_bench_args(work, "--modes", "uniform,q_frame,wrap_around", "--skip-train",
+                                           "--no-warmup", "--json", str(out_json))) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert LAST_LINE.match(lines[-1]), lines[-1]
+    text = "\n".join(lines)
+    assert "outputs identical (naive vs shared, 4 results.json): yes" in text
+    assert "scaling (shared path): 2 -> 4 expressions/video" in text
+    fig = json.loads(out_json.read_text())
+    ev = fig["eval"]
+    assert ev["identical"]["files_identical"] is True
+    assert ev["shared"]["work"]["sam2_frames_encoded"] == ev["lower_bound"]["sam2_frames_encoded"] == sum(
+        fig["data"]["frames_per_video"])
+    assert ev["naive"]["work"]["sam2_frames_encoded"] == 2 * 3 * ev["shared"]["work"]["sam2_frames_encoded"]
+    assert 1.0 <= ev["work_over_lower_bound"] <= 1.5
+    assert fig["scaling"]["exps_per_video"] == [2, 4]
+    assert lines[-1] == f"speedup {fig['speedup']:.2f} work_over_lower_bound {ev['work_over_lower_bound']:.2f}"
+
+
+@pytest.mark.slow
+def test_benchmark_eval_end_to_end_with_training(tiny_dir, tmp_path):
+    work = tmp_path / "bench"
+    shutil.copytree(tiny_dir, work / "tiny_model")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, BENCH] + _bench_args(work, "--train-steps", "1", "--train-warmup", "1",
+                                                              "--json", str(tmp_path / "f.json")),
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert LAST_LINE.match(lines[-1]), lines[-3:]
+    fig = json.loads((tmp_path / "f.json").read_text())
+    assert fig["train"]["steps"] == 1 and fig["train"]["steps_per_s"] > 0 and fig["train"]["peak_mem_mb"] > 0
+    assert any(line.startswith("train (") for line in lines)

@@ -1,0 +1,409 @@
+#!/usr/bin/env python
+"""Evaluation benchmark (issue 6): naive vs shared per-video computation, work counts vs the lower bound,
+expression scaling, and the tiny-config training benchmark -- one run, one model, one data set.
+
+    python tools/benchmark_eval.py                                  # tiny random model, CPU, ~2-3 min
+    python tools/benchmark_eval.py --device cuda --dtype bfloat16 --json OUT.json
+    python tools/benchmark_eval.py --preset 4b-shaped --device cuda --num-videos 1 --skip-train
+    python tools/benchmark_eval.py --model HF_DIR --split-dir data/.../valid_u --qframe-file .../selected_frames.json
+
+What is timed: the whole 5-mode selective-averaging evaluation (``runner.run_evaluation``: frames loaded,
+every (mode, expression) predicted and written, results.json per mode, the average) on a synthetic
+MeViS valid_u-like split with ``--exps-per-video`` expressions per video, twice on the same in-memory
+model:
+
+* naive  -- ``--naive``: every (expression, mode) from scratch (a fresh cache-less VideoContext per
+  pair = ``predict_forward(..., naive=True)``: all frames SAM2-encoded, 20 images through the ViT, the
+  whole prompt prefilled, every decode call of the plan);
+* shared -- the default: one VideoContext per video for all its expressions and modes.
+
+Printed: wall and model time of each, the ratio, the work counters of both (SAM2 frames encoded, MLLM
+images encoded, tokens prefilled, tokens decoded, SAM2 decodes) and the lower bound (each distinct
+frame / image / prefix / answer / decode once, from the videos and decode plans), whether both paths
+wrote identical results (bitwise on CPU float32), the scaling check (shared path with E and 2E
+expressions per video), and the training benchmark (tools/benchmark_train.py in its own process).
+The last line is ``speedup <x> work_over_lower_bound <y>`` (x: naive / shared wall time of the whole
+evaluation; y: the largest shared / lower-bound ratio over the five counters).
+
+Random models do not emit [SEG]: by default both paths are made to answer the trained form
+'Sure, Clip_1 [SEG], ..., Clip_10 [SEG].' + stop word through a logits bias on the LM head
+(``bench.ForcedAnswer``, a BENCHMARK-ONLY device; ``--no-force-answer`` turns it off). ``--preset
+4b-shaped`` builds a random model with InternVL2.5-4B / Sa2VA-4B shapes (InternViT-300M 448 px,
+Qwen2.5-3B-shaped LLM, SAM2 hiera-L 1024 px) directly on the device, with the tiny tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+T0 = time.perf_counter()
+COUNTER_LABELS = (("sam2_frames_encoded", "sam2_frames"), ("mllm_images_encoded", "mllm_images"),
+                  ("tokens_prefilled", "tok_prefill"), ("tokens_decoded", "tok_decoded"),
+                  ("sam2_decodes", "sam2_decodes"))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, h = text.lower().split("x")
+    return int(w), int(h)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="'tiny' (random tiny model) or an HF folder from convert_to_hf")
+    p.add_argument("--preset", default=None, choices=("4b-shaped",),
+                   help="random-init model with InternVL2.5-4B shapes (ignores --model; tiny tokenizer)")
+    p.add_argument("--preset-llm-layers", type=int, default=None, help=argparse.SUPPRESS)  # quick checks only
+    p.add_argument("--remote-code", action="store_true", help="load --model with its folder's code")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--num-videos", type=int, default=2, help="videos of the synthetic split (default: %(default)s)")
+    p.add_argument("--exps-per-video", type=int, default=5, help="expressions per video, E (default: %(default)s)")
+    p.add_argument("--min-frames", type=int, default=12, help="synthetic video length, min (default: %(default)s)")
+    p.add_argument("--max-frames", type=int, default=24, help="synthetic video length, max (default: %(default)s)")
+    p.add_argument("--frame-size", type=_size, default=(160, 96), help="synthetic frame WxH (default: 160x96)")
+    p.add_argument("--split-dir", default=None,
+                   help="use this split's videos instead of synthetic ones (expressions re-worded/trimmed to E)")
+    p.add_argument("--qframe-file", default=None, help="selected_frames.json of --split-dir")
+    p.add_argument("--modes", default="all", help="modes (comma list or 'all'; default: all five)")
+    p.add_argument("--no-average", action="store_true", help="do not run selective averaging")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default: the model's, 2048)")
+    p.add_argument("--answer", default=None, help="forced answer text (default: 'Sure, Clip_1 [SEG], ..., Clip_10 [SEG].')")
+    p.add_argument("--no-force-answer", action="store_true", help="let the model generate freely")
+    p.add_argument("--feature-budget-mb", type=float, default=None, help="shared path's SAM2 feature budget per video")
+    p.add_argument("--skip-scaling", action="store_true", help="no E -> 2E scaling run")
+    p.add_argument("--skip-train", action="store_true", help="no training benchmark")
+    p.add_argument("--train-steps", type=int, default=6, help="timed training steps (default: %(default)s)")
+    p.add_argument("--train-warmup", type=int, default=2, help="untimed training steps (default: %(default)s)")
+    p.add_argument("--no-warmup", action="store_true", help="no untimed warm-up evaluation")
+    p.add_argument("--repeat", type=int, default=1, help="time each path N times, keep the fastest (default: 1)")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds: skip the scaling / training parts that would not fit (0 = no limit)")
+    p.add_argument("--work-dir", default="work_dirs/benchmark_eval", help="scratch folder (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write every figure to this JSON file")
+    return p
+
+
+# ================================================================================================ model
+def load_bench_model(args, device: str, dtype):
+    import torch
+
+    from projects.sasasa2va.evaluation import bench
+
+    cache = os.path.join(args.work_dir, "tiny_model")
+    if args.preset == "4b-shaped":
+        from transformers import AutoTokenizer
+
+        from projects.sasasa2va.models import tiny
+
+        if not os.path.isfile(os.path.join(cache, "tiny_manifest.json")):
+            tiny.make_tiny_pretrained(cache, arch="qwen2", image_size=112, seed=args.seed, with_sa2va_pth=False)
+        tok = AutoTokenizer.from_pretrained(os.path.join(cache, tiny.INTERNVL_DIR))
+        model, tok = bench.build_4b_shaped_model(tok, device=device, dtype=dtype, seed=args.seed,
+                                                 num_layers=args.preset_llm_layers)
+        bench.bias_object_score(model)
+        return model, tok, "4b-shaped"
+    if args.model == "tiny":
+        model, tok = bench.build_tiny_model(cache, device=device, dtype=dtype, seed=args.seed)
+        return model, tok, "tiny"
+    from projects.sasasa2va.evaluation.runner import DistContext, EvalOptions, load_model
+
+    opts = EvalOptions(hf_dir=args.model, remote_code=args.remote_code, device=device,
+                       dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
+    model, tok = load_model(opts, DistContext(device=device))
+    return model, tok, os.path.basename(os.path.normpath(args.model))
+
+
+# ================================================================================================ eval runs
+def run_eval(model, tok, name: str, split, work_dir: str, modes, average: bool, naive: bool, args, device: str,
+             max_videos=None) -> dict:
+    from projects.sasasa2va.evaluation.runner import EvalOptions, run_evaluation
+
+    predict = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    opts = EvalOptions(hf_dir=name, dataset=split.name, split_dir=split.split_dir, qframe_file=split.qframe_file,
+                       work_dir=work_dir, modes=list(modes), average=average, device=device, dtype=args.dtype,
+                       model_factory=lambda **kw: (model, tok), overwrite=True, progress=False, naive=naive,
+                       feature_budget_mb=None if naive else args.feature_budget_mb, max_videos=max_videos,
+                       predict_options=predict)
+    import torch
+
+    from projects.sasasa2va.evaluation.bench import PhaseTimer
+
+    cuda = device.startswith("cuda")
+    best = None
+    for _ in range(max(1, args.repeat)):
+        sink = io.StringIO()
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(sink), PhaseTimer(model) as phases:
+            summary = run_evaluation(opts)
+        wall = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+        if best is None or wall < best[0]:
+            best = (wall, summary, dict(phases.seconds), peak)
+    wall, summary, phase_s, peak = best
+    this = summary["this_run"]
+    if this["failed"]:
+        log(f"warning: {this['failed']} failed prediction(s) in {work_dir} (see eval_summary.json)")
+    return {"wall_s": wall, "model_s": this["model_seconds"], "predictions": this["processed"],
+            "failed": this["failed"], "work": this.get("work", {}), "path": this.get("path"), "work_dir": work_dir,
+            "phases_s": phase_s, "cuda_peak_mb": peak}
+
+
+def _fmt(v, width=12, digits=2) -> str:
+    if v is None:
+        return f"{'-':>{width}}"
+    if isinstance(v, float):
+        return f"{v:>{width}.{digits}f}"
+    return f"{v:>{width}}"
+
+
+def table(naive: dict, shared: dict, bound: dict) -> list[str]:
+    head = f"{'':14}{'wall_s':>9}{'model_s':>9}" + "".join(f"{lab:>13}" for _, lab in COUNTER_LABELS)
+    rows = [head]
+
+    def row(label, wall, model, vals, digits=0):
+        cells = "".join(_fmt(v if not isinstance(v, float) or digits else int(round(v)), 13, 2) for v in vals)
+        return f"{label:14}{_fmt(wall, 9)}{_fmt(model, 9)}{cells}"
+
+    rows.append(row("naive", naive["wall_s"], naive["model_s"], [naive["work"].get(k, 0) for k, _ in COUNTER_LABELS]))
+    rows.append(row("shared", shared["wall_s"], shared["model_s"], [shared["work"].get(k, 0) for k, _ in COUNTER_LABELS]))
+    rows.append(row("lower bound", None, None, [bound[k] for k, _ in COUNTER_LABELS]))
+
+    def ratio(a, b):
+        return (a / b) if b else None
+
+    rows.append(row("naive/shared", ratio(naive["wall_s"], shared["wall_s"]), ratio(naive["model_s"], shared["model_s"]),
+                    [ratio(naive["work"].get(k, 0), shared["work"].get(k, 0)) for k, _ in COUNTER_LABELS], 2))
+    rows.append(row("shared/bound", None, None, [ratio(shared["work"].get(k, 0), bound[k]) for k, _ in COUNTER_LABELS], 2))
+    return rows
+
+
+def phase_table(naive: dict, shared: dict) -> list[str]:
+    """Where the wall time goes, per path (seconds; 'rest' = frame loading and resizing, KFC image
+    building, RLE/probability files, results.json, averaging)."""
+    names = list(dict.fromkeys(naive["phases_s"]))
+    rows = ["time by phase  " + "".join(f"{n:>15}" for n in names + ["rest"])]
+    for label, r in (("naive", naive), ("shared", shared)):
+        vals = [r["phases_s"][n] for n in names]
+        vals.append(r["wall_s"] - sum(vals))
+        rows.append(f"{label:15}" + "".join(f"{v:>15.2f}" for v in vals))
+    return rows
+
+
+# ================================================================================================ main
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from projects.sasasa2va.evaluation import bench
+    from projects.sasasa2va.evaluation.runner import parse_modes, resolve_dtype
+    from projects.sasasa2va.evaluation.splits import resolve_split
+    from projects.sasasa2va.utils.io import atomic_write_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.exps_per_video < 1 or args.num_videos < 1:
+        raise SystemExit("error: --num-videos and --exps-per-video must be >= 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        device = "cuda:0"
+    dtype = resolve_dtype(args.dtype, device)
+    modes = parse_modes(args.modes)
+    average = len(modes) > 1 and not args.no_average
+    os.makedirs(args.work_dir, exist_ok=True)
+    figures: dict = {"args": {k: v for k, v in vars(args).items()}, "device": device,
+                     "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+                     "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                     "torch": torch.__version__, "modes": modes, "average": average}
+    log(f"benchmark_eval: device {figures['device_name']} ({device}), dtype {figures['dtype']}, "
+        f"{figures['threads']} thread(s), torch {torch.__version__}")
+
+    # ---- model
+    t = time.perf_counter()
+    model, tok, name = load_bench_model(args, device, dtype)
+    forced = None if args.no_force_answer else bench.ForcedAnswer(model, tok, args.answer)
+    nparams = bench.count_parameters(model)
+    figures["model"] = {"name": name, "params": nparams, "build_s": time.perf_counter() - t,
+                        "num_image_token": int(model.num_image_token), "image_size": int(model.config.image_size),
+                        "sam2_image_size": int(model.grounding_encoder.image_size), "template": model.config.template,
+                        "forced_answer": forced.text if forced else None,
+                        "answer_tokens": forced.num_tokens if forced else None}
+    log(f"model {name}: {nparams / 1e6:.1f}M params (built in {figures['model']['build_s']:.1f} s), MLLM "
+        f"{model.config.image_size} px x {model.num_image_token} tokens/image, SAM2 {model.grounding_encoder.image_size} px"
+        + (f"; forced answer ({forced.num_tokens} tokens): {forced.text!r}" if forced else "; free generation"))
+
+    # ---- data
+    e1 = args.exps_per_video
+    e_list = [e1] if args.skip_scaling else [e1, 2 * e1]
+    data_root = os.path.join(args.work_dir, "data")
+    if args.split_dir:
+        splits = bench.expand_split(args.split_dir, args.qframe_file, data_root, e_list, args.seed, args.num_videos)
+    else:
+        splits = bench.make_bench_splits(data_root, args.num_videos, e_list, args.seed, args.min_frames,
+                                         args.max_frames, (args.frame_size,))
+    sp = splits[e1]
+    n_exp = sp.num_videos * e1
+    figures["data"] = {"num_videos": sp.num_videos, "frames_per_video": sp.frames, "exps_per_video": e1,
+                       "expressions": n_exp, "predictions": n_exp * len(modes),
+                       "frame_size": None if args.split_dir else list(args.frame_size),
+                       "split_dir": sp.split_dir}
+    log(f"data: {sp.num_videos} video(s) with {sp.frames} frames"
+        + ("" if args.split_dir else f" of {args.frame_size[0]}x{args.frame_size[1]}")
+        + f", {e1} expressions per video -> {n_exp} expressions x {len(modes)} mode(s) = {n_exp * len(modes)} "
+        f"predictions" + (" + selective averaging" if average else ""))
+    resolved = resolve_split(sp.name, split_dir=sp.split_dir, qframe_file=sp.qframe_file)
+    records = resolved.load_records()
+    qframe = resolved.load_qframe(records) if "q_frame" in modes else None
+
+    # ---- warm-up (lazy init, kernels, file cache), not timed
+    wd = args.work_dir
+    if not args.no_warmup:
+        log("warm-up (1 video, shared path, uniform) ...")
+        run_eval(model, tok, name, sp, os.path.join(wd, "warmup"), ["uniform"], False, False, args, device, max_videos=1)
+
+    # ---- naive vs shared
+    log("naive path (every expression x mode from scratch) ...")
+    naive = run_eval(model, tok, name, sp, os.path.join(wd, "naive"), modes, average, True, args, device)
+    log(f"naive: {naive['wall_s']:.2f} s wall, {naive['model_s']:.2f} s in the model")
+    log("shared path (one VideoContext per video) ...")
+    shared = run_eval(model, tok, name, sp, os.path.join(wd, "shared"), modes, average, False, args, device)
+    log(f"shared: {shared['wall_s']:.2f} s wall, {shared['model_s']:.2f} s in the model")
+    bound = bench.lower_bound_work(model, tok, records, qframe, modes, forced.num_tokens if forced else 1,
+                                   forced.num_seg if forced else None)
+    if not forced:  # free answers (length and [SEG] count unknown): the shared path's own decode counts
+        for k in ("tokens_decoded", "sam2_decodes"):
+            bound[k] = shared["work"].get(k, 0)
+    ratios = bench.work_ratios(shared["work"], bound)
+    worst = max(v for v in ratios.values() if v is not None)
+    files = bench.result_files("", modes, average)
+    same = bench.compare_run_dirs(naive["work_dir"], shared["work_dir"], files)
+    speedup = naive["wall_s"] / shared["wall_s"]
+    figures["eval"] = {"naive": naive, "shared": shared, "lower_bound": bound, "shared_over_lower_bound": ratios,
+                       "work_over_lower_bound": worst, "speedup_wall": speedup,
+                       "speedup_model": naive["model_s"] / shared["model_s"] if shared["model_s"] else None,
+                       "naive_over_shared_work": {k: (naive["work"].get(k, 0) / shared["work"][k])
+                                                  if shared["work"].get(k) else None for k, _ in COUNTER_LABELS},
+                       "identical": same}
+
+    # ---- scaling E -> 2E
+    scaling = None
+    if not args.skip_scaling:
+        estimate = 2.2 * shared["wall_s"]
+        elapsed = time.perf_counter() - T0
+        if args.time_budget and elapsed + estimate > args.time_budget:
+            log(f"scaling check skipped: ~{estimate:.0f} s would exceed the time budget ({args.time_budget:.0f} s)")
+            scaling = {"skipped": "time budget"}
+        else:
+            sp2 = splits[2 * e1]
+            log(f"scaling: shared path with {2 * e1} expressions per video ...")
+            double = run_eval(model, tok, name, sp2, os.path.join(wd, "shared_2x"), modes, average, False, args, device)
+            inc = 100.0 * (double["wall_s"] / shared["wall_s"] - 1.0)
+            scaling = {"exps_per_video": [e1, 2 * e1], "wall_s": [shared["wall_s"], double["wall_s"]],
+                       "model_s": [shared["model_s"], double["model_s"]], "increase_pct": inc,
+                       "model_increase_pct": 100.0 * (double["model_s"] / shared["model_s"] - 1.0)
+                       if shared["model_s"] else None, "work_2x": double["work"]}
+            log(f"scaling: {shared['wall_s']:.2f} s -> {double['wall_s']:.2f} s (+{inc:.1f}%)")
+    figures["scaling"] = scaling
+
+    # ---- training benchmark (own process: its own peak memory)
+    train = None
+    if not args.skip_train:
+        del model
+        if forced is not None:
+            forced.model = None
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        estimate = 60.0
+        elapsed = time.perf_counter() - T0
+        if args.time_budget and elapsed + estimate > args.time_budget:
+            log("training benchmark skipped: it would exceed the time budget")
+            train = {"skipped": "time budget"}
+        else:
+            log(f"training benchmark (tiny config, {args.train_steps} steps after {args.train_warmup} warm-up) ...")
+            out_json = os.path.join(wd, "train.json")
+            cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark_train.py"), "--device", device,
+                   "--steps", str(args.train_steps), "--warmup", str(args.train_warmup),
+                   "--work-dir", os.path.join(wd, "train_root"), "--json", out_json, "--seed", str(args.seed)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if r.returncode != 0:
+                log(f"training benchmark failed (rc {r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
+                train = {"failed": r.returncode, "stderr": r.stderr[-3000:]}
+            else:
+                with open(out_json, "r", encoding="utf-8") as f:
+                    train = json.load(f)
+                log("training benchmark done")
+    figures["train"] = train
+
+    # ---- report
+    print("", flush=True)
+    print(f"== eval benchmark: {name} on {figures['device_name']} ({figures['dtype']}); {len(modes)} mode(s)"
+          + (" + selective averaging" if average else "") + f"; {sp.num_videos} video(s) {sp.frames} frames, "
+          f"{e1} expressions/video = {n_exp * len(modes)} predictions", flush=True)
+    for line in table(naive, shared, bound) + phase_table(naive, shared):
+        print(line, flush=True)
+    print(f"speedup (naive/shared wall, whole evaluation): {speedup:.2f}x; model time only: "
+          f"{figures['eval']['speedup_model']:.2f}x", flush=True)
+    if naive.get("cuda_peak_mb") is not None:
+        print(f"CUDA peak memory (torch.cuda.max_memory_allocated): naive {naive['cuda_peak_mb']:.0f} MB, "
+              f"shared {shared['cuda_peak_mb']:.0f} MB", flush=True)
+    print(f"shared work / lower bound: worst {worst:.2f} ("
+          + ", ".join(f"{lab} {ratios[k]:.2f}" for k, lab in COUNTER_LABELS if ratios[k] is not None) + ")", flush=True)
+    eq = "yes" if same["files_identical"] else "NO"
+    print(f"outputs identical (naive vs shared, {len(files)} results.json): {eq}; predicted masks equal in "
+          f"{same['entries_equal_masks']}/{same['entries']} entries"
+          + ("" if same["files_identical"] else f"; differing: {', '.join(same['differing_files'])}"
+             + ("" if figures["dtype"] == "float32" and device == "cpu" else
+                " (bitwise identity is only expected on CPU float32: the naive path batches the ViT, the "
+                "prefill and SAM2 encoding differently)")), flush=True)
+    if scaling and "increase_pct" in scaling:
+        print(f"scaling (shared path): {e1} -> {2 * e1} expressions/video: {scaling['wall_s'][0]:.2f} s -> "
+              f"{scaling['wall_s'][1]:.2f} s wall (+{scaling['increase_pct']:.1f}%)", flush=True)
+    elif scaling:
+        print(f"scaling: skipped ({scaling['skipped']})", flush=True)
+    if train and "steps_per_s" in train:
+        print(_format_train(train), flush=True)
+    elif train:
+        print(f"train: {'skipped (' + train['skipped'] + ')' if 'skipped' in train else 'FAILED'}", flush=True)
+    figures["speedup"] = speedup
+    figures["total_s"] = time.perf_counter() - T0
+    if args.json:
+        atomic_write_json(args.json, figures, indent=1)
+        print(f"figures written to {args.json}", flush=True)
+    print(f"speedup {speedup:.2f} work_over_lower_bound {worst:.2f}", flush=True)
+    return 0
+
+
+def _format_train(r: dict) -> str:
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        from benchmark_train import format_result
+    finally:
+        sys.path.pop(0)
+    return format_result(r)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
