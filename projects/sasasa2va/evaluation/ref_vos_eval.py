@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-budget-mb", type=float, default=None, metavar="MB",
                    help="bound on the SAM2 frame features cached for the current video; frames evicted past it "
                         "are recomputed (default: keep the whole video)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on generated answer tokens (default: the model's 2048; smoke runs of barely trained models)")
     p.add_argument("--model-factory", default=None, help=argparse.SUPPRESS)  # tests: module:function
     return p
 
@@ -84,7 +86,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         launcher=args.launcher, data_root=args.data_root, split_dir=args.split_dir, qframe_file=args.qframe_file,
         model_factory=args.model_factory, retry_failed=args.retry_failed, overwrite=args.overwrite,
         dist_timeout=args.dist_timeout, progress=args.progress, naive=args.naive,
-        feature_budget_mb=args.feature_budget_mb)
+        feature_budget_mb=args.feature_budget_mb,
+        predict_options={"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {})
 
 
 def main(argv=None) -> int:
