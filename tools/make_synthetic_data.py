@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                "mevis/{train,valid_u,valid}, mevis_q_frame/{valid,valid_u}, revos/, rvos/, "
                "sam_v_full/ + Ref-SAV.json, ref_seg/{refcoco,refcoco+,refcocog}/.",
     )
-    p.add_argument("--root", default="data/synthetic", help="output folder (default: %(default)s)")
+    p.add_argument("--root", "--out", dest="root", default="data/synthetic", help="output folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="world seed, >= 0 (default: %(default)s)")
     p.add_argument("--num-train-videos", type=int, default=d.num_train_videos, help="MeViS train videos (default: %(default)s)")
     p.add_argument("--num-valid-u-videos", type=int, default=d.num_valid_u_videos, help="MeViS valid_u videos, with GT (default: %(default)s)")

@@ -171,7 +171,8 @@ class InternVisionEncoder(nn.Module):
     def __init__(self, config: InternVisionConfig):
         super().__init__()
         self.config = config
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        n = config.num_hidden_layers  # plain floats (= linspace), so the model also builds on the meta device
+        rates = [config.drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         self.layers = nn.ModuleList(
             [InternVisionEncoderLayer(config, rates[i]) for i in range(config.num_hidden_layers)]
         )

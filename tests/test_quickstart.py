@@ -1,0 +1,33 @@
+"""The README's main job, shortened (few iterations, few videos), end to end through the same script."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SMALL = ("--num-train-videos 3 --num-valid-u-videos 2 --num-valid-videos 2 --num-revos-videos 1 "
+         "--num-rvos-videos 1 --num-sav-videos 1 --num-images 2 --max-frames 12")
+
+
+def test_quickstart_short_run(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "quickstart.py"), "--run-root", str(tmp_path), "--iters", "3",
+         "--max-new-tokens", "48", "--synthetic-args", SMALL],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    wd = tmp_path / "work_dirs" / "quickstart"
+    summary = json.loads((wd / "summary.json").read_text())
+    runs = ["uniform", "uniform_plus", "q_frame", "wrap_around", "wrap_around_plus", "average", "language_blind"]
+    for name in runs:
+        assert set(summary[name]) == {"J", "F", "J&F"}
+        assert 0.0 <= summary[name]["J&F"] <= 100.0
+    for stage in ("data", "pretrained", "train", "export", "eval_valid_u", "eval_blind", "metrics", "submission",
+                  "visualize", "total"):
+        assert summary["times_s"][stage] >= 0.0
+    assert (wd / "submission_valid.zip").is_file()
+    assert (wd / "visualization" / "index.html").is_file()
+    assert (wd / "eval_valid_u" / "results.json").is_file()
+    # the printed table ends the job
+    assert "language_blind" in proc.stdout and "stage times" in proc.stdout
