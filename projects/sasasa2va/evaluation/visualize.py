@@ -107,6 +107,36 @@ def _sample(num: int, max_frames: int | None) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, num - 1, max_frames)})
 
 
+# Marks each GIF <img> with data-loaded="1" once it has decoded (naturalWidth > 0) or "0" when it could not
+# be loaded, and then shows a "missing: <path>" note under it. Lazy images below the fold get their mark
+# when they load; tests/test_visualize_browser.py reads these marks from headless Chromium's DOM.
+_LOAD_CHECK_SCRIPT = """<script>
+(function () {
+  var imgs = Array.prototype.slice.call(document.querySelectorAll("img.gif"));
+  function mark(img) {
+    var ok = img.complete && img.naturalWidth > 0;
+    img.setAttribute("data-loaded", ok ? "1" : "0");
+    var note = img.parentNode.querySelector(".missing");
+    if (ok && note) { note.remove(); }
+    if (!ok && !note) {
+      note = document.createElement("span");
+      note.className = "missing";
+      note.textContent = "missing: " + img.getAttribute("src");
+      img.parentNode.appendChild(note);
+    }
+  }
+  imgs.forEach(function (img) {
+    img.addEventListener("load", function () { mark(img); });
+    img.addEventListener("error", function () { mark(img); });
+  });
+  window.addEventListener("load", function () {
+    imgs.forEach(function (img) { if (img.complete) { mark(img); } });
+  });
+})();
+</script>
+"""
+
+
 def write_index(items: list[dict], out_path: str, title: str = "SaSaSa2VA predictions") -> None:
     """index.html: one row per GIF with video, expression id, text and (if known) J&F."""
     has_score = any(it.get("J&F") is not None for it in items)
@@ -117,14 +147,17 @@ def write_index(items: list[dict], out_path: str, title: str = "SaSaSa2VA predic
         score = ""
         if has_score:
             score = "<td>{}</td>".format("" if it.get("J&F") is None else f"{100 * it['J&F']:.2f}")
-        rows.append("<tr><td>{}</td><td>{}</td><td>{}</td>{}<td><img src=\"{}\" loading=\"lazy\"></td></tr>".format(
-            html.escape(it["video"]), html.escape(it["exp_id"]), html.escape(it["text"]), score,
-            html.escape(it["gif"], quote=True)))
+        rows.append("<tr><td>{}</td><td>{}</td><td>{}</td>{}<td><img class=\"gif\" src=\"{}\" alt=\"{}\" "
+                    "loading=\"lazy\"></td></tr>".format(
+                        html.escape(it["video"]), html.escape(it["exp_id"]), html.escape(it["text"]), score,
+                        html.escape(it["gif"], quote=True),
+                        html.escape(f"{it['video']}/{it['exp_id']}", quote=True)))
     page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title>"
             "<style>body{{font-family:sans-serif}}td{{vertical-align:top;padding:4px}}"
-            "table{{border-collapse:collapse}}tr{{border-bottom:1px solid #ccc}}</style></head>\n"
-            "<body><h1>{t}</h1><table>\n{h}\n{r}\n</table></body></html>\n").format(
-        t=html.escape(title), h=head, r="\n".join(rows))
+            "table{{border-collapse:collapse}}tr{{border-bottom:1px solid #ccc}}"
+            ".missing{{display:block;color:#b00;font-weight:bold}}</style></head>\n"
+            "<body><h1>{t}</h1><table>\n{h}\n{r}\n</table>\n{s}</body></html>\n").format(
+        t=html.escape(title), h=head, r="\n".join(rows), s=_LOAD_CHECK_SCRIPT)
     atomic_write_text(out_path, page)
 
 
