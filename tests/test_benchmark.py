@@ -25,7 +25,7 @@ if ROOT not in sys.path:
 from projects.sasasa2va.evaluation import bench, runner  # noqa: E402
 from projects.sasasa2va.evaluation.runner import EvalOptions, run_evaluation  # noqa: E402
 from projects.sasasa2va.evaluation.splits import resolve_split  # noqa: E402
-from projects.sasasa2va.hf.models.frame_sampling import MODES  # noqa: E402
+from projects.sasasa2va.hf.models.frame_sampling import MODES, select_indices  # noqa: E402
 
 THIS_FILE = os.path.abspath(__file__)
 SCRIPT = os.path.join(ROOT, "projects", "sasasa2va", "evaluation", "ref_vos_eval.py")
@@ -86,10 +86,24 @@ def result_bytes(work_dir) -> dict:
 
 
 # ================================================================================================ runner
-def test_shared_path_equals_naive_and_encodes_each_frame_once(forced, split, tmp_path):
+def test_shared_path_equals_naive_and_encodes_each_frame_once(forced, split, tmp_path, monkeypatch):
     model, tok, fa = forced
     naive = evaluate(model, tok, split, tmp_path / "naive", naive=True)
+    batches = []
+    many = model.generate_answers  # ForcedAnswer's wrapper
+
+    def spy(input_ids_list, *args, **kwargs):
+        batches.append(len(input_ids_list))
+        return many(input_ids_list, *args, **kwargs)
+
+    monkeypatch.setattr(model, "generate_answers", spy)
     shared = evaluate(model, tok, split, tmp_path / "shared")
+    monkeypatch.undo()
+    # one batch per video with every distinct answer: q_frame's, and one per distinct frame selection of
+    # the other modes (uniform = uniform_plus, wrap_around = wrap_around_plus, and short videos even
+    # sample the same frames in uniform and wrap_around)
+    selections = [len({tuple(select_indices(n, m, 100)) for m in MODES if m != "q_frame"}) for n in split.frames]
+    assert batches == [E * (1 + k) for k in selections]
     assert naive["this_run"]["path"] == "naive" and shared["this_run"]["path"] == "shared"
     assert naive["this_run"]["failed"] == shared["this_run"]["failed"] == 0
     a, b = result_bytes(tmp_path / "naive"), result_bytes(tmp_path / "shared")
@@ -113,6 +127,7 @@ def test_shared_path_equals_naive_and_encodes_each_frame_once(forced, split, tmp
         assert ws[k] == bound[k], (k, ws[k], bound[k])
         assert wn[k] > ws[k], k
     assert bound["sam2_decodes"] <= ws["sam2_decodes"] <= 1.5 * bound["sam2_decodes"]
+    assert ws["generations_reused"] == sum(E * (len(MODES) - 1 - k) for k in selections)
     assert wn["mllm_images_encoded"] == 20 * 2 * n_pairs  # 2 videos, 20 images per prediction
     assert wn["tokens_decoded"] == 2 * n_pairs * (fa.num_tokens - 1)
 
@@ -262,6 +277,28 @@ def test_benchmark_eval_quick(tiny_dir, one_thread, tmp_path, capsys):
     assert 1.0 <= ev["work_over_lower_bound"] <= 1.5
     assert fig["scaling"]["exps_per_video"] == [2, 4]
     assert lines[-1] == f"speedup {fig['speedup']:.2f} work_over_lower_bound {ev['work_over_lower_bound']:.2f}"
+
+
+def test_benchmark_eval_context_options(tiny_dir, one_thread, tmp_path, capsys):
+    """--decode-batch-prompts / --pair-cache-mb reach the shared path's contexts: with the pair cache
+    every distinct (frame, [SEG]) decode of an answer happens once (the lower bound)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import benchmark_eval
+    finally:
+        sys.path.pop(0)
+    work = tmp_path / "bench"
+    shutil.copytree(tiny_dir, work / "tiny_model")
+    out_json = tmp_path / "figures.json"
+    assert benchmark_eval.main(_bench_args(work, "--modes", "uniform,uniform_plus", "--skip-train", "--no-warmup",
+                                           "--skip-scaling", "--decode-batch-prompts", "1", "--pair-cache-mb", "8",
+                                           "--json", str(out_json))) == 0
+    assert LAST_LINE.match(capsys.readouterr().out.strip().splitlines()[-1])
+    fig = json.loads(out_json.read_text())
+    assert fig["shared_context_options"] == {"decode_batch_prompts": 1, "pair_cache_bytes": 8 << 20}
+    ev = fig["eval"]
+    assert ev["shared"]["work"]["sam2_decodes"] == ev["lower_bound"]["sam2_decodes"]
+    assert ev["naive"]["work"]["sam2_decodes"] > ev["shared"]["work"]["sam2_decodes"]
 
 
 @pytest.mark.slow

@@ -15,7 +15,10 @@ model:
 * naive  -- ``--naive``: every (expression, mode) from scratch (a fresh cache-less VideoContext per
   pair = ``predict_forward(..., naive=True)``: all frames SAM2-encoded, 20 images through the ViT, the
   whole prompt prefilled, every decode call of the plan);
-* shared -- the default: one VideoContext per video for all its expressions and modes.
+* shared -- the default: one VideoContext per video for all its expressions and modes (the video's
+  distinct answers greedy-decoded in batches of up to ``--decode-batch-prompts``, bit-identical to
+  one-at-a-time decoding on CPU; ``--pair-cache-mb`` turns on the cache of single SAM2 decodes shared
+  by the decode plans of one answer, off by default on CPU, see VideoContext).
 
 Printed: wall and model time of each, the ratio, the work counters of both (SAM2 frames encoded, MLLM
 images encoded, tokens prefilled, tokens decoded, SAM2 decodes) and the lower bound (each distinct
@@ -87,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer", default=None, help="forced answer text (default: 'Sure, Clip_1 [SEG], ..., Clip_10 [SEG].')")
     p.add_argument("--no-force-answer", action="store_true", help="let the model generate freely")
     p.add_argument("--feature-budget-mb", type=float, default=None, help="shared path's SAM2 feature budget per video")
+    p.add_argument("--decode-batch-prompts", type=int, default=None,
+                   help="shared path: most prompts greedy-decoded in one batch (default: VideoContext's, 16; "
+                        "1 = one at a time)")
+    p.add_argument("--pair-cache-mb", type=float, default=None,
+                   help="shared path: cache of single (frame, [SEG]) SAM2 decodes reused across the decode plans "
+                        "of an answer, MB (default: VideoContext's: off on CPU, 64 on GPU; 0 = off)")
     p.add_argument("--skip-scaling", action="store_true", help="no E -> 2E scaling run")
     p.add_argument("--skip-train", action="store_true", help="no training benchmark")
     p.add_argument("--train-steps", type=int, default=6, help="timed training steps (default: %(default)s)")
@@ -134,7 +143,7 @@ def load_bench_model(args, device: str, dtype):
 # ================================================================================================ eval runs
 def run_eval(model, tok, name: str, split, work_dir: str, modes, average: bool, naive: bool, args, device: str,
              max_videos=None) -> dict:
-    from projects.sasasa2va.evaluation.runner import EvalOptions, run_evaluation
+    from projects.sasasa2va.evaluation.runner import EvalOptions
 
     predict = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
     opts = EvalOptions(hf_dir=name, dataset=split.name, split_dir=split.split_dir, qframe_file=split.qframe_file,
@@ -142,11 +151,45 @@ def run_eval(model, tok, name: str, split, work_dir: str, modes, average: bool, 
                        model_factory=lambda **kw: (model, tok), overwrite=True, progress=False, naive=naive,
                        feature_budget_mb=None if naive else args.feature_budget_mb, max_videos=max_videos,
                        predict_options=predict)
+    cuda = device.startswith("cuda")
+    context_kw = {} if naive else shared_context_options(args)
+    if context_kw:  # the runner builds each video's context through model.video_context
+        make_context = model.video_context
+
+        def video_context(tokenizer, frames, feature_budget_bytes=None, **kw):
+            return make_context(tokenizer, frames, feature_budget_bytes, **{**context_kw, **kw})
+
+        model.video_context = video_context
+    try:
+        best = _timed_runs(model, opts, args, device, cuda)
+    finally:
+        if context_kw:
+            model.__dict__.pop("video_context", None)
+    wall, summary, phase_s, peak = best
+    this = summary["this_run"]
+    if this["failed"]:
+        log(f"warning: {this['failed']} failed prediction(s) in {work_dir} (see eval_summary.json)")
+    return {"wall_s": wall, "model_s": this["model_seconds"], "predictions": this["processed"],
+            "failed": this["failed"], "work": this.get("work", {}), "path": this.get("path"), "work_dir": work_dir,
+            "phases_s": phase_s, "cuda_peak_mb": peak}
+
+
+def shared_context_options(args) -> dict:
+    """VideoContext keywords of the shared path given on the command line."""
+    kw = {}
+    if args.decode_batch_prompts is not None:
+        kw["decode_batch_prompts"] = int(args.decode_batch_prompts)
+    if args.pair_cache_mb is not None:
+        kw["pair_cache_bytes"] = int(args.pair_cache_mb * 2**20)
+    return kw
+
+
+def _timed_runs(model, opts, args, device: str, cuda: bool):
     import torch
 
     from projects.sasasa2va.evaluation.bench import PhaseTimer
+    from projects.sasasa2va.evaluation.runner import run_evaluation
 
-    cuda = device.startswith("cuda")
     best = None
     for _ in range(max(1, args.repeat)):
         sink = io.StringIO()
@@ -160,13 +203,7 @@ def run_eval(model, tok, name: str, split, work_dir: str, modes, average: bool, 
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
         if best is None or wall < best[0]:
             best = (wall, summary, dict(phases.seconds), peak)
-    wall, summary, phase_s, peak = best
-    this = summary["this_run"]
-    if this["failed"]:
-        log(f"warning: {this['failed']} failed prediction(s) in {work_dir} (see eval_summary.json)")
-    return {"wall_s": wall, "model_s": this["model_seconds"], "predictions": this["processed"],
-            "failed": this["failed"], "work": this.get("work", {}), "path": this.get("path"), "work_dir": work_dir,
-            "phases_s": phase_s, "cuda_peak_mb": peak}
+    return best
 
 
 def _fmt(v, width=12, digits=2) -> str:
@@ -225,6 +262,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.exps_per_video < 1 or args.num_videos < 1:
         raise SystemExit("error: --num-videos and --exps-per-video must be >= 1")
+    if args.decode_batch_prompts is not None and args.decode_batch_prompts < 1:
+        raise SystemExit("error: --decode-batch-prompts must be >= 1")
+    if args.pair_cache_mb is not None and args.pair_cache_mb < 0:
+        raise SystemExit("error: --pair-cache-mb must be >= 0")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
         device = "cuda:0"
@@ -235,7 +276,8 @@ def main(argv=None) -> int:
     figures: dict = {"args": {k: v for k, v in vars(args).items()}, "device": device,
                      "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
                      "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-                     "torch": torch.__version__, "modes": modes, "average": average}
+                     "torch": torch.__version__, "modes": modes, "average": average,
+                     "shared_context_options": shared_context_options(args)}
     log(f"benchmark_eval: device {figures['device_name']} ({device}), dtype {figures['dtype']}, "
         f"{figures['threads']} thread(s), torch {torch.__version__}")
 

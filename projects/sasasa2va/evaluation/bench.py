@@ -60,8 +60,10 @@ class ForcedAnswer:
 
     Everything else runs for real (prefill, each decoding step through the LLM, [SEG] hidden states,
     SAM2), so a random model costs what a trained one answering that text would. A forward hook on the
-    output embedding adds the bias; the step counter restarts at every ``generate_answer`` call (an
-    instance attribute wrapping the model's method). Never use it for real evaluation.
+    output embedding adds the bias (to every row of a batch: batched decoding advances all rows in
+    lock-step, one head call per step); the step counter restarts at every ``generate_answer`` /
+    ``generate_answers`` call (instance attributes wrapping the model's methods). Never use it for
+    real evaluation.
     ``remove()`` (or leaving the ``with`` block) restores the model.
     """
 
@@ -83,6 +85,13 @@ class ForcedAnswer:
             return original(*args, **kwargs)
 
         model.generate_answer = generate_answer
+        original_many = getattr(model, "generate_answers", None)
+        if original_many is not None:
+            def generate_answers(*args, **kwargs):
+                self.step = 0
+                return original_many(*args, **kwargs)
+
+            model.generate_answers = generate_answers
 
     @property
     def num_tokens(self) -> int:
@@ -102,6 +111,7 @@ class ForcedAnswer:
     def remove(self) -> None:
         self._handle.remove()
         self.model.__dict__.pop("generate_answer", None)
+        self.model.__dict__.pop("generate_answers", None)
 
     def __enter__(self):
         return self
@@ -112,13 +122,15 @@ class ForcedAnswer:
 
 class PhaseTimer:
     """Wall time per model phase during a run (outermost timed call only, so nothing is counted twice):
-    ViT+mlp1 (``extract_feature``), prefix prefill (``build_prefix_cache``), generation (``generate_answer``:
-    the rest of the prompt + greedy decoding), SAM2 encoder (``encode``), SAM2 decoding / memory tracking
-    (``decode`` / ``propagate``) and mask upsampling. On CUDA each timed call is synchronised. Wraps the
-    methods as instance attributes while active (``with PhaseTimer(model) as t: ...; t.seconds``)."""
+    ViT+mlp1 (``extract_feature``), prefix prefill (``build_prefix_cache``), generation (``generate_answer``
+    / batched ``generate_answers``: the rest of the prompt + greedy decoding), SAM2 encoder (``encode``),
+    SAM2 decoding / memory tracking (``decode`` / ``propagate``) and mask upsampling. On CUDA each timed
+    call is synchronised. Wraps the methods as instance attributes while active (``with PhaseTimer(model)
+    as t: ...; t.seconds``)."""
 
     PHASES = (("vision", "model", "extract_feature"), ("prefix_prefill", "model", "build_prefix_cache"),
-              ("generate", "model", "generate_answer"), ("sam2_encode", "grounding", "encode"),
+              ("generate", "model", "generate_answer"), ("generate", "model", "generate_answers"),
+              ("sam2_encode", "grounding", "encode"),
               ("sam2_decode", "grounding", "decode"), ("sam2_decode", "grounding", "propagate"),
               ("upsample", "grounding", "upsample_logits"))
 
@@ -158,6 +170,8 @@ class PhaseTimer:
         owners = {"model": self.model, "grounding": self.model.grounding_encoder}
         for name, owner, attr in self.PHASES:
             obj = owners[owner]
+            if not callable(getattr(obj, attr, None)):
+                continue
             had = attr in obj.__dict__
             self._saved.append((obj, attr, obj.__dict__.get(attr), had))
             setattr(obj, attr, self._wrap(name, getattr(obj, attr)))
@@ -408,6 +422,9 @@ def lower_bound_work(model, tokenizer, records: dict, qframe: Optional[dict], mo
     (``answer_tokens - 1`` tokens fed back); for each answer, each distinct (frame, [SEG]) pair of its
     Path A/B plans decoded once, and each distinct Path C plan's conditioning frames once (twice when
     it also tracks backward). Assumes answers with ``num_seg`` (default num_clips) [SEG] tokens.
+    Answers decoded together in a batch count as decoded once each (batching changes the time, not the
+    work). The shared path meets the SAM2-decode bound only with VideoContext's pair cache (off by
+    default on CPU: see docs/benchmarks/README.md); otherwise it decodes each plan's distinct pairs.
     """
     from PIL import Image
 

@@ -7,6 +7,8 @@ This is the single model definition shared by training (the mmengine wrapper bui
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
@@ -115,6 +117,192 @@ def ends_with_stop_word(text: str, stop_words: Sequence[str]) -> bool:
     """xtuner's criterion: the decoded answer with \\r and \\n removed ends with a stop word."""
     flat = text.replace("\r", "").replace("\n", "")
     return any(flat.endswith(word) for word in stop_words if word)
+
+
+class RaggedKVCache(Cache):
+    """KV cache of a batch of sequences of different lengths, for batched greedy decoding.
+
+    Row ``b`` holds its keys/values contiguously at positions ``[0, lengths[b])`` of preallocated
+    buffers ``[B, heads, capacity, head_dim]`` (grown on demand); ``update`` writes a row's new states
+    right after its own, so padding never sits between a row's tokens: every row sees exactly the
+    keys, at exactly the positions, that it would see decoded alone. Slots past a row's length hold
+    stale states and must be masked (``ragged_attention_mask``). ``advance`` moves the lengths after
+    a forward pass; ``select`` drops finished rows.
+    """
+
+    def __init__(self, lengths: Sequence[int], reserve: int = 64):
+        super().__init__()
+        self.lengths = [int(n) for n in lengths]
+        self.reserve = max(1, int(reserve))
+        self.key_cache: list[torch.Tensor] = []
+        self.value_cache: list[torch.Tensor] = []
+        self._index = None  # (batch index [B, 1], write positions [B, q]) of the current forward pass
+
+    @classmethod
+    def from_caches(cls, caches: Sequence[Optional[Cache]], reserve: int = 64) -> "RaggedKVCache":
+        """One row per cache (a DynamicCache, or None for an empty row); the states are copied."""
+        return cls.from_legacy([None if c is None else c.to_legacy_cache() for c in caches], reserve)
+
+    @classmethod
+    def from_legacy(cls, legacy: Sequence, reserve: int = 64) -> "RaggedKVCache":
+        """One row per legacy cache (per layer (key [1, h, n, d], value), or None); the states are copied."""
+        lengths = [0 if c is None or not len(c) else int(c[0][0].shape[-2]) for c in legacy]
+        out = cls(lengths, reserve)
+        filled = [c for c in legacy if c is not None and len(c)]
+        if not filled:
+            return out
+        capacity = max(lengths) + out.reserve
+        for layer in range(len(filled[0])):
+            for which, store in ((0, out.key_cache), (1, out.value_cache)):
+                ref = filled[0][layer][which]
+                buf = ref.new_zeros((len(legacy), ref.shape[1], capacity, ref.shape[3]))
+                for b, c in enumerate(legacy):
+                    if c is not None and lengths[b]:
+                        buf[b, :, : lengths[b]] = c[layer][which][0]
+                store.append(buf)
+        return out
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    def row_legacy(self, row: int) -> tuple:
+        """Row ``row`` as a legacy cache (views of its ``lengths[row]`` states, per layer)."""
+        n = self.lengths[row]
+        return tuple((k[row:row + 1, :, :n], v[row:row + 1, :, :n]) for k, v in zip(self.key_cache, self.value_cache))
+
+    def _grow(self, layer_idx: int, need: int) -> None:
+        for store in (self.key_cache, self.value_cache):
+            buf = store[layer_idx]
+            if buf.shape[2] >= need:
+                continue
+            grown = buf.new_zeros((buf.shape[0], buf.shape[1], need + max(self.reserve, need // 4), buf.shape[3]))
+            grown[:, :, : buf.shape[2]] = buf
+            store[layer_idx] = grown
+
+    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
+        batch, q = key_states.shape[0], key_states.shape[-2]
+        if batch != self.batch_size:
+            raise ValueError(f"RaggedKVCache: batch {batch} given, {self.batch_size} rows cached")
+        need = max(self.lengths) + q
+        while len(self.key_cache) <= layer_idx:  # first forward pass of rows without a prefix
+            self.key_cache.append(key_states.new_zeros((batch, key_states.shape[1], need + self.reserve,
+                                                        key_states.shape[3])))
+            self.value_cache.append(value_states.new_zeros((batch, value_states.shape[1], need + self.reserve,
+                                                            value_states.shape[3])))
+        self._grow(layer_idx, need)
+        k_buf, v_buf = self.key_cache[layer_idx], self.value_cache[layer_idx]
+        if min(self.lengths) == max(self.lengths):
+            start = self.lengths[0]
+            k_buf[:, :, start:start + q] = key_states
+            v_buf[:, :, start:start + q] = value_states
+        else:
+            if self._index is None or self._index[1].shape[1] != q:
+                device = key_states.device
+                rows = torch.arange(batch, device=device)[:, None]
+                pos = torch.as_tensor(self.lengths, device=device)[:, None] + torch.arange(q, device=device)[None]
+                self._index = (rows, pos)
+            rows, pos = self._index
+            k_buf[rows, :, pos] = key_states.transpose(1, 2)
+            v_buf[rows, :, pos] = value_states.transpose(1, 2)
+        return k_buf[:, :, :need], v_buf[:, :, :need]
+
+    def advance(self, counts) -> None:
+        """The forward pass is done: row b now holds ``counts[b]`` (or ``counts``) more tokens."""
+        counts = [int(counts)] * self.batch_size if isinstance(counts, int) else [int(c) for c in counts]
+        self.lengths = [n + c for n, c in zip(self.lengths, counts)]
+        self._index = None
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (in that order)."""
+        rows = [int(r) for r in rows]
+        if rows == list(range(self.batch_size)):
+            return
+        if self.key_cache:
+            index = torch.as_tensor(rows, device=self.key_cache[0].device)
+            self.key_cache = [k.index_select(0, index) for k in self.key_cache]
+            self.value_cache = [v.index_select(0, index) for v in self.value_cache]
+        self.lengths = [self.lengths[r] for r in rows]
+        self._index = None
+
+    def get_seq_length(self, layer_idx: Optional[int] = 0) -> int:
+        return max(self.lengths) if self.lengths else 0
+
+    def get_max_cache_shape(self) -> Optional[int]:
+        return None
+
+
+ROW_ATTENTION = "sasasa2va_rows"
+
+
+def _row_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Attention-interface function of exact batched decoding steps (``generate_answers(exact=True)``).
+
+    With a ``ragged_attention_mask``, SDPA runs row by row on each row's own keys (their number read
+    off the mask's last query row), GQA-aware, on views of the cached states: what
+    ``sdpa_attention_forward`` computes for that row alone (it expands the KV heads first; same values,
+    same kernel), without copying the batch's keys. One-token steps run unmasked (as a single-prompt
+    step does), longer passes with the row's causal mask (the one ``_update_causal_mask`` builds for a
+    single prompt over a cache). Anything else goes to ``sdpa_attention_forward``.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is None or attention_mask.dim() != 4 or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    lengths = (attention_mask[:, 0, -1, : key.shape[-2]] == 0).sum(-1).tolist()
+    gqa = {"enable_gqa": True} if query.shape[1] != key.shape[1] else {}
+    one = query.shape[2] == 1
+    rows = [F.scaled_dot_product_attention(query[b:b + 1].contiguous(), key[b:b + 1, :, :n], value[b:b + 1, :, :n],
+                                           attn_mask=None if one else attention_mask[b:b + 1, :, :, :n],
+                                           scale=scaling, **gqa) for b, n in enumerate(lengths)]
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def _attention_interface():
+    try:
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError:  # older transformers
+        return None
+    return AttentionInterface
+
+
+def _exact_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    from .video_context import RowExact
+
+    return RowExact._linear(x, module.weight, module.bias)
+
+
+@contextlib.contextmanager
+def _row_exact_llm(language_model):
+    """Batch-invariant passes of an HF SDPA LLM (cheaper than the RowExact mode, which sees every op):
+    its nn.Linear layers run one GEMM per batch row (``RowExact._linear``) and it attends with
+    ``_row_attention`` (attention interface)."""
+    config = language_model.config
+    patched = []
+    interface = _attention_interface()
+    interface.register(ROW_ATTENTION, _row_attention)
+    config._attn_implementation = ROW_ATTENTION
+    try:
+        for m in language_model.modules():
+            if isinstance(m, nn.Linear) and "forward" not in m.__dict__:
+                m.forward = functools.partial(_exact_linear_forward, m)
+                patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
+        config._attn_implementation = "sdpa"
+
+
+def ragged_attention_mask(lengths: Sequence[int], query_len: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive [B, 1, q, max(lengths) + q] mask for a RaggedKVCache pass: query j of row b (position
+    ``lengths[b] + j``) sees keys ``0 .. lengths[b] + j`` (its own tokens, causally), nothing else."""
+    start = torch.as_tensor(list(lengths), device=device)
+    keys = torch.arange(max(lengths) + query_len, device=device)
+    visible = keys[None, None, :] <= (start[:, None] + torch.arange(query_len, device=device)[None, :])[:, :, None]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
 
 
 class SaSaSa2VAChatModel(PreTrainedModel):
@@ -300,6 +488,12 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         out = self.language_model.get_decoder()(inputs_embeds=embeds, past_key_values=DynamicCache(), use_cache=True)
         return PrefixCache(out.past_key_values, prefix_ids.clone(), n_img)
 
+    def _uses_row_attention(self) -> bool:
+        """The LLM attends through transformers' SDPA attention interface (Qwen2/3, Llama, Phi3; not this
+        repo's InternLM2), so exact batched passes can use ``_row_exact_llm``."""
+        return (_attention_interface() is not None and not isinstance(self.language_model, InternLM2ForCausalLM)
+                and getattr(self.config.llm_config, "_attn_implementation", None) == "sdpa")
+
     def _count_image_tokens(self, ids: torch.Tensor) -> int:
         if self.img_context_token_id is None:
             return 0
@@ -397,6 +591,187 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         text = tokenizer.decode(generated, skip_special_tokens=False)
         return GeneratedAnswer(ids, text, seg, prompt_cache)
 
+    @torch.no_grad()
+    def generate_answers(
+        self,
+        input_ids_list: Sequence[torch.Tensor],
+        prefix_cache=None,
+        tokenizer=None,
+        stop_words: Sequence[str] = (),
+        max_new_tokens: int = 2048,
+        eos_token_id=None,
+        exact: Optional[bool] = None,
+    ) -> list:
+        """Greedy decoding of several prompts in one batch: one ``GeneratedAnswer`` per prompt, with the
+        ids / text / [SEG]-state semantics of ``generate_answer`` (same stop rules, the final token is
+        never fed back, ``prompt_cache`` is None).
+
+        ``prefix_cache``: one PrefixCache shared by every prompt, one per prompt (any lengths), or None.
+        The prompt tokens after the prefix must not hold <IMG_CONTEXT> tokens (images go in the prefix,
+        see ``build_prefix_cache``). Rows live in a :class:`RaggedKVCache` (each row's tokens contiguous
+        at its own positions); a row that stops (EOS, stop word, ``max_new_tokens``) leaves the batch.
+
+        ``exact`` (default: True on CPU) makes every row bit-for-bit what ``generate_answer`` computes
+        for it alone: every batched pass runs one GEMM per row for each linear layer and attention row
+        by row on each row's own keys (the GEMM / SDPA shapes of a single prompt; see
+        ``video_context.RowExact``), and prompt remainders are prefilled together only when their
+        lengths are equal (else alone). ``exact=False`` prefills the remainders as one right-padded
+        batch and runs plain batched steps with a padding mask: same answers up to floating-point
+        rounding (the usual choice on GPUs, where batch-invariant kernels are not available anyway).
+        One prompt is handed to ``generate_answer``; so are all prompts when the LLM's attention is
+        neither eager nor SDPA (no 4-D padding masks).
+        """
+        if tokenizer is None:
+            raise ValueError("generate_answers needs the tokenizer (stop words are checked on decoded text)")
+        prompts = [ids.reshape(1, -1) if ids.dim() == 1 else ids for ids in input_ids_list]
+        for ids in prompts:
+            if ids.dim() != 2 or ids.shape[0] != 1:
+                raise ValueError(f"generate_answers: each prompt must be [n] or [1, n], got {tuple(ids.shape)}")
+        n = len(prompts)
+        if prefix_cache is None or isinstance(prefix_cache, PrefixCache):
+            prefixes = [prefix_cache] * n
+        else:
+            prefixes = list(prefix_cache)
+            if len(prefixes) != n:
+                raise ValueError(f"generate_answers: {len(prefixes)} prefix caches for {n} prompts")
+        common = dict(tokenizer=tokenizer, stop_words=stop_words, max_new_tokens=max_new_tokens,
+                      eos_token_id=eos_token_id)
+        if n == 0:
+            return []
+        impl = getattr(self.config.llm_config, "_attn_implementation", None)
+        if n == 1 or impl not in (None, "eager", "sdpa"):  # padding masks need eager/SDPA attention
+            return [self.generate_answer(ids, prefix_cache=p, **common) for ids, p in zip(prompts, prefixes)]
+        device = prompts[0].device
+        exact = device.type == "cpu" if exact is None else bool(exact)
+        if eos_token_id is None:
+            eos_token_id = tokenizer.eos_token_id
+        eos_list = eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id]
+        eos_ids = {int(e) for e in eos_list if e is not None}
+
+        suffixes = []
+        for ids, prefix in zip(prompts, prefixes):
+            start = 0 if prefix is None else prefix.length
+            if prefix is not None:
+                if start >= ids.shape[1]:
+                    raise ValueError(
+                        f"generate_answers: the prefix cache covers {start} tokens but a prompt has only "
+                        f"{ids.shape[1]}; at least one new prompt token is needed"
+                    )
+                if not torch.equal(ids[:, :start].cpu(), prefix.input_ids.cpu()):
+                    raise ValueError("generate_answers: a prompt does not start with its prefix-cache tokens")
+            suffix = ids[:, start:]
+            if self._count_image_tokens(suffix):
+                raise ValueError("generate_answers: <IMG_CONTEXT> tokens after the prefix cache; put the images "
+                                 "in the prefix (build_prefix_cache)")
+            suffixes.append(suffix)
+
+        from .video_context import RowExact
+
+        decoder = self.language_model.get_decoder()
+        head = self.language_model.get_output_embeddings()
+        embed_tokens = self.get_input_embeddings()
+        sizes = [int(x.shape[1]) for x in suffixes]
+        # exact passes: HF SDPA LLMs patch their linears and attention (cheap); others (InternLM2, which
+        # calls SDPA itself) run under the RowExact torch-function mode
+        light = exact and self._uses_row_attention()
+
+        def exact_pass(key_lengths=None):
+            if not exact:
+                return contextlib.nullcontext()
+            return _row_exact_llm(self.language_model) if light else RowExact(key_lengths=key_lengths)
+
+        reserve = max(64, min(int(max_new_tokens), 256))
+        if exact:  # every row's prompt prefilled as generate_answer does it alone
+            rows, last = [None] * n, [None] * n
+            groups: dict = {}
+            for b, (size, prefix) in enumerate(zip(sizes, prefixes)):
+                # rows with a prefix and equal suffix lengths share a pass: the same GEMM / SDPA shapes per row
+                key = ("group", size) if light and prefix is not None else ("alone", b)
+                groups.setdefault(key, []).append(b)
+            for members in groups.values():
+                if len(members) == 1:
+                    b = members[0]
+                    cache = DynamicCache() if prefixes[b] is None else copy_cache(prefixes[b].cache)
+                    out = decoder(inputs_embeds=self.build_input_embeds(suffixes[b]), past_key_values=cache,
+                                  use_cache=True)
+                    rows[b], last[b] = out.past_key_values.to_legacy_cache(), out.last_hidden_state[:, -1]
+                    continue
+                part = RaggedKVCache.from_caches([prefixes[b].cache for b in members], reserve=sizes[members[0]])
+                width = sizes[members[0]]
+                embeds = torch.cat([self.build_input_embeds(suffixes[b]) for b in members])
+                positions = torch.as_tensor(part.lengths, device=device)[:, None] + torch.arange(width, device=device)
+                mask = ragged_attention_mask(part.lengths, width, embeds.dtype, device)
+                with exact_pass():
+                    out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                  past_key_values=part, use_cache=True)
+                part.advance(width)
+                for i, b in enumerate(members):
+                    rows[b], last[b] = part.row_legacy(i), out.last_hidden_state[i:i + 1, -1]
+                del part
+            kv = RaggedKVCache.from_legacy(rows, reserve=reserve)
+            del rows
+            hidden = torch.cat(last)
+            with exact_pass():
+                logits = head(hidden)  # one head call for the batch
+        else:  # one right-padded batch over the prefixes
+            kv = RaggedKVCache.from_caches([None if p is None else p.cache for p in prefixes],
+                                           reserve=max(sizes) + reserve)
+            embeds = [self.build_input_embeds(x)[0] for x in suffixes]
+            width = max(sizes)
+            batch = embeds[0].new_zeros((n, width, embeds[0].shape[-1]))
+            for b, e in enumerate(embeds):
+                batch[b, : e.shape[0]] = e
+            starts = torch.as_tensor(kv.lengths, device=device)
+            positions = starts[:, None] + torch.arange(width, device=device)[None]
+            mask = ragged_attention_mask(kv.lengths, width, batch.dtype, device)
+            out = decoder(inputs_embeds=batch, attention_mask=mask, position_ids=positions, past_key_values=kv,
+                          use_cache=True)
+            kv.advance(sizes)
+            last_index = torch.as_tensor([s - 1 for s in sizes], device=device)
+            hidden = out.last_hidden_state[torch.arange(n, device=device), last_index]
+            logits = head(hidden)
+
+        generated: list[list[int]] = [[] for _ in range(n)]
+        seg_states: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        active = list(range(n))
+        seg_id = self.seg_token_id
+        while True:
+            tokens = logits.float().argmax(-1).tolist()
+            keep = []
+            for i, b in enumerate(active):
+                generated[b].append(int(tokens[i]))
+                if tokens[i] in eos_ids or len(generated[b]) >= max_new_tokens:
+                    continue
+                if stop_words and ends_with_stop_word(tokenizer.decode(generated[b], skip_special_tokens=False),
+                                                      stop_words):
+                    continue
+                keep.append(i)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                kv.select(keep)
+                active = [active[i] for i in keep]
+            step = embed_tokens(torch.tensor([[generated[b][-1]] for b in active], device=device))
+            positions = torch.as_tensor(kv.lengths, device=device)[:, None]
+            mask = ragged_attention_mask(kv.lengths, 1, step.dtype, device)
+            with exact_pass(key_lengths=[length + 1 for length in kv.lengths]):
+                out = decoder(inputs_embeds=step, attention_mask=mask, position_ids=positions, past_key_values=kv,
+                              use_cache=True)
+                hidden = out.last_hidden_state[:, -1]
+                for i, b in enumerate(active):
+                    if seg_id is not None and generated[b][-1] == seg_id:
+                        seg_states[b].append(hidden[i:i + 1])
+                logits = head(hidden)
+            kv.advance(1)
+        del kv
+        hidden_size = self.config.llm_config.hidden_size
+        answers = []
+        for b in range(n):
+            seg = torch.cat(seg_states[b], 0) if seg_states[b] else hidden.new_zeros((0, hidden_size))
+            ids = torch.tensor(generated[b], dtype=torch.long, device=prompts[b].device)
+            answers.append(GeneratedAnswer(ids, tokenizer.decode(generated[b], skip_special_tokens=False), seg, None))
+        return answers
+
     # =========================================================================================
     # predict_forward (five inference modes) -- RESERVED: added by a later task in this file.
     # =========================================================================================
@@ -451,7 +826,8 @@ class SaSaSa2VAChatModel(PreTrainedModel):
 
         Results equal a fresh ``predict_forward`` per (text, mode) bit for bit (on CPU float32), but
         frames are SAM2-encoded once, MLLM images encoded once, prompt prefixes, answers and decode
-        results are reused. ``selected_fids`` (q_frame): dict keyed by text index (or text) or a list of
+        results are reused, and the video's distinct answers are greedy-decoded in batches
+        (``generate_answers``). ``selected_fids`` (q_frame): dict keyed by text index (or text) or a list of
         lists. Extra keywords: ``on_result(mode, text_index, result)`` callback, ``keep_results``
         (False: only the callback sees results), ``errors='raise'|'record'`` (record: a failing item
         gets status "failed" and "error"), plus the predict_forward options. Pass ``context`` (a

@@ -8,18 +8,27 @@ only on the video or on the frame selection. A :class:`VideoContext` caches
 (c) prompt KV caches at a canonical split after the last ``</img>`` (everything but the question),
 (d) whole generations (same tokens + same images -> same greedy answer; e.g. uniform and
     uniform_plus see the same 100 frames) and the combined low-res logits of identical decode plans,
+(e) optionally (``pair_cache_bytes``), single (frame, [SEG]) decodes, shared by the decode plans of
+    one answer,
 
-and counts the work done (:class:`WorkCounters`).
+and counts the work done (:class:`WorkCounters`). ``predict_video`` first plans every answer the
+video needs (each text x mode) and greedy-decodes the distinct ones in batches
+(:meth:`VideoContext.prefetch_generations` -> ``model.generate_answers``); the per-(text, mode) loop
+then finds them in (d).
 
 Exactness: every computation is split into units that do not depend on what is cached — SAM2 encodes
 frame blocks aligned to ``encode_batch``, each MLLM image goes through the ViT alone, the prompt is
-prefilled in the same two chunks, decodes run on the sorted distinct (frame, prompt) pairs — so a cache
+prefilled in the same two chunks, decodes run on the sorted distinct (frame, prompt) pairs, batched
+decoding on CPU (``exact_rows``) computes each row as it would alone (:class:`RowExact`) — so a cache
 hit returns bit-for-bit what a fresh :class:`VideoContext` would compute. ``naive=True`` turns every
 cache off and follows the reference's batching (all frames encoded per call, 20 images in one ViT
-batch, one-shot prefill, 100 virtual decodes in Path B), as a baseline for benchmarks.
+batch, one-shot prefill, one prompt decoded at a time, 100 virtual decodes in Path B), as a baseline
+for benchmarks.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import numbers
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -27,6 +36,8 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .frame_sampling import (
     MODES,
@@ -56,7 +67,63 @@ from .preprocessing import check_same_size, dynamic_preprocess, kfc_mllm_images,
 from .sam2_grounding import FrameFeatures
 from .templates import IMG_END_TOKEN, get_template, image_token_string
 
+logger = logging.getLogger(__name__)
+PAIR_CACHE_BYTES = 64 << 20  # default bound of VideoContext's single-decode cache where it is on
 ImageSpec = tuple  # (hashable key, zero-argument callable -> float pixels [3, S, S])
+
+
+class RowExact(TorchFunctionMode):
+    """Batch-invariant arithmetic (CPU): while active, each item of a batch computes bit for bit what
+    it computes in a batch of its own, whatever else is in the batch.
+
+    * ``F.linear`` runs as one GEMM per batch item (``baddbmm`` over the leading dimension; a 2-D input
+      is a batch of single rows) -- the GEMM shape a batch of one uses -- instead of one GEMM over all
+      rows, whose blocking (hence rounding) depends on the number of rows;
+    * with ``key_lengths`` (one-token decoding steps over a RaggedKVCache), ``F.scaled_dot_product_attention``
+      runs row by row on each row's own ``key_lengths[b]`` keys without a mask -- what a single-prompt
+      step runs -- instead of one masked call whose reductions depend on the longest row.
+
+    Norms, activations, rotary embeddings, lookups and per-item attention are already batch-invariant.
+    Used by ``generate_answers(exact=True)`` (batched greedy decoding equal to ``generate_answer``) and by
+    :meth:`VideoContext.decode_pairs` (SAM2 decodes that do not depend on the other pairs of their chunk,
+    so single (frame, prompt) results can be cached and reused across decode plans).
+    """
+
+    def __init__(self, key_lengths: Optional[Sequence[int]] = None):
+        super().__init__()
+        self.key_lengths = None if key_lengths is None else [int(n) for n in key_lengths]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return self._linear(*args, **kwargs)
+        if func is F.scaled_dot_product_attention and self.key_lengths is not None:
+            return self._attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _linear(x, weight, bias=None):
+        if x.dim() < 2:
+            return F.linear(x, weight, bias)
+        rows = x.shape[0]
+        x3 = x.reshape(rows, -1, x.shape[-1])
+        wt = weight.t().expand(rows, weight.shape[1], weight.shape[0])
+        if bias is None:
+            out = torch.bmm(x3, wt)
+        else:
+            out = torch.baddbmm(bias.expand(rows, 1, bias.shape[0]), x3, wt)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        lengths = self.key_lengths
+        if query.dim() != 4 or query.shape[-2] != 1 or query.shape[0] != len(lengths) or is_causal or dropout_p:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal, scale=scale, **kw)
+        outs = []
+        for b, n in enumerate(lengths):
+            outs.append(F.scaled_dot_product_attention(query[b:b + 1], key[b:b + 1, :, :n], value[b:b + 1, :, :n],
+                                                       scale=scale, **kw))
+        return torch.cat(outs)
 
 
 @dataclass
@@ -95,11 +162,26 @@ class VideoContext:
     ``encode_batch`` / ``decode_batch``: SAM2 encoder / mask-decoder batch sizes; ``max_prefix_caches``,
     ``max_cached_logits``, ``max_vision_images``: LRU sizes of the prompt-prefix KV caches, combined
     low-res logits and vision tokens (0 disables that cache). Answers are always kept (small).
+    ``decode_batch_prompts``: most prompts greedy-decoded together by :meth:`prefetch_generations`
+    (1 = one at a time); it bounds the batch's KV memory (one prompt's KV cache per row, plus the
+    batch's distinct prefix caches).
+    ``exact_rows`` (default: on CPU): batched greedy decoding runs ``generate_answers(exact=True)``, so
+    every answer is bit for bit the one-prompt answer; otherwise plain batched kernels (GPU), equal up
+    to rounding.
+    ``pair_cache_bytes``: bound on the cached low-res logits of single (frame, [SEG]) decodes, reused
+    across the decode plans of one answer (e.g. uniform's Path A and uniform_plus's Path B), so each
+    distinct pair is decoded once; 0 disables it. Default (None): on when ``exact_rows`` is off, off
+    when it is on. With ``exact_rows`` the pair cache decodes under :class:`RowExact`, which makes a
+    pair's logits independent of its chunk (a cached pair equals a fresh one bit for bit) but rounds
+    differently from the plain decoder of the naive path (~1 ulp), which can flip a mask pixel whose
+    probability is within an ulp of 0.5 -- hence off by default where masks are compared bitwise.
     """
 
     def __init__(self, model, tokenizer, frames, feature_budget_bytes: Optional[int] = None, *,
                  naive: bool = False, encode_batch: int = 8, decode_batch: int = 16,
-                 max_prefix_caches: int = 4, max_cached_logits: int = 8, max_vision_images: int = 512):
+                 max_prefix_caches: int = 4, max_cached_logits: int = 8, max_vision_images: int = 512,
+                 decode_batch_prompts: int = 16, pair_cache_bytes: Optional[int] = None,
+                 exact_rows: Optional[bool] = None):
         if tokenizer is None:
             raise ValueError("VideoContext needs the tokenizer")
         if frames is None or isinstance(frames, (str, bytes)):
@@ -110,7 +192,8 @@ class VideoContext:
         check_same_size(self.frames, where="video")
         if feature_budget_bytes is not None and feature_budget_bytes < 0:
             raise ValueError(f"feature_budget_bytes must be >= 0 or None, got {feature_budget_bytes}")
-        for name, value in (("encode_batch", encode_batch), ("decode_batch", decode_batch)):
+        for name, value in (("encode_batch", encode_batch), ("decode_batch", decode_batch),
+                            ("decode_batch_prompts", decode_batch_prompts)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self._source = source
@@ -126,6 +209,11 @@ class VideoContext:
         self.max_prefix_caches = max(0, int(max_prefix_caches))
         self.max_cached_logits = max(0, int(max_cached_logits))
         self.max_vision_images = max(0, int(max_vision_images))
+        self.decode_batch_prompts = decode_batch_prompts
+        self.exact_rows = (self.device.type == "cpu") if exact_rows is None else bool(exact_rows)
+        if pair_cache_bytes is None:
+            pair_cache_bytes = 0 if self.exact_rows else PAIR_CACHE_BYTES
+        self.pair_cache_bytes = max(0, int(pair_cache_bytes))
         self.num_frames = len(self.frames)
         self.width, self.height = self.frames[0].size if self.frames else (0, 0)
         self.stop_words = list(get_template(self.config.template)["STOP_WORDS"])
@@ -136,7 +224,12 @@ class VideoContext:
         self._vision: OrderedDict = OrderedDict()
         self._prefix: OrderedDict = OrderedDict()
         self._generations: dict = {}
+        self._prefetched: set = set()  # generations computed ahead by prefetch_generations, not yet served
         self._logits: OrderedDict = OrderedDict()
+        self._pairs: OrderedDict = OrderedDict()  # (generation key, frame, prompt row) -> low-res logits [h, w]
+        self._pair_bytes = 0
+        self._eval_held = False  # set by predict_video while it keeps the model in eval mode
+        self._pair_key = None  # pair-cache key of the answer predict() is decoding
 
     # ------------------------------------------------------------------------------------ helpers
     def same_frames(self, frames) -> bool:
@@ -249,13 +342,41 @@ class VideoContext:
         return specs
 
     # ------------------------------------------------------------------------------------ (c)+(d) generation
+    def _prefix_for(self, ids: torch.Tensor, specs: Sequence[ImageSpec], boundary: int):
+        """The KV cache of ``ids[:, :boundary]`` with the images of ``specs`` (LRU; counted)."""
+        pkey = (tuple(ids[0, :boundary].tolist()), tuple(k for k, _ in specs))
+        prefix = self._prefix.get(pkey)
+        if prefix is None:
+            vision = self.vision_tokens(specs) if specs else None
+            prefix = self.model.build_prefix_cache(ids[:, :boundary], vision_embeds=vision)
+            self.counters.tokens_prefilled += boundary
+            if self.max_prefix_caches:
+                self._prefix[pkey] = prefix
+                while len(self._prefix) > self.max_prefix_caches:
+                    self._prefix.popitem(last=False)
+        else:
+            self._prefix.move_to_end(pkey)
+            self.counters.prefix_tokens_reused += boundary
+        return prefix
+
+    def _store(self, gkey: tuple, answer, num_prompt_tokens: int) -> "Generation":
+        self.counters.tokens_prefilled += num_prompt_tokens
+        self.counters.tokens_decoded += max(int(answer.ids.numel()) - 1, 0)  # the last token is never fed back
+        gen = Generation(gkey, answer.ids, answer.text, answer.seg_hidden_states)
+        if not self.naive:
+            self._generations[gkey] = gen
+        return gen
+
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, specs: Sequence[ImageSpec], max_new_tokens: int) -> Generation:
         """Greedy answer for prompt ``ids`` whose <IMG_CONTEXT> blocks show the images of ``specs``."""
         keys = tuple(k for k, _ in specs)
         gkey = (tuple(ids[0].tolist()), keys, int(max_new_tokens))
         if not self.naive and gkey in self._generations:
-            self.counters.generations_reused += 1
+            if gkey in self._prefetched:  # computed ahead in a batch: its first use is not a reuse
+                self._prefetched.discard(gkey)
+            else:
+                self.counters.generations_reused += 1
             return self._generations[gkey]
         model, n = self.model, int(ids.shape[1])
         common = dict(tokenizer=self.tokenizer, stop_words=self.stop_words, max_new_tokens=max_new_tokens)
@@ -263,32 +384,83 @@ class VideoContext:
         if self.naive:
             vision = self._vision_tokens_naive(specs) if specs else None
             answer = model.generate_answer(ids, vision_embeds=vision, **common)
-            self.counters.tokens_prefilled += n
         elif boundary:
-            pkey = (gkey[0][:boundary], keys)
-            prefix = self._prefix.get(pkey)
-            if prefix is None:
-                vision = self.vision_tokens(specs) if specs else None
-                prefix = model.build_prefix_cache(ids[:, :boundary], vision_embeds=vision)
-                self.counters.tokens_prefilled += boundary
-                if self.max_prefix_caches:
-                    self._prefix[pkey] = prefix
-                    while len(self._prefix) > self.max_prefix_caches:
-                        self._prefix.popitem(last=False)
-            else:
-                self._prefix.move_to_end(pkey)
-                self.counters.prefix_tokens_reused += boundary
+            prefix = self._prefix_for(ids, specs, boundary)
             answer = model.generate_answer(ids, prefix_cache=prefix, **common)
-            self.counters.tokens_prefilled += n - boundary
+            n -= boundary
         else:
             vision = self.vision_tokens(specs) if specs else None
             answer = model.generate_answer(ids, vision_embeds=vision, **common)
-            self.counters.tokens_prefilled += n
-        self.counters.tokens_decoded += max(int(answer.ids.numel()) - 1, 0)  # the last token is never fed back
-        gen = Generation(gkey, answer.ids, answer.text, answer.seg_hidden_states)
-        if not self.naive:
-            self._generations[gkey] = gen
-        return gen
+        return self._store(gkey, answer, n)
+
+    def can_batch_generations(self) -> bool:
+        """Batched decoding is used unless disabled, naive, or the model's ``generate_answer`` was
+        replaced on the instance (a wrapper -- e.g. a test's scripted LM head resetting per call --
+        that the batched ``generate_answers`` would bypass) without ``generate_answers`` being too."""
+        model = self.model
+        if self.naive or self.decode_batch_prompts < 2 or not callable(getattr(model, "generate_answers", None)):
+            return False
+        own = getattr(model, "__dict__", {})
+        return "generate_answer" not in own or "generate_answers" in own
+
+    @torch.no_grad()
+    def prefetch_generations(self, requests: Sequence[tuple], options: Optional[InferenceOptions] = None) -> int:
+        """Compute ahead, in batches, every answer that ``requests`` ((text, mode, selected_fids[, past_text])
+        tuples) need and that is not cached yet; :meth:`predict` then finds them in the generation cache.
+
+        Distinct prompts are ordered by prompt prefix (so prompts sharing images sit together) and
+        greedy-decoded in balanced batches of at most ``decode_batch_prompts`` with
+        ``model.generate_answers`` (``exact=exact_rows``); prompts with different images (q_frame)
+        share a batch too. Returns the number of answers computed. A request that cannot be planned
+        (bad mode, missing selected_fids, ...) is skipped: its own ``predict`` call reports the
+        error. Counters are those of computing each answer alone.
+        """
+        if not self.can_batch_generations() or not self.num_frames:
+            return 0
+        options = options or InferenceOptions()
+        max_new = int(options.max_new_tokens)
+        groups: "OrderedDict[tuple, list]" = OrderedDict()
+        seen = set()
+        for request in requests:
+            text, mode, fids = request[:3]
+            past = request[3] if len(request) > 3 else ""
+            try:
+                _, specs, ids = self._prompt(text, mode, fids, past)
+            except Exception:
+                continue
+            keys = tuple(k for k, _ in specs)
+            gkey = (tuple(ids[0].tolist()), keys, max_new)
+            if gkey in self._generations or gkey in seen:
+                continue
+            boundary = canonical_boundary(ids, self.img_end_id)
+            if not boundary:
+                continue  # no image prefix: left to generate()
+            seen.add(gkey)
+            groups.setdefault((gkey[0][:boundary], keys), []).append((gkey, ids, specs, boundary))
+        todo = [item for group in groups.values() for item in group]
+        done = 0
+        num_chunks = -(-len(todo) // self.decode_batch_prompts)
+        base, extra = divmod(len(todo), max(num_chunks, 1))
+        start = 0
+        for c in range(num_chunks):  # balanced chunks: no small leftover batch
+            chunk = todo[start:start + base + (c < extra)]
+            start += len(chunk)
+            if len(chunk) == 1:
+                gkey, ids, specs, _ = chunk[0]
+                self.generate(ids, specs, max_new)
+                self._prefetched.add(gkey)
+                done += 1
+                continue
+            prefixes = [self._prefix_for(ids, specs, boundary) for _, ids, specs, boundary in chunk]
+            answers = self.model.generate_answers([ids for _, ids, _, _ in chunk], prefix_cache=prefixes,
+                                                  tokenizer=self.tokenizer, stop_words=self.stop_words,
+                                                  max_new_tokens=max_new, exact=self.exact_rows)
+            del prefixes
+            for (gkey, ids, _, boundary), answer in zip(chunk, answers):
+                self._store(gkey, answer, int(ids.shape[1]) - boundary)
+                self._prefetched.add(gkey)
+                done += 1
+        return done
 
     # ------------------------------------------------------------------------------------ SAM2 decoding
     @torch.no_grad()
@@ -296,9 +468,12 @@ class VideoContext:
                      features: Optional[FrameFeatures] = None) -> torch.Tensor:
         """Low-res logits [len(pairs), h, w]: pair (frame, k) decoded with prompts[k] ('infer' flavour).
 
-        Decoded ``decode_batch`` pairs at a time; ``features`` (all frames, naive mode) bypasses the cache.
+        Decoded ``decode_batch`` pairs at a time (under :class:`RowExact` when the pair cache is on with
+        ``exact_rows``, so a pair's logits do not depend on the rest of its chunk); ``features`` (all
+        frames, naive mode) bypasses the cache.
         """
         out = []
+        exact = self.exact_rows and self.pair_cache_bytes and not self.naive
         for start in range(0, len(pairs), self.decode_batch):
             chunk = pairs[start:start + self.decode_batch]
             frames = [int(f) for f, _ in chunk]
@@ -307,7 +482,8 @@ class VideoContext:
                 feats, ids = self.gather_features(frames), list(range(len(chunk)))
             else:
                 feats, ids = features, frames
-            out.append(self.grounding.decode(feats, ids, prompts.index_select(0, index), mode="infer"))
+            with RowExact() if exact else contextlib.nullcontext():
+                out.append(self.grounding.decode(feats, ids, prompts.index_select(0, index), mode="infer"))
             self.counters.sam2_decodes += len(chunk)
         if not out:
             size = self.grounding.low_res_size
@@ -359,8 +535,15 @@ class VideoContext:
 
     @torch.no_grad()
     def plan_logits(self, plan: DecodePlan, prompts: torch.Tensor, options: InferenceOptions,
-                    features: Optional[FrameFeatures] = None) -> torch.Tensor:
-        """Low-res logits [L, h, w] of every real frame for ``plan`` (``prompts``: one per clip)."""
+                    features: Optional[FrameFeatures] = None, pair_key=None) -> torch.Tensor:
+        """Low-res logits [L, h, w] of every real frame for ``plan`` (``prompts``: one per clip).
+
+        ``pair_key`` (hashable, e.g. the generation key and the prompt order; default: the one
+        :meth:`predict` sets for its answer): with the pair cache on, single (frame, prompt) decodes of
+        Path A/B plans are cached under it, so another plan of the same prompts (another mode with the
+        same answer) decodes only the pairs not decoded yet.
+        """
+        pair_key = self._pair_key if pair_key is None else pair_key
         if plan.path == "C":
             cond = {f: prompts[k] for f, k in zip(plan.decode_frames, plan.prompt_index)}
             return self._propagate(cond, features)
@@ -368,23 +551,52 @@ class VideoContext:
         if features is not None:  # naive: every decode call, as the reference does
             low = self.decode_pairs(calls, prompts, features)
         else:  # equal (frame, prompt) pairs give equal logits: decode each once, then expand
-            unique = sorted(set(calls))
+            unique = sorted(set((int(f), int(k)) for f, k in calls))
             position = {pair: i for i, pair in enumerate(unique)}
-            low_unique = self.decode_pairs(unique, prompts)
-            index = torch.as_tensor([position[c] for c in calls], dtype=torch.long, device=low_unique.device)
+            low_unique = self._decode_unique(unique, prompts, pair_key)
+            index = torch.as_tensor([position[(int(f), int(k))] for f, k in calls], dtype=torch.long,
+                                    device=low_unique.device)
             low = low_unique.index_select(0, index)
         return combine_decoded_logits(plan, low, average=options.path_b_average)
+
+    def _decode_unique(self, unique: list, prompts: torch.Tensor, pair_key) -> torch.Tensor:
+        """decode_pairs over distinct pairs, through the per-video pair cache when ``pair_key`` is given."""
+        budget = self.pair_cache_bytes
+        if pair_key is None or not budget:
+            return self.decode_pairs(unique, prompts)
+        rows = {}
+        missing = []
+        for pair in unique:
+            hit = self._pairs.get((pair_key, pair))
+            if hit is None:
+                missing.append(pair)
+            else:
+                self._pairs.move_to_end((pair_key, pair))
+                rows[pair] = hit
+        if missing:
+            fresh = self.decode_pairs(missing, prompts)
+            for pair, low in zip(missing, fresh):
+                low = low.clone()  # own storage: evicting a pair frees it
+                rows[pair] = low
+                self._pairs[(pair_key, pair)] = low
+                self._pair_bytes += low.numel() * low.element_size()
+            while self._pair_bytes > budget and self._pairs:
+                _, old = self._pairs.popitem(last=False)
+                self._pair_bytes -= old.numel() * old.element_size()
+        return torch.stack([rows[pair] for pair in unique])
 
     # ------------------------------------------------------------------------------------ one prediction
     @torch.no_grad()
     def predict(self, text: str, mode: str = "uniform", selected_fids=None, return_probs: bool = False,
                 past_text: str = "", options: Optional[InferenceOptions] = None) -> dict:
         """One expression in one mode (spec evaluation.md §1-2); the result dict of predict_forward."""
-        with eval_mode(self.model):
+        # predict_video holds eval mode for the whole video (switching it walks every module, each call)
+        with contextlib.nullcontext() if self._eval_held and not self.model.training else eval_mode(self.model):
             return self._predict(text, mode, selected_fids, return_probs, past_text,
                                  options or InferenceOptions())
 
-    def _predict(self, text, mode, selected_fids, return_probs, past_text, options) -> dict:
+    def _prompt(self, text, mode, selected_fids, past_text=""):
+        """(frame indices, image specs, prompt ids [1, n]) of one expression in one mode."""
         cfg = self.config
         L = self.num_frames
         if L == 0:
@@ -399,6 +611,12 @@ class VideoContext:
         image_tokens = image_token_string(len(specs), self.model.num_image_token)
         prompt = build_prompt_text(text, image_tokens, cfg.template, past_text)
         ids = tokenize_prompt(self.tokenizer, prompt, self.device)
+        return indices, specs, ids
+
+    def _predict(self, text, mode, selected_fids, return_probs, past_text, options) -> dict:
+        cfg = self.config
+        L = self.num_frames
+        indices, specs, ids = self._prompt(text, mode, selected_fids, past_text)
         gen = self.generate(ids, specs, options.max_new_tokens)
         answer = gen.text.strip()
         num_seg = int(gen.seg_hidden_states.shape[0])
@@ -419,7 +637,11 @@ class VideoContext:
             index = torch.as_tensor(order, dtype=torch.long, device=self.device)
             prompts = seg_prompts(self.model, gen.seg_hidden_states).index_select(0, index)
             features = self._encode_frames(list(range(L))) if self.naive else None
-            low = self.plan_logits(plan, prompts, options, features)
+            self._pair_key = (gen.key, tuple(order))  # plan_logits keeps its 4-argument call
+            try:
+                low = self.plan_logits(plan, prompts, options, features)
+            finally:
+                self._pair_key = None
             if not self.naive and self.max_cached_logits:
                 self._logits[lkey] = low
                 while len(self._logits) > self.max_cached_logits:
@@ -491,20 +713,32 @@ def predict_video(model, frames, texts: Sequence[str], tokenizer, modes: Sequenc
                              f"pass them to VideoContext instead")
     results = {mode: [None] * len(texts) for mode in modes}
     with torch.no_grad(), eval_mode(model):
-        for i, text in enumerate(texts):  # text-major: modes of one text share generations and logits
-            for mode in modes:
-                try:
-                    out = context.predict(text, mode, selected_fids=fids[i], return_probs=return_probs,
-                                          options=opts)
-                except Exception as exc:
-                    if errors == "raise":
-                        raise
-                    out = {"prediction": "", "prediction_masks": [], "num_seg": 0, "status": "failed",
-                           "error": f"{type(exc).__name__}: {exc}"}
-                if on_result is not None:
-                    on_result(mode, i, out)
-                if keep_results:
-                    results[mode][i] = out
+        # every answer the video needs, greedy-decoded in batches up front (the loop finds them cached)
+        try:
+            context.prefetch_generations([(text, mode, fids[i]) for i, text in enumerate(texts) for mode in modes],
+                                         options=opts)
+        except Exception:
+            if errors == "raise":
+                raise
+            logger.warning("batched decoding failed; answers are computed one at a time", exc_info=True)
+        held, context._eval_held = context._eval_held, True
+        try:
+            for i, text in enumerate(texts):  # text-major: modes of one text share generations and logits
+                for mode in modes:
+                    try:
+                        out = context.predict(text, mode, selected_fids=fids[i], return_probs=return_probs,
+                                              options=opts)
+                    except Exception as exc:
+                        if errors == "raise":
+                            raise
+                        out = {"prediction": "", "prediction_masks": [], "num_seg": 0, "status": "failed",
+                               "error": f"{type(exc).__name__}: {exc}"}
+                    if on_result is not None:
+                        on_result(mode, i, out)
+                    if keep_results:
+                        results[mode][i] = out
+        finally:
+            context._eval_held = held
     return results
 
 
