@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Segment the object a sentence refers to in your own video, with one command.
+
+    python tools/demo.py --model HF_DIR --video clip.mp4 --text "the dog that jumps" --out dog.gif
+    python tools/demo.py --model HF_DIR --video frames_dir/ --text "the red car" --mode wrap_around \\
+        --out car.gif --save-masks
+
+``--video``: a video file OpenCV can decode (mp4, avi, ...; every ``--video-step``-th frame is kept) or
+a folder of frames (jpg/jpeg/png/bmp/webp, sorted by name, all the same size). ``--mode``: one of the
+five frame-sampling modes; q_frame needs the 100 selected frame indices (``--selected-fids``, a JSON
+list or a file holding one). Writes the overlay GIF (prediction tinted and outlined on every frame) and
+with ``--save-masks`` one 0/255 PNG per frame into ``--masks-dir`` (default: OUT without its suffix +
+'_masks/'). Prints the model's answer and how many frames have a non-empty mask.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MODES = ("uniform", "uniform_plus", "q_frame", "wrap_around", "wrap_around_plus")
+
+
+def load_video(path: str, step: int = 1) -> tuple[list, list[str]]:
+    """(RGB PIL frames, frame names) from a video file or a folder of frames; ValueError if unusable."""
+    from PIL import Image
+
+    if step < 1:
+        raise ValueError(f"--video-step must be >= 1, got {step}")
+    if os.path.isdir(path):
+        names = sorted(f for f in os.listdir(path) if f.lower().endswith(FRAME_SUFFIXES))
+        if not names:
+            raise ValueError(f"{path}: no frames ({', '.join(FRAME_SUFFIXES)}) in this folder")
+        names = names[::step]
+        frames = []
+        for name in names:
+            try:
+                with Image.open(os.path.join(path, name)) as im:
+                    frames.append(im.convert("RGB"))
+            except Exception as exc:  # PIL raises several types for broken files
+                raise ValueError(f"{os.path.join(path, name)}: cannot read this frame ({exc})") from None
+        sizes = {f.size for f in frames}
+        if len(sizes) > 1:
+            raise ValueError(f"{path}: frames have different sizes {sorted(sizes)}; expected one size")
+        return frames, [os.path.splitext(n)[0] for n in names]
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such video file or frame folder")
+    from projects.sasasa2va.datasets.errors import DataError
+    from projects.sasasa2va.datasets.readers import decode_video_frames
+
+    try:
+        arrays = decode_video_frames(path, step=step)
+    except DataError as exc:
+        raise ValueError(str(exc)) from None
+    return [Image.fromarray(a) for a in arrays], [f"{i * step:05d}" for i in range(len(arrays))]
+
+
+def parse_selected_fids(value: str | None, num_frames: int) -> list[int] | None:
+    """A JSON list (inline or in a file) of frame indices, each in [0, num_frames)."""
+    if value is None:
+        return None
+    text = value
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        fids = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--selected-fids: expected a JSON list of frame indices (or a file with one): {exc}") from None
+    if not isinstance(fids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in fids):
+        raise ValueError("--selected-fids: expected a JSON list of integers")
+    bad = [i for i in fids if not 0 <= i < num_frames]
+    if bad:
+        raise ValueError(f"--selected-fids: indices {bad[:5]} outside the video's {num_frames} frames")
+    return fids
+
+
+def load_model(hf_dir: str, device: str, dtype: str, remote_code: bool):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from projects.sasasa2va.evaluation.runner import resolve_dtype
+
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise ValueError(f"{hf_dir}: not an exported model folder (no config.json); make one with "
+                         "projects/sasasa2va/hf/convert_to_hf.py")
+    kwargs = dict(torch_dtype=resolve_dtype(dtype, device), low_cpu_mem_usage=True)
+    if remote_code:
+        model = AutoModel.from_pretrained(hf_dir, trust_remote_code=True, **kwargs)
+    else:
+        from projects.sasasa2va.hf.models.modeling_sasasa2va_chat import SaSaSa2VAChatModel
+
+        model = SaSaSa2VAChatModel.from_pretrained(hf_dir, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=remote_code)
+    return model.to(torch.device(device)).eval(), tokenizer
+
+
+def write_outputs(frames, names, masks, out_gif: str, text: str, masks_dir: str | None, fps: float,
+                  max_side: int) -> None:
+    import cv2
+    import numpy as np
+
+    from projects.sasasa2va.evaluation.visualize import compose_frame, write_gif
+    from projects.sasasa2va.utils.io import atomic_write_bytes
+
+    total = len(frames)
+    panels = [compose_frame(np.asarray(f), m, None, max_side=max_side, caption=f"{t + 1}/{total} {text}"[:60],
+                            progress=(t + 1) / total) for t, (f, m) in enumerate(zip(frames, masks))]
+    os.makedirs(os.path.dirname(os.path.abspath(out_gif)), exist_ok=True)
+    write_gif(panels, out_gif, fps=fps)
+    if masks_dir:
+        os.makedirs(masks_dir, exist_ok=True)
+        for name, m in zip(names, masks):
+            ok, png = cv2.imencode(".png", (np.asarray(m) != 0).astype(np.uint8) * 255)
+            if not ok:
+                raise RuntimeError(f"could not encode the mask of frame {name}")
+            atomic_write_bytes(os.path.join(masks_dir, name + ".png"), png.tobytes())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="exported HF folder (convert_to_hf.py --save-path)")
+    p.add_argument("--video", required=True, help="video file or folder of frames")
+    p.add_argument("--text", required=True, help="the referring expression")
+    p.add_argument("--mode", default="uniform", choices=MODES, help="frame-sampling mode (default: uniform)")
+    p.add_argument("--out", required=True, help="output GIF path")
+    p.add_argument("--save-masks", action="store_true", help="also write one 0/255 PNG mask per frame")
+    p.add_argument("--masks-dir", default=None, help="where --save-masks writes (default: OUT minus suffix + _masks)")
+    p.add_argument("--selected-fids", default=None, help="q_frame: JSON list of 100 frame indices, or a file")
+    p.add_argument("--video-step", type=int, default=1, help="keep every N-th frame (default: 1)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--no-remote-code", action="store_true",
+                   help="load with this repository's classes instead of the folder's modeling code")
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="answer length limit (default: 2048)")
+    p.add_argument("--fps", type=float, default=8.0, help="GIF frame rate (default: 8)")
+    p.add_argument("--max-side", type=int, default=480, help="GIF frame size limit (default: 480 px)")
+    args = p.parse_args(argv)
+    if not args.text.strip():
+        p.error("--text is empty; give the sentence that refers to the object")
+    if not args.out.lower().endswith(".gif"):
+        p.error(f"--out {args.out!r}: expected a .gif path")
+    try:
+        frames, names = load_video(args.video, args.video_step)
+        fids = parse_selected_fids(args.selected_fids, len(frames))
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.mode == "q_frame" and fids is None:
+        p.error("--mode q_frame needs --selected-fids (the 100 frame indices chosen for this expression)")
+
+    import torch
+
+    from projects.sasasa2va.hf.models.templates import eval_prompt
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.time()
+    try:
+        model, tokenizer = load_model(args.model, device, args.dtype, not args.no_remote_code)
+    except ValueError as exc:
+        p.error(str(exc))
+    print(f"[demo] model {args.model} on {device}; video {args.video}: {len(frames)} frames "
+          f"{frames[0].size[0]}x{frames[0].size[1]}; mode {args.mode}", flush=True)
+    out = model.predict_forward(video=frames, text=eval_prompt(args.text), tokenizer=tokenizer, mode=args.mode,
+                                selected_fids=fids, max_new_tokens=args.max_new_tokens)
+    masks = out["prediction_masks"][0]
+    masks_dir = (args.masks_dir or os.path.splitext(args.out)[0] + "_masks") if args.save_masks else None
+    write_outputs(frames, names, masks, args.out, args.text, masks_dir, args.fps, args.max_side)
+    nonempty = int(sum(bool(m.any()) for m in masks))
+    print(f"[demo] answer: {out['prediction']!r} (status {out['status']}, {out['num_seg']} [SEG])", flush=True)
+    print(f"[demo] {nonempty}/{len(masks)} frames with a non-empty mask; GIF {args.out}"
+          + (f"; masks {masks_dir}/" if masks_dir else "") + f" ({time.time() - t0:.1f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
