@@ -88,11 +88,13 @@ def main(argv=None) -> int:
                    help="BCE + Dice on every low-res pixel instead of the reference's sampled points")
     p.add_argument("--sam2-hidden", type=int, default=None,
                    help="SAM2 width (random init; default: the tiny checkpoint's, 64)")
+    p.add_argument("--accumulate", type=int, default=1,
+                   help="samples per optimizer step (gradient accumulation; --iters counts steps)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.iters < 1 or args.eval_every < 1 or args.eval_samples < 1:
-        p.error("--iters, --eval-every and --eval-samples must be >= 1")
+    if min(args.iters, args.eval_every, args.eval_samples, args.accumulate) < 1:
+        p.error("--iters, --eval-every, --eval-samples and --accumulate must be >= 1")
 
     import torch
     import torch.nn as nn
@@ -213,22 +215,22 @@ def main(argv=None) -> int:
     sizes = [len(d) for d in datasets]
     rng = random.Random(args.seed)
     print(f"prompt={args.prompt} iters={args.iters} lr={args.lr} full_mask_loss={args.full_mask_loss} "
-          f"sam2_hidden={width} trainable={sum(q.numel() for q in params):,}", flush=True)
+          f"accumulate={args.accumulate} sam2_hidden={width} trainable={sum(q.numel() for q in params):,}", flush=True)
     t0, window, miou, blind = time.time(), [], float("nan"), float("nan")
     for it in range(1, args.iters + 1):
-        k = rng.choices(range(len(datasets)), weights=sizes)[0]
-        data = sasasa2va_collate_fn([datasets[k][rng.randrange(sizes[k])]])["data"]
-        if oracle is None:
-            losses = model(dict(data), mode="loss")
-        else:
-            losses = losses_of(data)
-        loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        totals: dict = {}
+        for _ in range(args.accumulate):
+            k = rng.choices(range(len(datasets)), weights=sizes)[0]
+            data = sasasa2va_collate_fn([datasets[k][rng.randrange(sizes[k])]])["data"]
+            losses = model(dict(data), mode="loss") if oracle is None else losses_of(data)
+            (sum(losses.values()) / args.accumulate).backward()
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + float(value) / args.accumulate
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        window.append({k: float(v) for k, v in losses.items()})
+        window.append(totals)
         if it % 25 == 0:
             avg = {k: sum(w[k] for w in window) / len(window) for k in window[-1]}
             window = []
