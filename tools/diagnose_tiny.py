@@ -226,7 +226,7 @@ def main(argv=None) -> int:
             losses = model(dict(data), mode="loss") if oracle is None else losses_of(data)
             (sum(losses.values()) / args.accumulate).backward()
             for name, value in losses.items():
-                totals[name] = totals.get(name, 0.0) + float(value) / args.accumulate
+                totals[name] = totals.get(name, 0.0) + float(value.detach()) / args.accumulate
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
