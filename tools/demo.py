@@ -83,30 +83,22 @@ def parse_selected_fids(value: str | None, num_frames: int) -> list[int] | None:
 
 
 def load_model(hf_dir: str, device: str, dtype: str, remote_code: bool):
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    from projects.sasasa2va.evaluation.runner import resolve_dtype
+    """(model, tokenizer) in eval mode on ``device``: the evaluation runner's own loading."""
+    from projects.sasasa2va.evaluation.runner import DistContext, EvalOptions
+    from projects.sasasa2va.evaluation.runner import load_model as runner_load_model
 
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise ValueError(f"{hf_dir}: not an exported model folder (no config.json); make one with "
                          "projects/sasasa2va/hf/convert_to_hf.py")
-    kwargs = dict(torch_dtype=resolve_dtype(dtype, device), low_cpu_mem_usage=True)
-    if remote_code:
-        model = AutoModel.from_pretrained(hf_dir, trust_remote_code=True, **kwargs)
-    else:
-        from projects.sasasa2va.hf.models.modeling_sasasa2va_chat import SaSaSa2VAChatModel
-
-        model = SaSaSa2VAChatModel.from_pretrained(hf_dir, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=remote_code)
-    return model.to(torch.device(device)).eval(), tokenizer
+    return runner_load_model(EvalOptions(hf_dir=hf_dir, remote_code=remote_code, dtype=dtype),
+                             DistContext(device=device))
 
 
 def write_outputs(frames, names, masks, out_gif: str, text: str, masks_dir: str | None, fps: float,
                   max_side: int) -> None:
-    import cv2
     import numpy as np
 
+    from projects.sasasa2va.evaluation.submission import encode_png
     from projects.sasasa2va.evaluation.visualize import compose_frame, write_gif
     from projects.sasasa2va.utils.io import atomic_write_bytes
 
@@ -118,10 +110,7 @@ def write_outputs(frames, names, masks, out_gif: str, text: str, masks_dir: str 
     if masks_dir:
         os.makedirs(masks_dir, exist_ok=True)
         for name, m in zip(names, masks):
-            ok, png = cv2.imencode(".png", (np.asarray(m) != 0).astype(np.uint8) * 255)
-            if not ok:
-                raise RuntimeError(f"could not encode the mask of frame {name}")
-            atomic_write_bytes(os.path.join(masks_dir, name + ".png"), png.tobytes())
+            atomic_write_bytes(os.path.join(masks_dir, name + ".png"), encode_png(m))
 
 
 def main(argv=None) -> int:
