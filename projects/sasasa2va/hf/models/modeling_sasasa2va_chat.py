@@ -119,6 +119,23 @@ def ends_with_stop_word(text: str, stop_words: Sequence[str]) -> bool:
     return any(flat.endswith(word) for word in stop_words if word)
 
 
+def eos_id_set(eos_token_id, tokenizer) -> set:
+    """The EOS ids that end an answer: ``eos_token_id`` (an id or a collection), default the tokenizer's."""
+    if eos_token_id is None:
+        eos_token_id = tokenizer.eos_token_id
+    ids = eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id]
+    return {int(e) for e in ids if e is not None}
+
+
+def answer_finished(generated: Sequence[int], eos_ids: set, max_new_tokens: int, tokenizer,
+                    stop_words: Sequence[str]) -> bool:
+    """Greedy decoding stops after EOS, at ``max_new_tokens``, or when the answer ends with a stop word."""
+    if generated[-1] in eos_ids or len(generated) >= max_new_tokens:
+        return True
+    return bool(stop_words) and ends_with_stop_word(tokenizer.decode(list(generated), skip_special_tokens=False),
+                                                    stop_words)
+
+
 class RaggedKVCache(Cache):
     """KV cache of a batch of sequences of different lengths, for batched greedy decoding.
 
@@ -232,6 +249,20 @@ class RaggedKVCache(Cache):
         return None
 
 
+def _prefix_length(input_ids: torch.Tensor, prefix_cache, caller: str) -> int:
+    """Tokens of ``input_ids`` [1, n] the prefix cache covers (0 without one), after checking that the
+    prompt starts with them and keeps at least one new token."""
+    if prefix_cache is None:
+        return 0
+    start = prefix_cache.length
+    if start >= input_ids.shape[1]:
+        raise ValueError(f"{caller}: the prefix cache covers {start} tokens but the prompt has only "
+                         f"{input_ids.shape[1]}; at least one new prompt token is needed")
+    if not torch.equal(input_ids[:, :start].cpu(), prefix_cache.input_ids.cpu()):
+        raise ValueError(f"{caller}: the prompt does not start with the prefix-cache tokens")
+    return start
+
+
 ROW_ATTENTION = "sasasa2va_rows"
 
 
@@ -250,13 +281,13 @@ def _row_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     if attention_mask is None or attention_mask.dim() != 4 or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    from .video_context import RowExact
+
     lengths = (attention_mask[:, 0, -1, : key.shape[-2]] == 0).sum(-1).tolist()
     gqa = {"enable_gqa": True} if query.shape[1] != key.shape[1] else {}
-    one = query.shape[2] == 1
-    rows = [F.scaled_dot_product_attention(query[b:b + 1].contiguous(), key[b:b + 1, :, :n], value[b:b + 1, :, :n],
-                                           attn_mask=None if one else attention_mask[b:b + 1, :, :, :n],
-                                           scale=scaling, **gqa) for b, n in enumerate(lengths)]
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+    mask = None if query.shape[2] == 1 else attention_mask
+    out = RowExact.sdpa_rows(query, key, value, lengths, attn_mask=mask, scale=scaling, **gqa)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _attention_interface():
@@ -529,20 +560,10 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         if vision_embeds is None and pixel_values is not None:
             vision_embeds = self.extract_feature(pixel_values)
         rows = None if vision_embeds is None else vision_embeds.reshape(-1, vision_embeds.shape[-1])
-        if eos_token_id is None:
-            eos_token_id = tokenizer.eos_token_id
-        eos_ids = {int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id]) if e is not None}
+        eos_ids = eos_id_set(eos_token_id, tokenizer)
 
-        start, used_rows, cache = 0, 0, DynamicCache()
+        start, used_rows, cache = _prefix_length(input_ids, prefix_cache, "generate_answer"), 0, DynamicCache()
         if prefix_cache is not None:
-            start = prefix_cache.length
-            if start >= input_ids.shape[1]:
-                raise ValueError(
-                    f"generate_answer: the prefix cache covers {start} tokens but the prompt has only "
-                    f"{input_ids.shape[1]}; at least one new prompt token is needed"
-                )
-            if not torch.equal(input_ids[:, :start].cpu(), prefix_cache.input_ids.cpu()):
-                raise ValueError("generate_answer: the prompt does not start with the prefix-cache tokens")
             used_rows = prefix_cache.num_image_tokens
             cache = copy_cache(prefix_cache.cache)
         suffix = input_ids[:, start:]
@@ -574,9 +595,7 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         while True:
             token = int(logits.float().argmax(-1)[0])
             generated.append(token)
-            if token in eos_ids or len(generated) >= max_new_tokens:
-                break
-            if stop_words and ends_with_stop_word(tokenizer.decode(generated, skip_special_tokens=False), stop_words):
+            if answer_finished(generated, eos_ids, max_new_tokens, tokenizer, stop_words):
                 break
             step = embed_tokens(torch.tensor([[token]], device=input_ids.device))
             out = decoder(inputs_embeds=step, past_key_values=cache, use_cache=True)
@@ -643,23 +662,11 @@ class SaSaSa2VAChatModel(PreTrainedModel):
             return [self.generate_answer(ids, prefix_cache=p, **common) for ids, p in zip(prompts, prefixes)]
         device = prompts[0].device
         exact = device.type == "cpu" if exact is None else bool(exact)
-        if eos_token_id is None:
-            eos_token_id = tokenizer.eos_token_id
-        eos_list = eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id]
-        eos_ids = {int(e) for e in eos_list if e is not None}
+        eos_ids = eos_id_set(eos_token_id, tokenizer)
 
         suffixes = []
         for ids, prefix in zip(prompts, prefixes):
-            start = 0 if prefix is None else prefix.length
-            if prefix is not None:
-                if start >= ids.shape[1]:
-                    raise ValueError(
-                        f"generate_answers: the prefix cache covers {start} tokens but a prompt has only "
-                        f"{ids.shape[1]}; at least one new prompt token is needed"
-                    )
-                if not torch.equal(ids[:, :start].cpu(), prefix.input_ids.cpu()):
-                    raise ValueError("generate_answers: a prompt does not start with its prefix-cache tokens")
-            suffix = ids[:, start:]
+            suffix = ids[:, _prefix_length(ids, prefix, "generate_answers"):]
             if self._count_image_tokens(suffix):
                 raise ValueError("generate_answers: <IMG_CONTEXT> tokens after the prefix cache; put the images "
                                  "in the prefix (build_prefix_cache)")
@@ -740,12 +747,8 @@ class SaSaSa2VAChatModel(PreTrainedModel):
             keep = []
             for i, b in enumerate(active):
                 generated[b].append(int(tokens[i]))
-                if tokens[i] in eos_ids or len(generated[b]) >= max_new_tokens:
-                    continue
-                if stop_words and ends_with_stop_word(tokenizer.decode(generated[b], skip_special_tokens=False),
-                                                      stop_words):
-                    continue
-                keep.append(i)
+                if not answer_finished(generated[b], eos_ids, max_new_tokens, tokenizer, stop_words):
+                    keep.append(i)
             if not keep:
                 break
             if len(keep) < len(active):

@@ -119,11 +119,18 @@ class RowExact(TorchFunctionMode):
         if query.dim() != 4 or query.shape[-2] != 1 or query.shape[0] != len(lengths) or is_causal or dropout_p:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=is_causal, scale=scale, **kw)
-        outs = []
+        return self.sdpa_rows(query, key, value, lengths, scale=scale, **kw)
+
+    @staticmethod
+    def sdpa_rows(query, key, value, lengths: Sequence[int], attn_mask=None, scale=None, **kw) -> torch.Tensor:
+        """SDPA row by row on each row's first ``lengths[b]`` keys (and its slice of ``attn_mask``, if
+        given): the call a row makes alone, whatever the other rows' lengths. [B, heads, q, head_dim]."""
+        rows = []
         for b, n in enumerate(lengths):
-            outs.append(F.scaled_dot_product_attention(query[b:b + 1], key[b:b + 1, :, :n], value[b:b + 1, :, :n],
-                                                       scale=scale, **kw))
-        return torch.cat(outs)
+            mask = None if attn_mask is None else attn_mask[b:b + 1, :, :, :n]
+            rows.append(F.scaled_dot_product_attention(query[b:b + 1].contiguous(), key[b:b + 1, :, :n],
+                                                       value[b:b + 1, :, :n], attn_mask=mask, scale=scale, **kw))
+        return torch.cat(rows)
 
 
 @dataclass
