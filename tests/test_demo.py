@@ -14,22 +14,12 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """An exported tiny model folder (random trained-like weights) and a scripted-answer loader."""
+    """(root, exported tiny model folder with random trained-like weights)."""
     sys.path.insert(0, TESTS)
-    from test_export import TINY_CONFIG, _trained_checkpoint
-
-    from projects.sasasa2va.hf import convert_to_hf as conv
-    from projects.sasasa2va.models.tiny import make_tiny_pretrained
+    from test_export import export_tiny
 
     root = tmp_path_factory.mktemp("demo")
-    make_tiny_pretrained(str(root / "pretrained" / "tiny"))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        _trained_checkpoint(str(root / "ckpt.pth"), None)
-        hf_dir = conv.convert(TINY_CONFIG, str(root / "ckpt.pth"), str(root / "hf"), log=lambda *a: None)
-    finally:
-        os.chdir(cwd)
+    hf_dir = export_tiny(root)
     return root, hf_dir
 
 

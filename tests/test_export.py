@@ -168,6 +168,19 @@ def _trained_checkpoint(path, cfg_options):
     return model
 
 
+def export_tiny(root) -> str:
+    """Tiny checkpoints under ``root``/pretrained/tiny, a trained-like checkpoint, and its HF export
+    (``root``/hf, returned). The tiny config names pretrained/tiny relative to the working directory."""
+    make_tiny_pretrained(str(root / "pretrained" / "tiny"))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        _trained_checkpoint(str(root / "ckpt.pth"), None)
+        return conv.convert(TINY_CONFIG, str(root / "ckpt.pth"), str(root / "hf"), log=lambda *a: None)
+    finally:
+        os.chdir(cwd)
+
+
 def _exported_in_memory(pth, cfg_options):
     model, _ = conv.build_training_model(TINY_CONFIG, cfg_options)
     model.load_state_dict(conv.load_training_checkpoint(pth, log=lambda *a: None))
@@ -256,18 +269,9 @@ print("remote-code module:", type(model).__module__)
 def _install_script(model, tok):
     """Scripted LM head (tests/test_inference.py) on ``model``; returns the head."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from test_inference import ScriptedHead
+    from test_inference import install_scripted_head
 
-    head = ScriptedHead(len(tok))
-    model.language_model.lm_head = head
-    original = model.generate_answer
-
-    def generate_answer(*a, **k):
-        head.step = 0
-        return original(*a, **k)
-
-    model.generate_answer = generate_answer
-    return head
+    return install_scripted_head(model, tok)
 
 
 def test_remote_code_export_in_fresh_process_gives_identical_masks(in_root, tmp_path):

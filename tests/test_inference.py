@@ -52,6 +52,11 @@ def build_scripted_model(folder: str):
     load_sam2_checkpoint(model, paths["sam2"])
     model.eval()
     bias_object_score(model.grounding_encoder.sam2_model)
+    return model, tok, install_scripted_head(model, tok), paths
+
+
+def install_scripted_head(model, tok):
+    """Replace the LM head of ``model`` by a ScriptedHead that restarts its script on every answer."""
     head = ScriptedHead(len(tok))
     model.language_model.lm_head = head
     original = model.generate_answer
@@ -61,7 +66,7 @@ def build_scripted_model(folder: str):
         return original(*args, **kwargs)
 
     model.generate_answer = generate_answer
-    return model, tok, head, paths
+    return head
 
 
 def set_answer(head, tok, n_seg: int, stop: str = "<|end|>"):

@@ -50,21 +50,12 @@ def scripted_factory(hf_dir, device, dtype, remote_code, rank=0):
 def tiny_eval(tmp_path_factory):
     """(root, hf_dir, data_root, env): a converted tiny checkpoint and a 2-video synthetic valid_u split."""
     sys.path.insert(0, TESTS)
-    from test_export import TINY_CONFIG, _trained_checkpoint
+    from test_export import export_tiny
 
     from projects.sasasa2va.datasets.synthetic import generate_all
-    from projects.sasasa2va.hf import convert_to_hf as conv
-    from projects.sasasa2va.models.tiny import make_tiny_pretrained
 
     root = tmp_path_factory.mktemp("eval_tiny")
-    make_tiny_pretrained(str(root / "pretrained" / "tiny"))
-    cwd = os.getcwd()
-    os.chdir(root)  # the tiny config names pretrained/tiny relative to the working directory
-    try:
-        _trained_checkpoint(str(root / "ckpt.pth"), None)
-        hf_dir = conv.convert(TINY_CONFIG, str(root / "ckpt.pth"), str(root / "hf"), log=lambda *a: None)
-    finally:
-        os.chdir(cwd)
+    hf_dir = export_tiny(root)
     data_root = root / "data"
     generate_all(str(data_root / "synthetic"), seed=3, num_train_videos=0, num_valid_u_videos=2,
                  num_valid_videos=0, min_frames=5, max_frames=9, sizes=((64, 48),), min_objects=2,

@@ -31,7 +31,8 @@ def make_split(root):
     return gt, frames
 
 
-def test_gif_and_index(tmp_path):
+def make_page(tmp_path):
+    """The split above, its results and metrics, visualised into tmp_path/vis: (split, results, out, items)."""
     split = str(tmp_path / "split")
     gt, frames = make_split(split)
     results = str(tmp_path / "results.json")
@@ -41,6 +42,11 @@ def test_gif_and_index(tmp_path):
     csv.write_text("video,exp_id,J,F,J&F,num_frames\nvid,0,1.0,1.0,1.0,5\nvid,1,0.0,0.0,0.0,5\n")
     out = str(tmp_path / "vis")
     items = visualize_split(split, results, out, metrics_path=str(csv), max_side=64)
+    return split, results, out, items
+
+
+def test_gif_and_index(tmp_path):
+    split, results, out, items = make_page(tmp_path)
     assert [it["gif"] for it in items] == ["gifs/vid/0.gif", "gifs/vid/1.gif"]
     im = Image.open(os.path.join(out, "gifs", "vid", "0.gif"))
     assert im.n_frames == T

@@ -4,6 +4,7 @@ Chromium comes from Debian's packages (tools/install_browser.sh, run by .ci/run,
 an error via SASASA2VA_REQUIRE_BROWSER=1); elsewhere the test skips without it.
 """
 import os
+import pathlib
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -12,9 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from projects.sasasa2va.evaluation.results_io import make_entry, write_results
-from projects.sasasa2va.evaluation.visualize import visualize_split
-from tests.test_visualize import make_split
+from tests.test_visualize import make_page
 
 
 def _find_chromium():
@@ -86,19 +85,6 @@ def _rendered_rows(tmp_path, index):
     return {row["img"]["src"]: row for row in parser.rows if row["img"] is not None}
 
 
-def _make_page(tmp_path):
-    split = str(tmp_path / "split")
-    gt, frames = make_split(split)
-    results = str(tmp_path / "results.json")
-    write_results(results, [make_entry(0, "vid", "0", frames, gt), make_entry(1, "vid", "1", frames, gt)],
-                  {"split": "tiny"})
-    csv = tmp_path / "per_exp.csv"
-    csv.write_text("video,exp_id,J,F,J&F,num_frames\nvid,0,1.0,1.0,1.0,5\nvid,1,0.0,0.0,0.0,5\n")
-    out = tmp_path / "vis"
-    visualize_split(split, results, str(out), metrics_path=str(csv), max_side=64)
-    return out
-
-
 def _panel(gif_path):
     """Part of the GIF's first frame that is the same in every frame: both panels below their captions
     and above the progress bar (those two change from frame to frame)."""
@@ -122,7 +108,7 @@ def _found_in(shot, template):
 
 
 def test_page_renders_gifs_in_chromium(tmp_path):
-    out = _make_page(tmp_path)
+    out = pathlib.Path(make_page(tmp_path)[2])
     index = out / "index.html"
 
     rows = _rendered_rows(tmp_path, index)
