@@ -147,9 +147,9 @@ def test_seg_count_handling(scripted, monkeypatch):
     real_plan_logits = VideoContext.plan_logits
     real_generate = VideoContext.generate
 
-    def spy_plan(self, plan, prompts, options, features=None):
+    def spy_plan(self, plan, prompts, options, features=None, **kwargs):
         seen["prompts"] = prompts.clone()
-        return real_plan_logits(self, plan, prompts, options, features)
+        return real_plan_logits(self, plan, prompts, options, features, **kwargs)
 
     def spy_generate(self, ids, specs, max_new_tokens):
         gen = real_generate(self, ids, specs, max_new_tokens)
@@ -304,10 +304,10 @@ def test_path_b_average_option_veto(scripted, monkeypatch):
 
     real_plan_logits = VideoContext.plan_logits
 
-    def ordered(self, plan, prompts, options, features=None):
+    def ordered(self, plan, prompts, options, features=None, **kwargs):
         for p in prompts:  # clip order fixes the table: P_0 -> 0, P_1 -> 1, ...
             table.setdefault(p[:4].tolist().__repr__(), len(table))
-        return real_plan_logits(self, plan, prompts, options, features)
+        return real_plan_logits(self, plan, prompts, options, features, **kwargs)
 
     monkeypatch.setattr(VideoContext, "plan_logits", ordered)
     monkeypatch.setattr(grounding, "decode", fake_decode)

@@ -236,7 +236,6 @@ class VideoContext:
         self._pairs: OrderedDict = OrderedDict()  # (generation key, frame, prompt row) -> low-res logits [h, w]
         self._pair_bytes = 0
         self._eval_held = False  # set by predict_video while it keeps the model in eval mode
-        self._pair_key = None  # pair-cache key of the answer predict() is decoding
 
     # ------------------------------------------------------------------------------------ helpers
     def same_frames(self, frames) -> bool:
@@ -545,12 +544,11 @@ class VideoContext:
                     features: Optional[FrameFeatures] = None, pair_key=None) -> torch.Tensor:
         """Low-res logits [L, h, w] of every real frame for ``plan`` (``prompts``: one per clip).
 
-        ``pair_key`` (hashable, e.g. the generation key and the prompt order; default: the one
-        :meth:`predict` sets for its answer): with the pair cache on, single (frame, prompt) decodes of
-        Path A/B plans are cached under it, so another plan of the same prompts (another mode with the
-        same answer) decodes only the pairs not decoded yet.
+        ``pair_key`` (hashable, e.g. the generation key and the prompt order, as :meth:`predict` passes;
+        None: no pair caching): with the pair cache on, single (frame, prompt) decodes of Path A/B plans
+        are cached under it, so another plan of the same prompts (another mode with the same answer)
+        decodes only the pairs not decoded yet.
         """
-        pair_key = self._pair_key if pair_key is None else pair_key
         if plan.path == "C":
             cond = {f: prompts[k] for f, k in zip(plan.decode_frames, plan.prompt_index)}
             return self._propagate(cond, features)
@@ -644,11 +642,7 @@ class VideoContext:
             index = torch.as_tensor(order, dtype=torch.long, device=self.device)
             prompts = seg_prompts(self.model, gen.seg_hidden_states).index_select(0, index)
             features = self._encode_frames(list(range(L))) if self.naive else None
-            self._pair_key = (gen.key, tuple(order))  # plan_logits keeps its 4-argument call
-            try:
-                low = self.plan_logits(plan, prompts, options, features)
-            finally:
-                self._pair_key = None
+            low = self.plan_logits(plan, prompts, options, features, pair_key=(gen.key, tuple(order)))
             if not self.naive and self.max_cached_logits:
                 self._logits[lkey] = low
                 while len(self._logits) > self.max_cached_logits:
