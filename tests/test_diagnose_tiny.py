@@ -8,7 +8,7 @@ from projects.sasasa2va.datasets.synthetic import COLORS
 from projects.sasasa2va.hf.models.templates import (
     IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, SPECIAL_TOKENS, image_token_string)
 from projects.sasasa2va.models.tiny import build_tiny_tokenizer
-from tools.diagnose_tiny import colour_of_target, user_question_tokens
+from tools.diagnose_tiny import add_offsets, colour_of_target, main, scale_last_linear, user_question_tokens
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +47,43 @@ def test_colour_oracle_reads_gt_pixels():
     # object 1 is absent in frame 0 and frame 1 -> "none" index
     idx = colour_of_target(masks, frames, 2, palette).tolist()
     assert idx == [names.index("blue"), names.index("yellow"), len(names), len(names)]
+
+
+def test_scale_last_linear_scales_the_prompt_head_output():
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4), torch.nn.Dropout(0.0))
+    x = torch.randn(5, 8)
+    before = head(x).detach()
+    first = head[0].weight.detach().clone()
+    assert scale_last_linear(head, 6.0) is head[2]
+    torch.testing.assert_close(head(x), before * 6.0)
+    assert torch.equal(head[0].weight, first)  # only the last Linear changes
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        scale_last_linear(torch.nn.ReLU(), 2.0)
+
+
+def test_add_offsets_gives_shared_and_per_clip_parts_of_the_asked_size():
+    torch.manual_seed(0)
+    frames, objs, width = 3, 2, 16
+    lang = torch.randn(objs * frames, width)
+    spread = lang.std(0).norm()
+    offset, clips = torch.randn(width), torch.randn(8, width)
+    out = add_offsets(lang, frames, offset, clips, 7.0, 0.0)
+    shift = out - lang
+    assert torch.allclose(shift, shift[:1].expand_as(shift))  # the same vector on every prompt
+    assert torch.allclose(shift[0].norm(), 7.0 * spread)
+    out = add_offsets(lang, frames, offset, clips, 0.0, 1.5)
+    shift = (out - lang).view(objs, frames, width)
+    assert torch.allclose(shift[0], shift[1])  # object-major: clip t gets the same vector for each object
+    assert not torch.allclose(shift[0, 0], shift[0, 1])
+    assert torch.allclose(shift.norm(dim=-1), torch.full((objs, frames), 1.5 * float(spread)))
+    assert torch.equal(add_offsets(lang, frames, offset, clips, 0.0, 0.0), lang)
+    with pytest.raises(ValueError, match="2 clip vectors for 3 frames"):
+        add_offsets(lang, frames, offset, clips[:2], 0.0, 1.0)
+
+
+def test_cli_rejects_oracle_options_on_the_model_path():
+    with pytest.raises(SystemExit):
+        main(["--prompt", "model", "--oracle-offset", "2"])
+    with pytest.raises(SystemExit):
+        main(["--prompt", "oracle-colour", "--prompt-scale", "0"])

@@ -7,6 +7,8 @@ source of SAM2 prompts and print the teacher-forced mIoU on synthetic valid_u as
     python tools/diagnose_tiny.py --prompt oracle-word    # colour word found in the expression text
     python tools/diagnose_tiny.py --prompt bow            # learned bag of words of the question
     [--iters 300] [--lr 1e-3] [--eval-every 100] [--full-mask-loss] [--sam2-hidden 128] [--threads 1]
+    [--prompt-scale 6]   # initial size of the SAM2 prompt token (x the default init)
+    [--oracle-offset 7] [--oracle-clip-noise 1.7]   # give oracle prompts the MLLM prompts' make-up
 
 Why: issue #9 (the quickstart must segment by language) fails with near-empty masks. Replacing the
 MLLM by prompts that carry the target's identity separates the two halves: if SAM2 learns with an
@@ -60,6 +62,45 @@ def user_question_tokens(ids, tokenizer, seg_id: int, skip_ids: set) -> list:
     return rows
 
 
+def scale_last_linear(module, factor: float):
+    """Multiply the weight and bias of the last nn.Linear in ``module`` by ``factor`` (in place); returns it.
+
+    Why: a prompt head's default init gives SAM2 prompt tokens of norm ~3, while the tiny SAM2's own
+    decoder tokens (N(0, 1) embeddings) have norm ~11, and the decoder then learns to ignore the prompt.
+    """
+    import torch
+    import torch.nn as nn
+
+    last = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ValueError(f"scale_last_linear: {type(module).__name__} has no nn.Linear")
+    with torch.no_grad():
+        last[-1].weight.mul_(factor)
+        if last[-1].bias is not None:
+            last[-1].bias.mul_(factor)
+    return last[-1]
+
+
+def add_offsets(lang, num_frames: int, offset, clip_noise, offset_scale: float, clip_scale: float):
+    """Oracle prompts [K*F, C] (object-major) plus a fixed vector and a fixed vector per clip.
+
+    Both are scaled relative to the prompts' own spread in the sample (norm of the per-dim std), so
+    ``offset_scale`` / ``clip_scale`` say how large the shared part / the clip-position part is next to
+    the target-dependent part, as measured on the MLLM's [SEG] prompts.
+    """
+    if clip_scale and len(clip_noise) < num_frames:
+        raise ValueError(f"add_offsets: {len(clip_noise)} clip vectors for {num_frames} frames")
+    spread = lang.detach().std(0).norm().clamp(min=1e-6)
+    objs = lang.shape[0] // num_frames
+    unit = lambda v: v / v.norm(dim=-1, keepdim=True)  # noqa: E731
+    out = lang
+    if offset_scale:
+        out = out + offset_scale * spread * unit(offset)
+    if clip_scale:
+        out = out + clip_scale * spread * unit(clip_noise[:num_frames]).repeat(objs, 1)
+    return out
+
+
 def colour_of_target(masks, frames, num_frames: int, palette):
     """Palette index of each (object, frame) target from the mean GT pixel colour; len(palette) if absent."""
     import torch
@@ -90,11 +131,22 @@ def main(argv=None) -> int:
                    help="SAM2 width (random init; default: the tiny checkpoint's, 64)")
     p.add_argument("--accumulate", type=int, default=1,
                    help="samples per optimizer step (gradient accumulation; --iters counts steps)")
+    p.add_argument("--prompt-scale", type=float, default=1.0,
+                   help="multiply the initial weights of the prompt head's last Linear (text_hidden_fcs on "
+                        "the model path, the oracle head otherwise) by this factor")
+    p.add_argument("--oracle-offset", type=float, default=0.0,
+                   help="oracle prompts only: add a fixed random vector this many times their spread")
+    p.add_argument("--oracle-clip-noise", type=float, default=0.0,
+                   help="oracle prompts only: add a fixed random vector per clip, this many times their spread")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if min(args.iters, args.eval_every, args.eval_samples, args.accumulate) < 1:
         p.error("--iters, --eval-every, --eval-samples and --accumulate must be >= 1")
+    if min(args.oracle_offset, args.oracle_clip_noise) < 0 or args.prompt_scale <= 0:
+        p.error("--oracle-offset and --oracle-clip-noise must be >= 0 and --prompt-scale > 0")
+    if args.prompt == "model" and (args.oracle_offset or args.oracle_clip_noise):
+        p.error("--oracle-offset / --oracle-clip-noise apply to oracle prompts, not --prompt model")
 
     import torch
     import torch.nn as nn
@@ -143,6 +195,9 @@ def main(argv=None) -> int:
         n_in = len(tokenizer) + 1 if args.prompt == "bow" else len(names) + 1
         oracle = nn.ModuleDict({"embed": nn.Embedding(n_in, 256),
                                 "head": nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, width))})
+    fixed = torch.randn(1 + 64, width, generator=torch.Generator().manual_seed(args.seed + 1))
+    if args.prompt_scale != 1.0:
+        scale_last_linear(model.model.text_hidden_fcs if oracle is None else oracle["head"], args.prompt_scale)
 
     def prompts_and_targets(data):
         """(lang [F, K, C], gt [F, K, h, w], frames) of one collated sample."""
@@ -167,7 +222,7 @@ def main(argv=None) -> int:
                     hit = [i for i, c in enumerate(names) if c in words]
                     idx.append(hit[0] if len(hit) == 1 else len(names))
                 emb = oracle["embed"](torch.tensor(idx))
-        lang = oracle["head"](emb)
+        lang = add_offsets(oracle["head"](emb), f, fixed[0], fixed[1:], args.oracle_offset, args.oracle_clip_noise)
         objs = lang.shape[0] // f
         low = grounding.low_res_size
         gt = torch.nn.functional.interpolate(masks[None].float(), size=(low, low), mode="nearest")[0]
@@ -215,7 +270,8 @@ def main(argv=None) -> int:
     sizes = [len(d) for d in datasets]
     rng = random.Random(args.seed)
     print(f"prompt={args.prompt} iters={args.iters} lr={args.lr} full_mask_loss={args.full_mask_loss} "
-          f"accumulate={args.accumulate} sam2_hidden={width} trainable={sum(q.numel() for q in params):,}", flush=True)
+          f"accumulate={args.accumulate} prompt_scale={args.prompt_scale} oracle_offset={args.oracle_offset} "
+          f"oracle_clip_noise={args.oracle_clip_noise} sam2_hidden={width} trainable={sum(q.numel() for q in params):,}", flush=True)
     t0, window, miou, blind = time.time(), [], float("nan"), float("nan")
     for it in range(1, args.iters + 1):
         opt.zero_grad(set_to_none=True)
