@@ -87,3 +87,7 @@ def test_cli_rejects_oracle_options_on_the_model_path():
         main(["--prompt", "model", "--oracle-offset", "2"])
     with pytest.raises(SystemExit):
         main(["--prompt", "oracle-colour", "--prompt-scale", "0"])
+    with pytest.raises(SystemExit):
+        main(["--prompt", "model", "--model-after", "10"])
+    with pytest.raises(SystemExit):
+        main(["--prompt", "oracle-colour", "--iters", "10", "--model-after", "10"])

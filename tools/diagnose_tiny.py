@@ -9,6 +9,7 @@ source of SAM2 prompts and print the teacher-forced mIoU on synthetic valid_u as
     [--iters 300] [--lr 1e-3] [--eval-every 100] [--full-mask-loss] [--sam2-hidden 128] [--threads 1]
     [--prompt-scale 6]   # initial size of the SAM2 prompt token (x the default init)
     [--oracle-offset 7] [--oracle-clip-noise 1.7]   # give oracle prompts the MLLM prompts' make-up
+    [--model-after 150]  # oracle prompts for 150 steps (SAM2 learns to follow them), then the real path
 
 Why: issue #9 (the quickstart must segment by language) fails with near-empty masks. Replacing the
 MLLM by prompts that carry the target's identity separates the two halves: if SAM2 learns with an
@@ -133,11 +134,14 @@ def main(argv=None) -> int:
                    help="samples per optimizer step (gradient accumulation; --iters counts steps)")
     p.add_argument("--prompt-scale", type=float, default=1.0,
                    help="multiply the initial weights of the prompt head's last Linear (text_hidden_fcs on "
-                        "the model path, the oracle head otherwise) by this factor")
+                        "the model path, the oracle head otherwise, both with --model-after) by this factor")
     p.add_argument("--oracle-offset", type=float, default=0.0,
                    help="oracle prompts only: add a fixed random vector this many times their spread")
     p.add_argument("--oracle-clip-noise", type=float, default=0.0,
                    help="oracle prompts only: add a fixed random vector per clip, this many times their spread")
+    p.add_argument("--model-after", type=int, default=None,
+                   help="oracle prompts only: train with them for this many steps, then switch to the model "
+                        "path (everything trainable from the start); EVAL then reports both paths")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -147,6 +151,8 @@ def main(argv=None) -> int:
         p.error("--oracle-offset and --oracle-clip-noise must be >= 0 and --prompt-scale > 0")
     if args.prompt == "model" and (args.oracle_offset or args.oracle_clip_noise):
         p.error("--oracle-offset / --oracle-clip-noise apply to oracle prompts, not --prompt model")
+    if args.model_after is not None and (args.prompt == "model" or not 0 <= args.model_after < args.iters):
+        p.error("--model-after needs an oracle --prompt and 0 <= K < --iters")
 
     import torch
     import torch.nn as nn
@@ -196,12 +202,17 @@ def main(argv=None) -> int:
         oracle = nn.ModuleDict({"embed": nn.Embedding(n_in, 256),
                                 "head": nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, width))})
     fixed = torch.randn(1 + 64, width, generator=torch.Generator().manual_seed(args.seed + 1))
-    if args.prompt_scale != 1.0:
-        scale_last_linear(model.model.text_hidden_fcs if oracle is None else oracle["head"], args.prompt_scale)
+    if args.prompt_scale != 1.0:  # every prompt head that will feed SAM2
+        if oracle is None or args.model_after is not None:
+            scale_last_linear(model.model.text_hidden_fcs, args.prompt_scale)
+        if oracle is not None:
+            scale_last_linear(oracle["head"], args.prompt_scale)
+
+    use_model = [oracle is None]  # which path prompts_and_targets takes (switches with --model-after)
 
     def prompts_and_targets(data):
         """(lang [F, K, C], gt [F, K, h, w], frames) of one collated sample."""
-        if oracle is None:
+        if use_model[0]:
             out = model.model(input_ids=data["input_ids"], pixel_values=torch.cat(data["pixel_values"]),
                               output_hidden_states=True)
             return model._seg_inputs(data["input_ids"], out.hidden_states[-1], data["g_pixel_values"],
@@ -256,8 +267,8 @@ def main(argv=None) -> int:
         model.train()
         return sum(right) / len(right), sum(rolled) / len(rolled)
 
-    if oracle is None:
-        params = [q for q in model.parameters() if q.requires_grad]
+    if oracle is None or args.model_after is not None:
+        params = [q for q in model.parameters() if q.requires_grad] + ([] if oracle is None else list(oracle.parameters()))
     else:
         for q in model.parameters():
             q.requires_grad_(False)
@@ -279,7 +290,8 @@ def main(argv=None) -> int:
         for _ in range(args.accumulate):
             k = rng.choices(range(len(datasets)), weights=sizes)[0]
             data = sasasa2va_collate_fn([datasets[k][rng.randrange(sizes[k])]])["data"]
-            losses = model(dict(data), mode="loss") if oracle is None else losses_of(data)
+            use_model[0] = oracle is None or (args.model_after is not None and it > args.model_after)
+            losses = model(dict(data), mode="loss") if use_model[0] else losses_of(data)
             (sum(losses.values()) / args.accumulate).backward()
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach()) / args.accumulate
@@ -292,8 +304,14 @@ def main(argv=None) -> int:
             window = []
             print(f"it {it} {time.time() - t0:.0f}s " + " ".join(f"{k} {v:.3f}" for k, v in avg.items()), flush=True)
         if it % args.eval_every == 0 or it == args.iters:
+            if args.model_after is not None:
+                use_model[0] = False
+                o_miou, o_blind = evaluate()
+                print(f"     oracle prompts: mIoU {o_miou:.3f} (rolled {o_blind:.3f})", flush=True)
+                use_model[0] = True
             miou, blind = evaluate()
-            print(f"EVAL it {it} {time.time() - t0:.0f}s teacher-forced mIoU {miou:.3f} "
+            path = "model path " if args.model_after is not None else ""
+            print(f"EVAL it {it} {time.time() - t0:.0f}s {path}teacher-forced mIoU {miou:.3f} "
                   f"(prompts rolled across expressions: {blind:.3f})", flush=True)
     print(f"teacher_forced_miou {miou:.4f} rolled_prompts_miou {blind:.4f}", flush=True)
     return 0
