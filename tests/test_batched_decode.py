@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ from projects.sasasa2va.hf.models.modeling_sasasa2va_chat import RaggedKVCache  
 from projects.sasasa2va.hf.models.templates import (  # noqa: E402
     IMG_END_TOKEN, SEG_TOKEN, eval_prompt, get_template, image_token_string,
 )
-from projects.sasasa2va.hf.models.video_context import VideoContext  # noqa: E402
+from projects.sasasa2va.hf.models.video_context import VideoContext, lru_get, lru_put  # noqa: E402
 
 TEXTS = ["the red car", "a dog running to the left quickly, then stopping near the tree", "person",
          "the thing that is on the far right of the picture and moves", "cat on a mat"]
@@ -339,3 +340,16 @@ def test_video_pair_cache_is_exact_and_dedupes(tiny):
     pairs = [set(zip(p.decode_frames, p.prompt_index)) for p in plans]
     assert plain.counters.sam2_decodes == len(texts) * sum(len(p) for p in pairs)
     assert ctx.counters.sam2_decodes == len(texts) * len(pairs[0] | pairs[1]) < plain.counters.sam2_decodes
+
+
+def test_lru_helpers_keep_the_most_recently_used_entries():
+    cache = OrderedDict()
+    for k in "abc":
+        lru_put(cache, k, k.upper(), 2)
+    assert list(cache) == ["b", "c"]          # "a" evicted first
+    assert lru_get(cache, "b") == "B"         # a hit makes "b" the most recent ...
+    lru_put(cache, "d", "D", 2)
+    assert list(cache) == ["b", "d"]          # ... so "c" goes next
+    assert lru_get(cache, "zzz") is None and list(cache) == ["b", "d"]
+    lru_put(cache, "e", "E", 0)               # limit 0: caching off
+    assert "e" not in cache

@@ -72,6 +72,22 @@ PAIR_CACHE_BYTES = 64 << 20  # default bound of VideoContext's single-decode cac
 ImageSpec = tuple  # (hashable key, zero-argument callable -> float pixels [3, S, S])
 
 
+def lru_get(cache: OrderedDict, key):
+    """The cached value (now most recently used) or None."""
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+    return value
+
+
+def lru_put(cache: OrderedDict, key, value, limit: int) -> None:
+    """Store ``value`` and drop the least recently used entries beyond ``limit``; limit 0 stores nothing."""
+    if limit:
+        cache[key] = value
+        while len(cache) > limit:
+            cache.popitem(last=False)
+
+
 class RowExact(TorchFunctionMode):
     """Batch-invariant arithmetic (CPU): while active, each item of a batch computes bit for bit what
     it computes in a batch of its own, whatever else is in the batch.
@@ -312,17 +328,12 @@ class VideoContext:
         dtype = module_dtype(vision)
         out = []
         for key, build in specs:
-            tokens = self._vision.get(key)
+            tokens = lru_get(self._vision, key)
             if tokens is None:
                 pixels = build().to(device=self.device, dtype=dtype)[None]
                 tokens = self.model.extract_feature(pixels)[0]
                 self.counters.mllm_images_encoded += 1
-                if self.max_vision_images:
-                    self._vision[key] = tokens
-                    while len(self._vision) > self.max_vision_images:
-                        self._vision.popitem(last=False)
-            else:
-                self._vision.move_to_end(key)
+                lru_put(self._vision, key, tokens, self.max_vision_images)
             out.append(tokens)
         return torch.stack(out)
 
@@ -351,17 +362,13 @@ class VideoContext:
     def _prefix_for(self, ids: torch.Tensor, specs: Sequence[ImageSpec], boundary: int):
         """The KV cache of ``ids[:, :boundary]`` with the images of ``specs`` (LRU; counted)."""
         pkey = (tuple(ids[0, :boundary].tolist()), tuple(k for k, _ in specs))
-        prefix = self._prefix.get(pkey)
+        prefix = lru_get(self._prefix, pkey)
         if prefix is None:
             vision = self.vision_tokens(specs) if specs else None
             prefix = self.model.build_prefix_cache(ids[:, :boundary], vision_embeds=vision)
             self.counters.tokens_prefilled += boundary
-            if self.max_prefix_caches:
-                self._prefix[pkey] = prefix
-                while len(self._prefix) > self.max_prefix_caches:
-                    self._prefix.popitem(last=False)
+            lru_put(self._prefix, pkey, prefix, self.max_prefix_caches)
         else:
-            self._prefix.move_to_end(pkey)
             self.counters.prefix_tokens_reused += boundary
         return prefix
 
@@ -634,19 +641,16 @@ class VideoContext:
         plan = self.plan_for(mode, indices, options)
         lkey = (gen.key, plan.path, tuple(plan.decode_frames), tuple(plan.prompt_index),
                 options.path_b_average if plan.path == "B" else None)
-        low = None if self.naive else self._logits.get(lkey)
+        low = None if self.naive else lru_get(self._logits, lkey)
         if low is not None:
-            self._logits.move_to_end(lkey)
             self.counters.logits_reused += 1
         else:
             index = torch.as_tensor(order, dtype=torch.long, device=self.device)
             prompts = seg_prompts(self.model, gen.seg_hidden_states).index_select(0, index)
             features = self._encode_frames(list(range(L))) if self.naive else None
             low = self.plan_logits(plan, prompts, options, features, pair_key=(gen.key, tuple(order)))
-            if not self.naive and self.max_cached_logits:
-                self._logits[lkey] = low
-                while len(self._logits) > self.max_cached_logits:
-                    self._logits.popitem(last=False)
+            if not self.naive:
+                lru_put(self._logits, lkey, low, self.max_cached_logits)
         masks, probs = logits_to_outputs(self.grounding, low, size, return_probs)
         return make_result(answer, [masks], [probs] if return_probs else None, num_seg, "ok", return_probs)
 
