@@ -10,8 +10,9 @@ Differences from the reference, on purpose:
   silently); ``text_hidden_fcs`` runs on the [SEG] rows only (pitfall 18).
 * the added-token rows of the embedding / LM head can be trained (pitfall 13) as separate small
   parameters (``train_embeddings='new'``), so the frozen rows get neither gradients nor weight decay
-  and the checkpoint stays small; ``'all'`` trains whole matrices (tiny configs), ``'none'`` is the
-  reference.
+  and the checkpoint stays small; ``'all'`` trains whole matrices, ``'lm_head'`` only the output matrix
+  (the tiny config: its frozen, stand-in-pretrained LLM keeps its [SEG] states while the head learns the
+  answer format), ``'none'`` is the reference.
 * ``state_dict()`` holds only trainable tensors; loading reports what was loaded and accepts the
   reference key layout (``mllm.model.*``, top-level ``grounding_encoder.*`` / ``text_hidden_fcs.*``).
 """
@@ -44,7 +45,7 @@ from projects.sasasa2va.models.losses import (
     mask_losses,
 )
 
-EMBEDDING_MODES = ("none", "new", "all")
+EMBEDDING_MODES = ("none", "new", "all", "lm_head")
 # Reference training-checkpoint prefixes -> ours (reference §1.1 / §1.11).
 REFERENCE_PREFIXES = (
     ("mllm.model.", "model."),
@@ -224,6 +225,14 @@ class SaSaSa2VAModel(BaseModel):
             head = chat.language_model.get_output_embeddings()
             if head is not None:
                 head.requires_grad_(True)
+        elif train_embeddings == "lm_head":
+            head = chat.language_model.get_output_embeddings()
+            tied = getattr(chat.language_model.config, "tie_word_embeddings", False)
+            if head is None or tied:
+                raise ValueError(f"train_embeddings='lm_head' needs an untied output embedding; {mllm_path} has "
+                                 f"{'none' if head is None else 'tie_word_embeddings=True'}")
+            chat.language_model.get_input_embeddings().requires_grad_(False)
+            head.requires_grad_(True)
         elif train_embeddings == "new" and freeze_llm:
             ids = tokenizer.convert_tokens_to_ids(list(special_tokens))
             self.new_tokens = NewTokenRows(chat.language_model, ids)
