@@ -22,7 +22,7 @@ from transformers.dynamic_module_utils import get_relative_imports
 from projects.sasasa2va.hf import convert_to_hf as conv
 from projects.sasasa2va.hf.models.modeling_sasasa2va_chat import SaSaSa2VAChatModel
 from projects.sasasa2va.hf.models.templates import eval_prompt
-from projects.sasasa2va.models.tiny import make_tiny_pretrained
+from projects.sasasa2va.models.tiny import make_tiny_for_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "projects", "sasasa2va", "configs", "sasasa2va_tiny.py")
@@ -138,7 +138,7 @@ def test_cli_arguments_and_default_save_path():
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_root")
-    make_tiny_pretrained(str(root / "pretrained" / "tiny"))
+    make_tiny_for_config(str(root / "pretrained" / "tiny"), TINY_CONFIG)
     return root
 
 
@@ -171,7 +171,7 @@ def _trained_checkpoint(path, cfg_options):
 def export_tiny(root) -> str:
     """Tiny checkpoints under ``root``/pretrained/tiny, a trained-like checkpoint, and its HF export
     (``root``/hf, returned). The tiny config names pretrained/tiny relative to the working directory."""
-    make_tiny_pretrained(str(root / "pretrained" / "tiny"))
+    make_tiny_for_config(str(root / "pretrained" / "tiny"), TINY_CONFIG)
     cwd = os.getcwd()
     os.chdir(root)
     try:

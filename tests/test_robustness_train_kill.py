@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from projects.sasasa2va.datasets.synthetic import generate_all
-from projects.sasasa2va.models.tiny import make_tiny_pretrained
+from projects.sasasa2va.models.tiny import make_tiny_for_config
 from projects.sasasa2va.utils.checkpoint import load_mmengine_checkpoint
 
 from test_training import RUN_OPTIONS, SMALL_DATA, TINY_CONFIG, iter_lines, run_dist
@@ -67,7 +67,7 @@ def killed_run(tmp_path_factory):
     with --resume auto. Returns what the tests check."""
     root = tmp_path_factory.mktemp("kill_root")
     generate_all(str(root / "data" / "synthetic"), seed=0, **SMALL_DATA)
-    make_tiny_pretrained(str(root / "pretrained" / "tiny"))
+    make_tiny_for_config(str(root / "pretrained" / "tiny"), TINY_CONFIG)
     wd = root / "wd_kill"
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)

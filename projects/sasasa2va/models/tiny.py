@@ -272,14 +272,36 @@ def write_tiny_sa2va_pth(path: str, internvl_dir: str, sam2_path: str, seed: int
 
 def make_tiny_pretrained(
     out_dir: str, arch: str = "qwen2", image_size: int = 112, seed: int = 0,
-    with_sam2: bool = True, with_sa2va_pth: bool = True,
+    with_sam2: bool = True, with_sa2va_pth: bool = True, sam2_hidden_dim: Optional[int] = None,
 ) -> dict:
-    """Write the tiny InternVL folder, SAM2 checkpoint and Sa2VA .pth under ``out_dir``; returns paths."""
+    """Write the tiny InternVL folder, SAM2 checkpoint and Sa2VA .pth under ``out_dir``; returns paths.
+
+    ``sam2_hidden_dim``: width of the tiny SAM2 (default: the preset's); a config then needs
+    ``sam2_config=dict(name='tiny', hidden_dim=...)`` with the same value.
+    """
+    sam2_config = {"name": "tiny"} if sam2_hidden_dim is None else {"name": "tiny", "hidden_dim": int(sam2_hidden_dim)}
     paths = {"internvl": write_tiny_internvl(os.path.join(out_dir, INTERNVL_DIR), arch, image_size, seed)}
     if with_sam2 or with_sa2va_pth:
-        paths["sam2"] = write_tiny_sam2(os.path.join(out_dir, SAM2_FILE), seed)
+        paths["sam2"] = write_tiny_sam2(os.path.join(out_dir, SAM2_FILE), seed, sam2_config)
     if with_sa2va_pth:
-        paths["sa2va_pth"] = write_tiny_sa2va_pth(os.path.join(out_dir, SA2VA_FILE), paths["internvl"], paths["sam2"], seed)
+        stale = os.path.join(out_dir, "stand_in_pretraining.json")  # it described the .pth replaced here
+        if os.path.exists(stale):
+            os.remove(stale)
+        paths["sa2va_pth"] = write_tiny_sa2va_pth(os.path.join(out_dir, SA2VA_FILE), paths["internvl"], paths["sam2"],
+                                                  seed, sam2_config)
     atomic_write_json(os.path.join(out_dir, "tiny_manifest.json"),
-                      {"arch": arch, "image_size": image_size, "seed": seed, "files": paths}, indent=2)
+                      {"arch": arch, "image_size": image_size, "seed": seed, "sam2_config": sam2_config,
+                       "files": paths}, indent=2)
     return paths
+
+
+def make_tiny_for_config(out_dir: str, config_path: str) -> dict:
+    """make_tiny_pretrained with a config's ``auto_prepare.tiny_pretrained`` settings (``out_dir`` aside),
+    so the checkpoints match the config's image size and SAM2 width."""
+    from mmengine.config import Config
+
+    spec = dict(Config.fromfile(config_path).get("auto_prepare", {}).get("tiny_pretrained") or {})
+    if not spec:
+        raise ValueError(f"{config_path}: no auto_prepare.tiny_pretrained entry to take the tiny settings from")
+    spec.pop("out_dir", None)
+    return make_tiny_pretrained(out_dir, **spec)
