@@ -148,6 +148,28 @@ def test_exact_batch_equals_one_at_a_time_bitwise(scripted, exact_path):
         assert b.prompt_cache is None
 
 
+def test_max_seg_tokens_stops_after_that_many_seg_states_and_keeps_them(scripted):
+    model, tok, script = scripted
+    ids_list = [prompt_ids(model, tok, t) for t in TEXTS]
+    prefix = prefix_for(model, tok, ids_list[0], seed=0)
+    stop = get_template(model.config.template)["STOP_WORDS"]
+    full = singles(model, tok, ids_list, [prefix] * len(ids_list), max_new=200)
+    counts = [a.seg_hidden_states.shape[0] for a in full]
+    assert max(counts) > 2, counts  # some answers carry more than 2 [SEG] states
+    capped = [model.generate_answer(ids, prefix_cache=prefix, tokenizer=tok, stop_words=stop, max_new_tokens=200,
+                                    max_seg_tokens=2) for ids in ids_list]
+    together = model.generate_answers(ids_list, prefix_cache=prefix, tokenizer=tok, stop_words=stop,
+                                      max_new_tokens=200, exact=True, max_seg_tokens=2)
+    for a, c, b in zip(full, capped, together):
+        n = min(2, a.seg_hidden_states.shape[0])
+        assert torch.equal(c.seg_hidden_states, a.seg_hidden_states[:n])  # the first states, unchanged
+        assert torch.equal(b.ids, c.ids) and torch.equal(b.seg_hidden_states, c.seg_hidden_states)
+        assert torch.equal(c.ids, a.ids[:len(c.ids)])  # a prefix of the uncapped answer ...
+        if a.seg_hidden_states.shape[0] > 2:  # ... ending one token after the 2nd [SEG] was fed back
+            assert len(c.ids) < len(a.ids) and c.ids[:-1].tolist().count(script.seg) == 2
+            assert int(c.ids[-2]) == script.seg
+
+
 def test_fast_batch_matches_up_to_rounding(scripted, capsys):
     model, tok, script = scripted
     ids_list = [prompt_ids(model, tok, t) for t in TEXTS]

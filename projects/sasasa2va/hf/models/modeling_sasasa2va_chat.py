@@ -542,13 +542,19 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         prefix_cache: Optional[PrefixCache] = None,
         return_prompt_cache: bool = False,
         eos_token_id=None,
+        max_seg_tokens: Optional[int] = None,
     ) -> GeneratedAnswer:
         """Greedy decoding (evaluation.md §2.2-2.3) for one prompt, written as an explicit KV-cache loop.
 
         Stops on EOS, when the decoded answer (\\r/\\n removed) ends with a stop word, or after
         ``max_new_tokens``. ``seg_hidden_states`` holds the last-layer state of every generated
         [SEG] when it is fed back as input; the final token is never fed back, so a trailing [SEG]
-        has no state (as in the reference). ``prefix_cache`` (from ``build_prefix_cache`` or a
+        has no state (as in the reference). ``max_seg_tokens``: also stop once that many [SEG] states
+        are collected (one more token is generated, never fed back). Video inference passes
+        ``num_clips``: later tokens cannot change those states (causal attention) and only the first
+        ``num_clips`` are used (evaluation.md Q5), so the masks are the same; an answer that does not end
+        after its 10th [SEG] (e.g. a barely trained model) no longer runs on to ``max_new_tokens``.
+        ``prefix_cache`` (from ``build_prefix_cache`` or a
         previous ``return_prompt_cache=True`` call) skips re-encoding a shared prompt prefix; it is
         not modified.
         """
@@ -595,7 +601,8 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         while True:
             token = int(logits.float().argmax(-1)[0])
             generated.append(token)
-            if answer_finished(generated, eos_ids, max_new_tokens, tokenizer, stop_words):
+            if answer_finished(generated, eos_ids, max_new_tokens, tokenizer, stop_words) or (
+                    max_seg_tokens and len(seg_states) >= max_seg_tokens):
                 break
             step = embed_tokens(torch.tensor([[token]], device=input_ids.device))
             out = decoder(inputs_embeds=step, past_key_values=cache, use_cache=True)
@@ -620,10 +627,11 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         max_new_tokens: int = 2048,
         eos_token_id=None,
         exact: Optional[bool] = None,
+        max_seg_tokens: Optional[int] = None,
     ) -> list:
         """Greedy decoding of several prompts in one batch: one ``GeneratedAnswer`` per prompt, with the
         ids / text / [SEG]-state semantics of ``generate_answer`` (same stop rules, the final token is
-        never fed back, ``prompt_cache`` is None).
+        never fed back, ``max_seg_tokens``, ``prompt_cache`` is None).
 
         ``prefix_cache``: one PrefixCache shared by every prompt, one per prompt (any lengths), or None.
         The prompt tokens after the prefix must not hold <IMG_CONTEXT> tokens (images go in the prefix,
@@ -654,7 +662,7 @@ class SaSaSa2VAChatModel(PreTrainedModel):
             if len(prefixes) != n:
                 raise ValueError(f"generate_answers: {len(prefixes)} prefix caches for {n} prompts")
         common = dict(tokenizer=tokenizer, stop_words=stop_words, max_new_tokens=max_new_tokens,
-                      eos_token_id=eos_token_id)
+                      eos_token_id=eos_token_id, max_seg_tokens=max_seg_tokens)
         if n == 0:
             return []
         impl = getattr(self.config.llm_config, "_attn_implementation", None)
@@ -747,7 +755,8 @@ class SaSaSa2VAChatModel(PreTrainedModel):
             keep = []
             for i, b in enumerate(active):
                 generated[b].append(int(tokens[i]))
-                if not answer_finished(generated[b], eos_ids, max_new_tokens, tokenizer, stop_words):
+                if not (answer_finished(generated[b], eos_ids, max_new_tokens, tokenizer, stop_words) or (
+                        max_seg_tokens and len(seg_states[b]) >= max_seg_tokens)):
                     keep.append(i)
             if not keep:
                 break

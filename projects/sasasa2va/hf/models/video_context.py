@@ -384,7 +384,8 @@ class VideoContext:
     def generate(self, ids: torch.Tensor, specs: Sequence[ImageSpec], max_new_tokens: int) -> Generation:
         """Greedy answer for prompt ``ids`` whose <IMG_CONTEXT> blocks show the images of ``specs``."""
         keys = tuple(k for k, _ in specs)
-        gkey = (tuple(ids[0].tolist()), keys, int(max_new_tokens))
+        max_seg = self._max_seg(specs)
+        gkey = (tuple(ids[0].tolist()), keys, int(max_new_tokens), max_seg)
         if not self.naive and gkey in self._generations:
             if gkey in self._prefetched:  # computed ahead in a batch: its first use is not a reuse
                 self._prefetched.discard(gkey)
@@ -392,7 +393,8 @@ class VideoContext:
                 self.counters.generations_reused += 1
             return self._generations[gkey]
         model, n = self.model, int(ids.shape[1])
-        common = dict(tokenizer=self.tokenizer, stop_words=self.stop_words, max_new_tokens=max_new_tokens)
+        common = dict(tokenizer=self.tokenizer, stop_words=self.stop_words, max_new_tokens=max_new_tokens,
+                      max_seg_tokens=max_seg)
         boundary = 0 if self.naive else canonical_boundary(ids, self.img_end_id)
         if self.naive:
             vision = self._vision_tokens_naive(specs) if specs else None
@@ -405,6 +407,10 @@ class VideoContext:
             vision = self.vision_tokens(specs) if specs else None
             answer = model.generate_answer(ids, vision_embeds=vision, **common)
         return self._store(gkey, answer, n)
+
+    def _max_seg(self, specs) -> Optional[int]:
+        """Video prompts stop generating after ``num_clips`` [SEG] states (see ``generate_answer``)."""
+        return int(self.config.num_clips) if specs else None
 
     def can_batch_generations(self) -> bool:
         """Batched decoding is used unless disabled, naive, or the model's ``generate_answer`` was
@@ -442,7 +448,7 @@ class VideoContext:
             except Exception:
                 continue
             keys = tuple(k for k, _ in specs)
-            gkey = (tuple(ids[0].tolist()), keys, max_new)
+            gkey = (tuple(ids[0].tolist()), keys, max_new, self._max_seg(specs))
             if gkey in self._generations or gkey in seen:
                 continue
             boundary = canonical_boundary(ids, self.img_end_id)
@@ -467,7 +473,8 @@ class VideoContext:
             prefixes = [self._prefix_for(ids, specs, boundary) for _, ids, specs, boundary in chunk]
             answers = self.model.generate_answers([ids for _, ids, _, _ in chunk], prefix_cache=prefixes,
                                                   tokenizer=self.tokenizer, stop_words=self.stop_words,
-                                                  max_new_tokens=max_new, exact=self.exact_rows)
+                                                  max_new_tokens=max_new, exact=self.exact_rows,
+                                                  max_seg_tokens=self._max_seg(chunk[0][2]))
             del prefixes
             for (gkey, ids, _, boundary), answer in zip(chunk, answers):
                 self._store(gkey, answer, int(ids.shape[1]) - boundary)
