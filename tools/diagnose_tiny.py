@@ -35,51 +35,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from projects.sasasa2va.models.stand_in_pretraining import (  # noqa: E402
+    scale_last_linear, seg_question_tokens as user_question_tokens)
+
 TINY_CONFIG = os.path.join(ROOT, "projects", "sasasa2va", "configs", "sasasa2va_tiny.py")
 PROMPTS = ("model", "oracle-colour", "oracle-word", "bow")
 MEVIS_INDEX = 4  # the MeViS entry of the tiny config's dataset list
 FIRST_VIDEO_DATASET = 3  # entries before this are image datasets (RefCOCO/+/g)
-
-
-def user_question_tokens(ids, tokenizer, seg_id: int, skip_ids: set) -> list:
-    """For each [SEG] of a conversation (1-D ids): the non-image token ids of the user turn it answers."""
-    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    ids = ids.tolist()
-    rows, current, in_user = [], [], False
-    for j, t in enumerate(ids):
-        if t == im_start:
-            in_user = tokenizer.decode(ids[j + 1:j + 2]).strip() == "user"
-            if in_user:
-                current = []
-            continue
-        if t == im_end:
-            in_user = False
-            continue
-        if in_user and t not in skip_ids:
-            current.append(t)
-        if t == seg_id:
-            rows.append(list(current))
-    return rows
-
-
-def scale_last_linear(module, factor: float):
-    """Multiply the weight and bias of the last nn.Linear in ``module`` by ``factor`` (in place); returns it.
-
-    Why: a prompt head's default init gives SAM2 prompt tokens of norm ~3, while the tiny SAM2's own
-    decoder tokens (N(0, 1) embeddings) have norm ~11, and the decoder then learns to ignore the prompt.
-    """
-    import torch
-    import torch.nn as nn
-
-    last = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    if not last:
-        raise ValueError(f"scale_last_linear: {type(module).__name__} has no nn.Linear")
-    with torch.no_grad():
-        last[-1].weight.mul_(factor)
-        if last[-1].bias is not None:
-            last[-1].bias.mul_(factor)
-    return last[-1]
 
 
 def add_offsets(lang, num_frames: int, offset, clip_noise, offset_scale: float, clip_scale: float):

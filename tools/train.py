@@ -21,8 +21,9 @@ Usually started through ``bash tools/dist.sh train CONFIG NUM_GPUS [args]``. Wha
   xtuner's seed lookup in them), so resume only from folders your own runs wrote. The base config's
   ``RNGStateHook`` stores the RNG states in every checkpoint, so a resumed CPU run reproduces the
   uninterrupted one bit for bit (tests/test_robustness_train_kill.py);
-* the config's ``auto_prepare`` entry (tiny config) creates missing synthetic data / tiny checkpoints
-  with the library functions behind tools/make_synthetic_data.py and tools/make_tiny_pretrained.py.
+* the config's ``auto_prepare`` entry (tiny config) creates missing synthetic data / tiny checkpoints /
+  the stand-in pretraining with the library functions behind tools/make_synthetic_data.py,
+  tools/make_tiny_pretrained.py and tools/pretrain_tiny.py.
 
 Checkpoints (``iter_<n>.pth``, the trainable weights under ``state_dict``), logs and the dumped config
 land in the work dir (default ``work_dirs/<config stem>``).
@@ -188,7 +189,8 @@ def _ensure(folder: str, marker: str, make, command: str) -> None:
 
 
 def auto_prepare(cfg) -> None:
-    """Create the inputs named in ``cfg.auto_prepare`` (synthetic data, tiny checkpoints) if missing."""
+    """Create the inputs named in ``cfg.auto_prepare`` (synthetic data, tiny checkpoints, stand-in
+    pretraining), each only when its marker file is missing."""
     spec = cfg.get("auto_prepare")
     if not spec:
         return
@@ -206,8 +208,16 @@ def auto_prepare(cfg) -> None:
 
         out_dir = tiny.pop("out_dir")
         cmd = (f"python tools/make_tiny_pretrained.py --out {out_dir} --arch {tiny.get('arch', 'qwen2')} "
-               f"--image-size {tiny.get('image_size', 112)} --seed {tiny.get('seed', 0)}")
+               f"--image-size {tiny.get('image_size', 112)} --seed {tiny.get('seed', 0)}"
+               + (f" --sam2-hidden-dim {tiny['sam2_hidden_dim']}" if tiny.get("sam2_hidden_dim") else ""))
         _ensure(out_dir, "tiny_manifest.json", lambda: make_tiny_pretrained(out_dir, **tiny), cmd)
+    stand_in = dict(spec.get("stand_in_pretraining") or {})
+    if stand_in:
+        from projects.sasasa2va.models.stand_in_pretraining import MARKER, run_stand_in_pretraining
+
+        folder = osp.dirname(osp.abspath(cfg.model.pretrained_pth))
+        cmd = f"python tools/pretrain_tiny.py {cfg.filename}"
+        _ensure(folder, MARKER, lambda: run_stand_in_pretraining(cfg, **stand_in), cmd)
 
 
 # ------------------------------------------------------------------------------------ CPU patches

@@ -1,0 +1,181 @@
+"""Stand-in pretraining of the tiny MLLM (projects/sasasa2va/models/stand_in_pretraining.py) and the
+frozen-LLM-body training mode (train_embeddings='lm_head')."""
+import json
+import os
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from projects.sasasa2va.datasets.refvos import build_object
+from projects.sasasa2va.datasets.synthetic import COLORS, generate_all
+from projects.sasasa2va.models import stand_in_pretraining as sip
+from projects.sasasa2va.models.tiny import make_tiny_pretrained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(ROOT, "projects", "sasasa2va", "configs", "sasasa2va_tiny.py")
+SMALL_DATA = dict(num_train_videos=2, num_valid_u_videos=0, num_valid_videos=0, num_revos_videos=1,
+                  num_rvos_videos=1, num_sav_videos=1, num_images=2, min_frames=5, max_frames=12)
+
+
+@pytest.fixture(scope="module")
+def workroot(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stand_in_root")
+    generate_all(str(root / "data" / "synthetic"), seed=0, **SMALL_DATA)
+    cfg = Config.fromfile(TINY_CONFIG)
+    spec = cfg.auto_prepare.tiny_pretrained
+    make_tiny_pretrained(str(root / "pretrained" / "tiny"), image_size=spec.image_size,
+                         sam2_hidden_dim=spec.sam2_hidden_dim)
+    return root
+
+
+@pytest.fixture
+def in_root(workroot, monkeypatch):
+    monkeypatch.chdir(workroot)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield workroot
+    torch.set_num_threads(threads)
+
+
+def test_colour_word_in_needs_exactly_one_palette_colour():
+    assert sip.colour_word_in("the red circle") == "red"
+    assert sip.colour_word_in("Can you segment the circle that is blue?") == "blue"
+    assert sip.colour_word_in("the star") is None
+    assert sip.colour_word_in("the red and the blue square") is None
+
+
+def test_target_colours_reads_the_masked_pixels():
+    frame = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    frame[:, :, :16] = torch.tensor(COLORS["red"], dtype=torch.uint8).view(3, 1, 1)
+    frame[:, :, 16:] = torch.tensor(COLORS["blue"], dtype=torch.uint8).view(3, 1, 1)
+    left = torch.zeros(16, 16, dtype=torch.uint8)
+    left[:, :8] = 1
+    right = torch.flip(left, dims=[1])
+    both = torch.ones(16, 16, dtype=torch.uint8)
+    empty = torch.zeros(16, 16, dtype=torch.uint8)
+    masks = torch.stack([left, left, right, empty, both, both, empty, empty])  # 4 objects x 2 frames
+    assert sip.target_colours(masks, [frame, frame], 2) == ["red", "blue", None, None]
+    with pytest.raises(ValueError, match="multiple"):
+        sip.target_colours(masks[:3], [frame, frame], 2)
+    with pytest.raises(ValueError, match="prompt_scale"):
+        sip.run_stand_in_pretraining(None, prompt_scale=0.0)
+
+
+def test_insert_after_seg_supervises_the_inserted_words():
+    seg = 7
+    ids = [1, 2, seg, 3, seg, 4]
+    labels = [-100, -100, seg, 3, seg, 4]
+    out_ids, out_labels = sip.insert_after_seg(ids, labels, seg, [[50, 51], None])
+    assert out_ids == [1, 2, seg, 50, 51, 3, seg, 4]
+    assert out_labels == [-100, -100, seg, 50, 51, 3, seg, 4]
+    with pytest.raises(ValueError, match="2 \\[SEG\\] tokens but 1"):
+        sip.insert_after_seg(ids, labels, seg, [[50]])
+    with pytest.raises(ValueError, match="labels"):
+        sip.insert_after_seg(ids, labels[:-1], seg, [None, None])
+
+
+def test_seg_colours_name_each_targets_colour_for_every_seg_token(in_root):
+    cfg = Config.fromfile(TINY_CONFIG)
+    ds = build_object(dict(cfg.train_dataloader.dataset.datasets[4], num_objects=2))  # MeViS videos
+    tokenizer = ds.tokenizer
+    seg_id = tokenizer.convert_tokens_to_ids("[SEG]")
+    sample = ds[0]
+    questions = sip.seg_questions(sample["input_ids"], tokenizer, seg_id)
+    assert len(questions) == 20 and len(set(questions[:10])) == 1  # 2 expressions x 10 clips
+    colours = sip.seg_colours(sample, tokenizer, seg_id)
+    pixel = sip.target_colours(sample["masks"], sample["g_pixel_values"], 10)
+    assert len(colours) == 20 and all(c in COLORS for c in colours)
+    for k in range(2):
+        expected = sip.colour_word_in(questions[10 * k]) or pixel[k]
+        assert colours[10 * k:10 * k + 10] == [expected] * 10
+        if sip.colour_word_in(questions[10 * k]):
+            assert pixel[k] == expected  # the text and the pixels agree on the synthetic data
+    image = build_object(dict(cfg.train_dataloader.dataset.datasets[0], num_objects=2))[0]  # RefCOCO: one tensor
+    assert len(sip.seg_colours(image, tokenizer, seg_id)) == 2
+
+    out, named, total = sip.echo_sample(sample, tokenizer, seg_id)
+    assert (named, total) == (20, 20)
+    ids = list(out["input_ids"])
+    after = [tokenizer.decode(ids[j + 1:j + 2]).strip() for j, t in enumerate(ids) if t == seg_id]
+    assert after == colours  # each [SEG] is followed by its target's colour word ...
+    seg_pos = [j for j, t in enumerate(ids) if t == seg_id]
+    assert all(out["labels"][j + 1] == ids[j + 1] for j in seg_pos)  # ... which is supervised
+    assert len(ids) == len(sample["input_ids"]) + sum(
+        len(tokenizer.encode(" " + w, add_special_tokens=False)) for w in after)
+
+
+def test_run_stand_in_pretraining_changes_only_the_mllm_and_writes_a_marker(in_root):
+    cfg = Config.fromfile(TINY_CONFIG)
+    pth = cfg.model.pretrained_pth
+    before = torch.load(pth, map_location="cpu")
+    record = sip.run_stand_in_pretraining(cfg, steps=2, accumulate=1, prompt_scale=3.0, progress=False)
+    after = torch.load(pth, map_location="cpu")
+    assert set(after) == set(before)
+    marker = json.loads((in_root / "pretrained" / "tiny" / sip.MARKER).read_text())
+    assert marker == record and record["steps"] == 2 and record["seg_tokens"] > 0
+    assert record["loss_first"] > 0 and record["seg_tokens_named"] > 0
+
+    def changed(prefix):
+        keys = [k for k in before if k.startswith(prefix)]
+        assert keys, prefix
+        return any(not torch.equal(before[k], after[k]) for k in keys)
+
+    assert changed("mllm.model.language_model.model.layers.")
+    assert changed("mllm.model.vision_model.") and changed("mllm.model.mlp1.")
+    head = [k for k in before if k.endswith("lm_head.weight")]
+    assert head and all(torch.equal(before[k], after[k]) for k in head)
+    assert not changed("grounding_encoder.")
+    fcs = sorted(k for k in before if k.startswith("text_hidden_fcs."))
+    last_w = [k for k in fcs if k.endswith(".weight")][-1]
+    assert torch.allclose(after[last_w], 3.0 * before[last_w])
+    # rerunning tools/train.py's auto_prepare sees the marker and does not train again
+    from tools.train import auto_prepare
+
+    cfg.auto_prepare.stand_in_pretraining.steps = 1
+    stamp = os.path.getmtime(pth)
+    auto_prepare(cfg)
+    assert os.path.getmtime(pth) == stamp
+
+
+def test_lm_head_mode_freezes_everything_in_the_llm_but_the_head(in_root, monkeypatch):
+    from mmengine.registry import MODELS
+
+    from projects.sasasa2va.models import sasasa2va
+
+    cfg = Config.fromfile(TINY_CONFIG)
+    assert cfg.model.train_embeddings == "lm_head" and cfg.model.freeze_vision
+    model = MODELS.build(dict(cfg.model, freeze_llm=True))
+    lm = model.model.language_model
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in lm.named_parameters() if "lm_head" in n}
+    assert not any(p.requires_grad for p in model.model.vision_model.parameters())
+    assert not any(p.requires_grad for p in model.model.mlp1.parameters())
+    assert all(p.requires_grad for p in model.model.text_hidden_fcs.parameters())
+
+    original = sasasa2va.load_internvl_folder
+
+    def tied(*args, **kwargs):
+        chat, tok = original(*args, **kwargs)
+        chat.language_model.config.tie_word_embeddings = True
+        return chat, tok
+
+    monkeypatch.setattr(sasasa2va, "load_internvl_folder", tied)
+    with pytest.raises(ValueError, match="untied"):
+        MODELS.build(dict(cfg.model, pretrained_pth=None))
+
+
+def test_pretrain_tiny_cli_runs_once_and_validates_its_arguments(in_root, capsys):
+    from tools.pretrain_tiny import main
+
+    with pytest.raises(SystemExit):
+        main([TINY_CONFIG, "--steps", "0"])
+    with pytest.raises(SystemExit):
+        main([str(in_root / "missing.py")])
+    assert main([TINY_CONFIG, "--steps", "1", "--accumulate", "1", "--force", "--no-progress", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[SEG] tokens named; wrote pretrained/tiny/sa2va_tiny.pth" in out
+    record = json.loads((in_root / "pretrained" / "tiny" / sip.MARKER).read_text())
+    assert record["steps"] == 1 and record["accumulate"] == 1
+    assert main([TINY_CONFIG]) == 0
+    assert "already done" in capsys.readouterr().out

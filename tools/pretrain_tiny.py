@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Stand-in pretraining of the tiny model (the tiny config's stand-in for the Sa2VA checkpoint).
+
+    python tools/pretrain_tiny.py [projects/sasasa2va/configs/sasasa2va_tiny.py] [--steps 200]
+        [--accumulate 8] [--lr 1e-3] [--threads N] [--force] [--cfg-options key=value ...]
+
+Trains the tiny MLLM to name the referred object's colour right after each [SEG] (LM head frozen) and
+writes it into the config's ``model.pretrained_pth`` plus ``stand_in_pretraining.json`` beside it; see
+projects/sasasa2va/models/stand_in_pretraining.py for why. Missing synthetic data / tiny checkpoints are
+created first (the config's ``auto_prepare``). Defaults come from the config's
+``auto_prepare.stand_in_pretraining``. Skipped when the marker exists, unless ``--force``. Run from the
+folder the config's relative paths refer to (the repo root).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+DEFAULT_CONFIG = os.path.join("projects", "sasasa2va", "configs", "sasasa2va_tiny.py")
+
+
+def main(argv=None) -> int:
+    from mmengine.config import Config, DictAction
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"config file (default: {DEFAULT_CONFIG})")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (config default: 200)")
+    p.add_argument("--accumulate", type=int, default=None, help="samples per step (config default: 8)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (config default: 1e-3)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--force", action="store_true", help="run even if the marker says it was done")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config entries, key=value")
+    args = p.parse_args(argv)
+    for name in ("steps", "accumulate"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.lr is not None and args.lr <= 0:
+        p.error("--lr must be > 0")
+    if not os.path.isfile(args.config):
+        p.error(f"config not found: {args.config}")
+
+    import torch
+
+    from projects.sasasa2va.models.stand_in_pretraining import MARKER, run_stand_in_pretraining
+    from tools.benchmark_train import ensure_config_imports
+    from tools.train import auto_prepare
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ensure_config_imports()
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    spec = dict((cfg.get("auto_prepare") or {}).get("stand_in_pretraining") or {})
+    marker = os.path.join(os.path.dirname(os.path.abspath(cfg.model.get("pretrained_pth") or ".")), MARKER)
+    if os.path.isfile(marker) and not args.force:
+        print(f"already done ({marker}); --force to run again")
+        return 0
+    prep = dict(cfg.get("auto_prepare") or {})
+    prep.pop("stand_in_pretraining", None)
+    cfg.auto_prepare = prep
+    auto_prepare(cfg)  # data and random tiny checkpoints, if missing
+    for name in ("steps", "accumulate", "lr"):
+        if getattr(args, name) is not None:
+            spec[name] = getattr(args, name)
+    record = run_stand_in_pretraining(cfg, progress=not args.no_progress, **spec)
+    print(f"loss {record['loss_first']} -> {record['loss_last']} in {record['seconds']} s; "
+          f"{record['seg_tokens_named']}/{record['seg_tokens']} [SEG] tokens named; wrote {record['pth']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
