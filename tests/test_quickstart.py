@@ -14,7 +14,7 @@ def test_quickstart_short_run(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "quickstart.py"), "--run-root", str(tmp_path), "--iters", "3",
-         "--max-new-tokens", "48", "--synthetic-args", SMALL],
+         "--pretrain-steps", "2", "--max-new-tokens", "48", "--synthetic-args", SMALL],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     wd = tmp_path / "work_dirs" / "quickstart"
@@ -23,11 +23,13 @@ def test_quickstart_short_run(tmp_path):
     for name in runs:
         assert set(summary[name]) == {"J", "F", "J&F"}
         assert 0.0 <= summary[name]["J&F"] <= 100.0
-    for stage in ("data", "pretrained", "train", "export", "eval_valid_u", "eval_blind", "metrics", "submission",
+    for stage in ("data", "pretrained", "stand_in_pretraining", "train", "export", "eval_valid_u", "eval_blind", "metrics", "submission",
                   "visualize", "total"):
         assert summary["times_s"][stage] >= 0.0
     assert (wd / "submission_valid.zip").is_file()
     assert (wd / "visualization" / "index.html").is_file()
     assert (wd / "eval_valid_u" / "results.json").is_file()
+    marker = json.loads((tmp_path / "pretrained" / "tiny" / "stand_in_pretraining.json").read_text())
+    assert marker["steps"] == 2 and marker["seg_tokens"] > 0
     # the printed table ends the job
     assert "language_blind" in proc.stdout and "stage times" in proc.stdout

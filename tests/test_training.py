@@ -17,7 +17,7 @@ from mmengine.config import Config
 from projects.sasasa2va.datasets.collate import sasasa2va_collate_fn
 from projects.sasasa2va.datasets.refvos import build_object
 from projects.sasasa2va.datasets.synthetic import generate_all
-from projects.sasasa2va.models.tiny import make_tiny_pretrained
+from projects.sasasa2va.models.tiny import make_tiny_for_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "projects", "sasasa2va", "configs")
@@ -26,7 +26,8 @@ SMALL_DATA = dict(num_train_videos=2, num_valid_u_videos=0, num_valid_videos=0, 
                   num_rvos_videos=1, num_sav_videos=1, num_images=2, min_frames=5, max_frames=12)
 # cfg-options for short launcher runs on SMALL_DATA (11 items per epoch with one process)
 RUN_OPTIONS = ["default_hooks.logger.interval=1", "param_scheduler.0.end=0.2", "param_scheduler.1.begin=0.2",
-               "train_cfg.max_epochs=None"]
+               "train_cfg.max_epochs=None", "auto_prepare.stand_in_pretraining.steps=1",
+               "auto_prepare.stand_in_pretraining.accumulate=1"]
 # Heads whose outputs only feed the (non-differentiable) mask choice: trainable, yet never get a gradient
 # (reference §1.8 "Consequences").
 NO_GRAD_HEADS = ("iou_prediction_head", "pred_obj_score_head")
@@ -37,7 +38,7 @@ def workroot(tmp_path_factory):
     """A folder with data/synthetic (small) and pretrained/tiny, like the repo root after auto-prepare."""
     root = tmp_path_factory.mktemp("train_root")
     generate_all(str(root / "data" / "synthetic"), seed=0, **SMALL_DATA)
-    make_tiny_pretrained(str(root / "pretrained" / "tiny"))
+    make_tiny_for_config(str(root / "pretrained" / "tiny"), TINY_CONFIG)
     return root
 
 
@@ -284,7 +285,13 @@ def test_tiny_config_settings():
     assert cfg.train_dataloader.batch_size == 1 and cfg.optim_wrapper.accumulative_counts == 1
     assert cfg.train_dataloader.num_workers <= 1 and 2e-4 <= cfg.optim_wrapper.optimizer.lr <= 1e-3
     assert cfg.default_hooks.logger.interval == 10 and cfg.default_hooks.checkpoint.interval == 100
-    assert cfg.model.lora is None and cfg.model.sam2_config == {"name": "tiny"}
+    assert cfg.model.lora is None and cfg.model.sam2_config == {"name": "tiny", "hidden_dim": 128}
+    assert cfg.auto_prepare.tiny_pretrained.sam2_hidden_dim == 128 and cfg.auto_prepare.tiny_pretrained.image_size == 56
+    assert cfg.image_size == 56 and cfg.tokens_per_image == 4  # 56 px ViT, pixel shuffle: (56 / 14 / 2) ** 2
+    # the stand-in-pretrained MLLM is frozen; the LM head, prompt head and SAM2 train
+    assert cfg.model.freeze_llm and cfg.model.freeze_vision and not cfg.model.train_mlp1
+    assert cfg.model.train_embeddings == "lm_head" and cfg.model.pretrained_pth == "pretrained/tiny/sa2va_tiny.pth"
+    assert cfg.auto_prepare.stand_in_pretraining.steps >= 1
     assert cfg.auto_prepare.synthetic_data.root == "data/synthetic/"
     assert cfg.auto_prepare.tiny_pretrained.out_dir == "pretrained/tiny/"
     assert cfg.model.mllm_path.startswith("pretrained/tiny/")

@@ -1,6 +1,6 @@
 """The embedded default main job: the whole SaSaSa2VA pipeline on a CPU, no downloads.
 
-data -> tiny checkpoints -> training (tools/dist.sh) -> export (convert_to_hf.py) -> five-mode
+data -> tiny checkpoints -> stand-in pretraining (tools/pretrain_tiny.py) -> training (tools/dist.sh) -> export (convert_to_hf.py) -> five-mode
 evaluation + selective averaging on synthetic valid_u -> J&F -> language-blind control -> synthetic
 valid submission zip -> visualisation page. Every stage runs the same CLI a user would run, and its
 wall time lands in ``<work-dir>/summary.json``.
@@ -34,6 +34,8 @@ def parse_args(argv=None):
                         "default: the repository root")
     p.add_argument("--work-dir", default="work_dirs/quickstart", help="where every output goes (under --run-root)")
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the config's)")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="stand-in pretraining steps (default: the config's auto_prepare.stand_in_pretraining)")
     p.add_argument("--gpus", type=int, default=1, help="processes for training and evaluation")
     p.add_argument("--max-videos", type=int, default=None, help="evaluate only the first N videos")
     p.add_argument("--synthetic-args", default="", help="extra arguments for tools/make_synthetic_data.py")
@@ -44,6 +46,18 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap on generated answer tokens in evaluation (short smoke runs of barely trained models)")
     return p.parse_args(argv)
+
+
+def tiny_checkpoint_args() -> list[str]:
+    """tools/make_tiny_pretrained.py options matching the tiny config's ``auto_prepare.tiny_pretrained``."""
+    from mmengine.config import Config
+
+    spec = Config.fromfile(os.path.join(ROOT, CONFIG)).auto_prepare.tiny_pretrained
+    out = ["--arch", str(spec.get("arch", "qwen2")), "--image-size", str(spec.get("image_size", 112)),
+           "--seed", str(spec.get("seed", 0))]
+    if spec.get("sam2_hidden_dim"):
+        out += ["--sam2-hidden-dim", str(spec["sam2_hidden_dim"])]
+    return out
 
 
 def run(cmd: list[str], log_path: str, env: dict | None = None, cwd: str = ROOT) -> None:
@@ -68,7 +82,7 @@ def run(cmd: list[str], log_path: str, env: dict | None = None, cwd: str = ROOT)
 
 
 def _interesting(line: str) -> bool:
-    return bool(re.search(r"(Iter\(train\)|J&F|Saved|saved|error|Error|wrote|Wrote|done)", line))
+    return bool(re.search(r"(Iter\(train\)|stand-in pretraining step|J&F|Saved|saved|error|Error|wrote|Wrote|done)", line))
 
 
 def last_line(log_path: str) -> str:
@@ -119,8 +133,13 @@ def main(argv=None) -> dict:
 
     stage("data", lambda: run([PY, tool("tools/make_synthetic_data.py"), "--root", data_root, "--quiet"]
                               + shlex.split(args.synthetic_args), os.path.join(logs, "data.log")))
-    stage("pretrained", lambda: run([PY, tool("tools/make_tiny_pretrained.py"), "--out", pretrained],
+    tiny = tiny_checkpoint_args()
+    stage("pretrained", lambda: run([PY, tool("tools/make_tiny_pretrained.py"), "--out", pretrained, *tiny],
                                     os.path.join(logs, "pretrained.log")))
+    steps = ["--steps", str(args.pretrain_steps)] if args.pretrain_steps else []
+    stage("stand_in_pretraining", lambda: run([PY, tool("tools/pretrain_tiny.py"), tool(CONFIG), "--no-progress",
+                                               *steps], os.path.join(logs, "stand_in_pretraining.log"),
+                                              cwd=run_root))
 
     train_dir = os.path.join(wd, "train")
     cfg_opts = []
