@@ -319,6 +319,14 @@ def test_resume_byte_identical(syn_root, fake_env, tmp_path, monkeypatch):
     assert run_inproc(syn_root, part) == 0
     assert read_bytes(part / "results.json") == read_bytes(full / "results.json")
     # another model/setting in the same work dir is refused
+    from projects.sasasa2va.evaluation.runner import model_fingerprint
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"one")
+    first = model_fingerprint(str(model_dir))
+    (model_dir / "model.safetensors").write_bytes(b"second")  # retrained / re-exported into the same folder
+    assert first and model_fingerprint(str(model_dir)) != first and model_fingerprint(str(tmp_path / "no")) is None
     with pytest.raises(ValueError, match="different run"):
         run_inproc(syn_root, part, "--blind-expression", "the object")
     assert run_inproc(syn_root, part, "--blind-expression", "the object", "--overwrite") == 0

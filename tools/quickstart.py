@@ -159,7 +159,8 @@ def main(argv=None) -> dict:
                                  "--pth-model", ckpt, "--save-path", hf_dir, "--overwrite"],
                                 os.path.join(logs, "export.log"), cwd=run_root))
 
-    eval_common = ["--data-root", os.path.join(run_root, "data")]
+    # --overwrite: this job owns its evaluation folders, and a rerun evaluates the model it just built
+    eval_common = ["--data-root", os.path.join(run_root, "data"), "--overwrite"]
     if args.max_videos:
         eval_common += ["--max-videos", str(args.max_videos)]
     if args.max_new_tokens:

@@ -18,6 +18,7 @@ mode and ``<work_dir>/modes/<mode>`` for several.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import itertools
@@ -478,8 +479,22 @@ def _is_done(run_dir: str, video_id: str, exp_id: str, num_frames: int, retry_fa
     return not (retry_failed and e.get("status") == "failed")
 
 
+def model_fingerprint(hf_dir) -> str | None:
+    """Name, size and mtime of the folder's weight and config files: a model retrained or re-exported
+    into the same folder must not resume the predictions of the previous one (cheap: no file is read)."""
+    if not isinstance(hf_dir, str) or not os.path.isdir(hf_dir):
+        return None
+    parts = []
+    for name in sorted(os.listdir(hf_dir)):
+        if name.endswith((".safetensors", ".bin", ".pth", ".json")):
+            st = os.stat(os.path.join(hf_dir, name))
+            parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256(";".join(parts).encode()).hexdigest()[:16]
+
+
 def _run_config(opts: EvalOptions, split: ResolvedSplit, mode: str) -> dict:
     return {"model": os.path.abspath(opts.hf_dir) if isinstance(opts.hf_dir, str) else str(opts.hf_dir),
+            "model_fingerprint": model_fingerprint(opts.hf_dir),
             "split": split.name, "split_dir": split.split_dir, "mode": mode,
             "blind_expression": opts.blind_expression, "dtype": opts.dtype,
             "qframe_file": split.qframe_file if mode == "q_frame" else None,

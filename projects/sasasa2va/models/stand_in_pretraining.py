@@ -195,7 +195,7 @@ def run_stand_in_pretraining(cfg, steps: int = 200, accumulate: int = 8, lr: flo
         part.requires_grad_(True)
     head = chat.language_model.get_output_embeddings()
     if head is None:
-        raise ValueError("stand-in pretraining reads colours through the LM head; this LLM has no output embedding")
+        raise ValueError("stand-in pretraining freezes the LM head, but this LLM has no output embedding")
     head.requires_grad_(False)  # the [SEG] state itself has to point at the word (a trainable head could absorb it)
     params = [p for p in chat.parameters() if p.requires_grad]
     datasets = []
