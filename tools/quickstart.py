@@ -1,8 +1,8 @@
 """The embedded default main job: the whole SaSaSa2VA pipeline on a CPU, no downloads.
 
-data -> tiny checkpoints -> stand-in pretraining (tools/pretrain_tiny.py) -> training (tools/dist.sh) -> export (convert_to_hf.py) -> five-mode
-evaluation + selective averaging on synthetic valid_u -> J&F -> language-blind control -> synthetic
-valid submission zip -> visualisation page. Every stage runs the same CLI a user would run, and its
+data -> tiny checkpoints -> stand-in pretraining (tools/pretrain_tiny.py) -> training (tools/dist.sh)
+-> export (convert_to_hf.py) -> five-mode evaluation + selective averaging on synthetic valid_u -> J&F
+-> language-blind control -> synthetic valid submission zip -> visualisation page. Every stage runs the same CLI a user would run, and its
 wall time lands in ``<work-dir>/summary.json``.
 """
 from __future__ import annotations
@@ -82,7 +82,8 @@ def run(cmd: list[str], log_path: str, env: dict | None = None, cwd: str = ROOT)
 
 
 def _interesting(line: str) -> bool:
-    return bool(re.search(r"(Iter\(train\)|stand-in pretraining step|J&F|Saved|saved|error|Error|wrote|Wrote|done)", line))
+    pattern = r"(Iter\(train\)|stand-in pretraining step|J&F|Saved|saved|error|Error|wrote|Wrote|done)"
+    return bool(re.search(pattern, line))
 
 
 def last_line(log_path: str) -> str:
