@@ -122,14 +122,15 @@ def test_shared_path_equals_naive_and_encodes_each_frame_once(forced, split, tmp
     assert ws["sam2_features_evicted"] == 0
     records = resolve_split(split.name, split_dir=split.split_dir, qframe_file=split.qframe_file).load_records()
     sp = resolve_split(split.name, split_dir=split.split_dir, qframe_file=split.qframe_file)
-    bound = bench.lower_bound_work(model, tok, records, sp.load_qframe(records), list(MODES), fa.num_tokens, fa.num_seg)
+    bound = bench.lower_bound_work(model, tok, records, sp.load_qframe(records), list(MODES), fa.num_generated, fa.num_seg)
     for k in ("sam2_frames_encoded", "mllm_images_encoded", "tokens_prefilled", "tokens_decoded"):
         assert ws[k] == bound[k], (k, ws[k], bound[k])
         assert wn[k] > ws[k], k
     assert bound["sam2_decodes"] <= ws["sam2_decodes"] <= 1.5 * bound["sam2_decodes"]
     assert ws["generations_reused"] == sum(E * (len(MODES) - 1 - k) for k in selections)
     assert wn["mllm_images_encoded"] == 20 * 2 * n_pairs  # 2 videos, 20 images per prediction
-    assert wn["tokens_decoded"] == 2 * n_pairs * (fa.num_tokens - 1)
+    assert fa.num_generated == fa.num_tokens - 1  # "... Clip_10 [SEG]." + stop word: stops after the "."
+    assert wn["tokens_decoded"] == 2 * n_pairs * (fa.num_generated - 1)
 
 
 def test_shared_path_resume_failures_and_feature_budget(forced, split, tmp_path, monkeypatch):

@@ -169,10 +169,13 @@ def test_seg_count_handling(scripted, monkeypatch):
     out = run(model, tok, frames, "uniform_plus")
     assert out["status"] == "ok" and out["num_seg"] == 3
     assert torch.equal(seen["prompts"], seen["all"][[0, 1, 2] + [2] * 7])
-    # 15 [SEG]: the first 10
+    # 15 [SEG]: generation stops once 10 [SEG] states exist; those 10 are the prompts
     set_answer(head, tok, 15)
     out = run(model, tok, frames, "wrap_around")
-    assert out["num_seg"] == 15 and torch.equal(seen["prompts"], seen["all"][:10])
+    assert out["num_seg"] == 10 and torch.equal(seen["prompts"], seen["all"][:10])
+    assert out["prediction"].count("[SEG]") == 10
+    # the rule for longer lists of [SEG] states (answers decoded elsewhere): keep the first 10
+    assert fs.seg_prompt_indices(15, 10) == list(range(10))
     set_answer(head, tok, 10)
 
 

@@ -103,7 +103,7 @@ def test_forward_losses_and_gradients_on_trainable_parts_only(in_root):
 
 def test_lora_model_trains_only_the_intended_parts(in_root):
     cfg = tiny_cfg(lora=dict(r=4, lora_alpha=8, lora_dropout=0.0), freeze_vision=True, freeze_llm=True,
-                   train_sam2_encoder=False, train_embeddings="new")
+                   train_sam2_encoder=False, train_embeddings="new", train_mlp1=True)
     model = build_model(cfg)
     groups = model.parameter_summary()
     for frozen in ("vision_model", "LLM", "SAM2 image encoder", "SAM2 other"):
@@ -132,7 +132,7 @@ def test_lora_model_trains_only_the_intended_parts(in_root):
 
 def test_state_dict_roundtrip_and_reference_key_layout(in_root):
     cfg = tiny_cfg(lora=dict(r=4, lora_alpha=8, lora_dropout=0.0), freeze_vision=True, freeze_llm=True,
-                   train_sam2_encoder=False, train_embeddings="new")
+                   train_sam2_encoder=False, train_embeddings="new", train_mlp1=True)
     model = build_model(cfg)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -222,7 +222,7 @@ def test_export_chat_model_matches_the_training_model(in_root):
     from peft import PeftModel
 
     cfg = tiny_cfg(lora=dict(r=4, lora_alpha=8, lora_dropout=0.0), freeze_vision=True, freeze_llm=True,
-                   train_sam2_encoder=False, train_embeddings="new")
+                   train_sam2_encoder=False, train_embeddings="new", train_mlp1=True)
     model = build_model(cfg)
     with torch.no_grad():  # make LoRA and the new rows non-trivial
         for name, p in model.named_parameters():

@@ -290,10 +290,11 @@ def main(argv=None) -> int:
                         "num_image_token": int(model.num_image_token), "image_size": int(model.config.image_size),
                         "sam2_image_size": int(model.grounding_encoder.image_size), "template": model.config.template,
                         "forced_answer": forced.text if forced else None,
-                        "answer_tokens": forced.num_tokens if forced else None}
+                        "answer_tokens": forced.num_generated if forced else None}
     log(f"model {name}: {nparams / 1e6:.1f}M params (built in {figures['model']['build_s']:.1f} s), MLLM "
         f"{model.config.image_size} px x {model.num_image_token} tokens/image, SAM2 {model.grounding_encoder.image_size} px"
-        + (f"; forced answer ({forced.num_tokens} tokens): {forced.text!r}" if forced else "; free generation"))
+        + (f"; forced answer ({forced.num_generated} of its {forced.num_tokens} tokens generated): {forced.text!r}"
+           if forced else "; free generation"))
 
     # ---- data
     e1 = args.exps_per_video
@@ -331,7 +332,7 @@ def main(argv=None) -> int:
     log("shared path (one VideoContext per video) ...")
     shared = run_eval(model, tok, name, sp, os.path.join(wd, "shared"), modes, average, False, args, device)
     log(f"shared: {shared['wall_s']:.2f} s wall, {shared['model_s']:.2f} s in the model")
-    bound = bench.lower_bound_work(model, tok, records, qframe, modes, forced.num_tokens if forced else 1,
+    bound = bench.lower_bound_work(model, tok, records, qframe, modes, forced.num_generated if forced else 1,
                                    forced.num_seg if forced else None)
     if not forced:  # free answers (length and [SEG] count unknown): the shared path's own decode counts
         for k in ("tokens_decoded", "sam2_decodes"):

@@ -76,6 +76,8 @@ class ForcedAnswer:
             raise ValueError(f"forced answer {self.text!r} encodes to no tokens")
         self.model = model
         self.step = 0
+        self._seg_id = int(tokenizer.convert_tokens_to_ids(SEG_TOKEN))
+        self._num_clips = int(model.config.num_clips)
         head = model.language_model.get_output_embeddings()
         self._handle = head.register_forward_hook(self._hook)
         original = model.generate_answer
@@ -95,6 +97,15 @@ class ForcedAnswer:
 
     @property
     def num_tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_generated(self) -> int:
+        """Tokens a video answer actually generates: all of them, or up to one past the ``num_clips``-th
+        [SEG] (video generation stops there, ``generate_answer(max_seg_tokens=...)``)."""
+        segs = [i for i, t in enumerate(self.ids) if t == self._seg_id]
+        if len(segs) >= self._num_clips > 0:
+            return min(len(self.ids), segs[self._num_clips - 1] + 2)
         return len(self.ids)
 
     @property
