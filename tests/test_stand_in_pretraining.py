@@ -10,7 +10,7 @@ from mmengine.config import Config
 from projects.sasasa2va.datasets.refvos import build_object
 from projects.sasasa2va.datasets.synthetic import COLORS, generate_all
 from projects.sasasa2va.models import stand_in_pretraining as sip
-from projects.sasasa2va.models.tiny import make_tiny_pretrained
+from projects.sasasa2va.models.tiny import make_tiny_for_config, make_tiny_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "projects", "sasasa2va", "configs", "sasasa2va_tiny.py")
@@ -136,6 +136,8 @@ def test_run_stand_in_pretraining_changes_only_the_mllm_and_writes_a_marker(in_r
     stamp = os.path.getmtime(pth)
     auto_prepare(cfg)
     assert os.path.getmtime(pth) == stamp
+    with pytest.raises(ValueError, match="already stand-in-pretrained"):  # would scale the prompt head twice
+        sip.run_stand_in_pretraining(cfg, steps=1, accumulate=1, progress=False)
 
 
 def test_lm_head_mode_freezes_everything_in_the_llm_but_the_head(in_root, monkeypatch):
@@ -172,7 +174,11 @@ def test_pretrain_tiny_cli_runs_once_and_validates_its_arguments(in_root, capsys
         main([TINY_CONFIG, "--steps", "0"])
     with pytest.raises(SystemExit):
         main([str(in_root / "missing.py")])
+    fresh = make_tiny_for_config(str(in_root / "fresh_random"), TINY_CONFIG)["sa2va_pth"]
+    fcs = sorted(k for k in torch.load(fresh) if k.startswith("text_hidden_fcs.") and k.endswith(".weight"))[-1]
+    # --force on an already pretrained folder: starts again from random weights (prompt head x6 once, not x36)
     assert main([TINY_CONFIG, "--steps", "1", "--accumulate", "1", "--force", "--no-progress", "--threads", "1"]) == 0
+    assert torch.allclose(torch.load("pretrained/tiny/sa2va_tiny.pth")[fcs], 6.0 * torch.load(fresh)[fcs])
     out = capsys.readouterr().out
     assert "[SEG] tokens named; wrote pretrained/tiny/sa2va_tiny.pth" in out
     record = json.loads((in_root / "pretrained" / "tiny" / sip.MARKER).read_text())

@@ -8,8 +8,8 @@ Trains the tiny MLLM to name the referred object's colour right after each [SEG]
 writes it into the config's ``model.pretrained_pth`` plus ``stand_in_pretraining.json`` beside it; see
 projects/sasasa2va/models/stand_in_pretraining.py for why. Missing synthetic data / tiny checkpoints are
 created first (the config's ``auto_prepare``). Defaults come from the config's
-``auto_prepare.stand_in_pretraining``. Skipped when the marker exists, unless ``--force``. Run from the
-folder the config's relative paths refer to (the repo root).
+``auto_prepare.stand_in_pretraining``. Skipped when the marker exists; ``--force`` rebuilds the random
+tiny checkpoints and runs again. Run from the folder the config's relative paths refer to (the repo root).
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--accumulate", type=int, default=None, help="samples per step (config default: 8)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (config default: 1e-3)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--force", action="store_true", help="run even if the marker says it was done")
+    p.add_argument("--force", action="store_true",
+                   help="run again (from freshly written random tiny checkpoints) even if the marker says it was done")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config entries, key=value")
     args = p.parse_args(argv)
@@ -65,6 +66,13 @@ def main(argv=None) -> int:
     prep = dict(cfg.get("auto_prepare") or {})
     prep.pop("stand_in_pretraining", None)
     cfg.auto_prepare = prep
+    if os.path.isfile(marker):  # --force: start again from fresh random checkpoints
+        from projects.sasasa2va.models.tiny import make_tiny_pretrained
+
+        tiny = dict(prep.get("tiny_pretrained") or {})
+        if not tiny:
+            p.error("--force needs the config's auto_prepare.tiny_pretrained to rebuild the random checkpoints")
+        make_tiny_pretrained(tiny.pop("out_dir"), **tiny)  # also removes the marker
     auto_prepare(cfg)  # data and random tiny checkpoints, if missing
     for name in ("steps", "accumulate", "lr"):
         if getattr(args, name) is not None:

@@ -183,6 +183,10 @@ def run_stand_in_pretraining(cfg, steps: int = 200, accumulate: int = 8, lr: flo
     if not os.path.isfile(out_pth):
         raise FileNotFoundError(f"stand-in pretraining starts from {out_pth} (the random tiny Sa2VA .pth); create it "
                                 "first with tools/make_tiny_pretrained.py")
+    marker = os.path.join(os.path.dirname(os.path.abspath(out_pth)), MARKER)
+    if os.path.isfile(marker):  # pretraining it again would also scale the prompt head again
+        raise ValueError(f"{out_pth} is already stand-in-pretrained ({marker}); start again from random weights "
+                         "with tools/pretrain_tiny.py --force")
     random.seed(seed)
     torch.manual_seed(seed)
     model_cfg = dict(cfg.model)
