@@ -8,34 +8,12 @@ import torch
 from mmengine.config import Config
 
 from projects.sasasa2va.datasets.refvos import build_object
-from projects.sasasa2va.datasets.synthetic import COLORS, generate_all
+from projects.sasasa2va.datasets.synthetic import COLORS
 from projects.sasasa2va.models import stand_in_pretraining as sip
-from projects.sasasa2va.models.tiny import make_tiny_for_config, make_tiny_pretrained
+from projects.sasasa2va.models.tiny import make_tiny_for_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(ROOT, "projects", "sasasa2va", "configs", "sasasa2va_tiny.py")
-SMALL_DATA = dict(num_train_videos=2, num_valid_u_videos=0, num_valid_videos=0, num_revos_videos=1,
-                  num_rvos_videos=1, num_sav_videos=1, num_images=2, min_frames=5, max_frames=12)
-
-
-@pytest.fixture(scope="module")
-def workroot(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stand_in_root")
-    generate_all(str(root / "data" / "synthetic"), seed=0, **SMALL_DATA)
-    cfg = Config.fromfile(TINY_CONFIG)
-    spec = cfg.auto_prepare.tiny_pretrained
-    make_tiny_pretrained(str(root / "pretrained" / "tiny"), image_size=spec.image_size,
-                         sam2_hidden_dim=spec.sam2_hidden_dim)
-    return root
-
-
-@pytest.fixture
-def in_root(workroot, monkeypatch):
-    monkeypatch.chdir(workroot)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield workroot
-    torch.set_num_threads(threads)
+# the same module-scoped tiny root (small synthetic data + tiny checkpoints of the config) and cwd fixture
+from test_training import TINY_CONFIG, in_root, workroot  # noqa: E402,F401
 
 
 def test_colour_word_in_needs_exactly_one_palette_colour():
