@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -21,6 +22,7 @@ MODES = ("uniform", "uniform_plus", "q_frame", "wrap_around", "wrap_around_plus"
 VOTING = ("probs", "binary")
 _CHUNK = 32  # frames scored at a time, to bound memory on long high-resolution videos
 _TIE = 1e-12
+PROBS_COMPRESSLEVEL = 1  # zlib level of the stored probabilities (see save_probs)
 
 
 # ----------------------------------------------------------------------------- probability store
@@ -40,12 +42,16 @@ def quantize_probs(probs: np.ndarray) -> np.ndarray:
 
 
 def save_probs(run_dir: str, video_id: str, exp_id: str, probs: np.ndarray) -> str:
-    """Store one expression's probabilities ([T,H,W], float in [0,1] or uint8) atomically."""
+    """Store one expression's probabilities ([T,H,W], float in [0,1] or uint8) atomically, as an .npz
+    deflated at level 1 (np.savez_compressed uses 6: ~4.5x slower for ~1.6x smaller files on noisy
+    probabilities; mostly-empty masks compress well either way)."""
     q = quantize_probs(probs)
     if q.ndim != 3:
         raise ValueError(f"{video_id}/{exp_id}: probs must be [T,H,W], got shape {q.shape}")
     buf = io.BytesIO()
-    np.savez_compressed(buf, probs=q)
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=PROBS_COMPRESSLEVEL) as z:
+        with z.open("probs.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, q, allow_pickle=False)
     path = probs_path(run_dir, video_id, exp_id)
     atomic_write_bytes(path, buf.getvalue())
     return path

@@ -5,8 +5,9 @@ loads each video's frames once and computes the video once for all its expressio
 modes: ``model.predict_video`` on one ``VideoContext`` (SAM2 features, vision tokens, prompt prefix,
 answers shared; ``--feature-budget-mb`` bounds the cached features; one video at a time). Models
 without ``predict_video`` go through ``predict_forward`` per expression and mode; ``--naive``
-recomputes everything per (expression, mode) (benchmark baseline, same outputs). One file is written
-per (mode, expression) as it finishes::
+recomputes everything per (expression, mode) (benchmark baseline, same outputs). Two files are written
+per (mode, expression) as it finishes, on a writer thread (``output_writer``; drained before the rank
+reports done)::
 
     <run_dir>/preds/<video>/<exp_id>.json   the results.json entry (atomic; the "done" marker)
     <run_dir>/probs/<video>/<exp_id>.npz    uint8 probabilities (averaging.save_probs)
@@ -36,7 +37,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from projects.sasasa2va.evaluation import sharding
-from projects.sasasa2va.evaluation.averaging import ensemble_masks, load_probs, probs_path, save_probs
+from projects.sasasa2va.evaluation.averaging import ensemble_masks, load_probs, probs_path, quantize_probs, save_probs
+from projects.sasasa2va.evaluation.output_writer import BackgroundWriter
 from projects.sasasa2va.evaluation.results_io import make_entry, write_results
 from projects.sasasa2va.evaluation.splits import ResolvedSplit, resolve_split
 from projects.sasasa2va.hf.models.frame_sampling import MODES
@@ -536,17 +538,26 @@ def _entry_for(task: ExpressionTask, frame_names: list[str], out: ExpressionOutp
 
 
 def _write_output(run_dir: str, task: ExpressionTask, frame_names: list[str], out: ExpressionOutput,
-                  hw: tuple[int, int], stats: RankStats) -> None:
-    """probs first, then the preds entry (its presence marks the expression as done)."""
-    if out.status in ("ok", "no_seg") and out.probs is not None:
-        save_probs(run_dir, task.video_id, task.exp_id, out.probs)
-    entry = _entry_for(task, frame_names, out, hw)
-    atomic_write_json(preds_path(run_dir, task.video_id, task.exp_id), entry)
+                  hw: tuple[int, int], stats: RankStats, writer: BackgroundWriter | None = None) -> None:
+    """Counts the output now and stores it (``_store_output``) on ``writer``'s thread when given."""
+    probs = quantize_probs(out.probs) if out.status in ("ok", "no_seg") and out.probs is not None else None
     stats.processed += 1
     stats.model_seconds += out.seconds
-    if entry["status"] == "failed":
+    if out.status != "ok":  # the entry's status is "failed" for everything but "ok" (see _entry_for)
         stats.failed += 1
         logger.warning("%s/%s failed: %s", task.video_id, task.exp_id, out.error)
+    if writer is None:
+        _store_output(run_dir, task, frame_names, out, probs, hw)
+    else:
+        writer.submit(_store_output, run_dir, task, frame_names, out, probs, hw)
+
+
+def _store_output(run_dir: str, task: ExpressionTask, frame_names: list[str], out: ExpressionOutput,
+                  probs: np.ndarray | None, hw: tuple[int, int]) -> None:
+    """probs first, then the preds entry (its presence marks the expression as done)."""
+    if probs is not None:
+        save_probs(run_dir, task.video_id, task.exp_id, probs)
+    atomic_write_json(preds_path(run_dir, task.video_id, task.exp_id), _entry_for(task, frame_names, out, hw))
 
 
 def input_errors_for(records: dict, meta_file: str, blind_expression: str | None) -> dict[tuple[str, str], str]:
@@ -588,6 +599,7 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
         bar = tqdm(total=total, desc="eval", unit="exp", dynamic_ncols=True)
     shared = supports_shared_path(model)
     budget = None if opts.feature_budget_mb is None else int(float(opts.feature_budget_mb) * 2**20)
+    writer = BackgroundWriter()
     try:
         for vid, todo in pending:
             rec = records[vid]
@@ -608,7 +620,8 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
                     task = ExpressionTask(it.index, vid, it.exp_id, text, eval_prompt(text), fids)
                     reason = input_errors.get((vid, it.exp_id))
                     if reason is not None:  # nothing to run: recorded as failed, the others go on
-                        _write_output(run_dirs[mode], task, rec.frame_names, failed_output(reason), hw, stats)
+                        _write_output(run_dirs[mode], task, rec.frame_names, failed_output(reason), hw, stats,
+                                      writer)
                         if bar is not None:
                             bar.update(1)
                         continue
@@ -618,12 +631,17 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
             if shared and frame_error is None and tasks_by_mode:
                 # one VideoContext for every expression and mode of the video (naive: one per pair)
                 _run_video_shared(model, tokenizer, frames, hw, rec.frame_names, tasks_by_mode, run_dirs,
-                                  options, stats, bar, naive=opts.naive, feature_budget_bytes=budget)
+                                  options, stats, bar, naive=opts.naive, feature_budget_bytes=budget, writer=writer)
             else:  # models without predict_video (or unreadable frames): per-expression predict_forward
                 for mode, tasks in tasks_by_mode.items():
                     _run_video_mode(model, tokenizer, frames, frame_error, hw, rec.frame_names, tasks, mode,
-                                    run_dirs[mode], options, stats, bar)
+                                    run_dirs[mode], options, stats, bar, writer)
             del frames
+    except BaseException:
+        writer.__exit__(*sys.exc_info())  # store what was computed, keep the original error
+        raise
+    else:
+        writer.close()
     finally:
         if bar is not None:
             bar.close()
@@ -631,13 +649,13 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
 
 
 def _run_video_mode(model, tokenizer, frames, frame_error, hw, frame_names, tasks, mode, run_dir, options,
-                    stats, bar) -> None:
+                    stats, bar, writer: BackgroundWriter | None = None) -> None:
     written: set[int] = set()
 
     def emit(i: int, out: ExpressionOutput) -> None:
         if i in written or not 0 <= i < len(tasks):
             return
-        _write_output(run_dir, tasks[i], frame_names, out, hw, stats)
+        _write_output(run_dir, tasks[i], frame_names, out, hw, stats, writer)
         written.add(i)
         if bar is not None:
             bar.update(1)
@@ -665,7 +683,7 @@ def supports_shared_path(model) -> bool:
 
 def _run_video_shared(model, tokenizer, frames, hw, frame_names, tasks_by_mode: dict, run_dirs: dict,
                       options: PredictOptions, stats: RankStats, bar, naive: bool = False,
-                      feature_budget_bytes: int | None = None) -> None:
+                      feature_budget_bytes: int | None = None, writer: BackgroundWriter | None = None) -> None:
     """Every pending (mode, expression) of one video through ``model.predict_video``.
 
     Shared (default): ONE ``VideoContext`` for the whole video, so SAM2 features, vision tokens, prompt
@@ -673,7 +691,7 @@ def _run_video_shared(model, tokenizer, frames, hw, frame_names, tasks_by_mode: 
     the context (this video's features) is dropped on return. Expressions needing the same set of modes
     (all of them, except after a partial resume) go through one ``predict_video`` call, text-major.
     ``naive``: a fresh cache-less context per (expression, mode), i.e. ``predict_forward(naive=True)``
-    per pair (the benchmark baseline). Each output is written as soon as it exists (resume works at
+    per pair (the benchmark baseline). Each output goes to the writer as soon as it exists (resume works at
     (mode, expression) granularity); results equal the per-expression path bit for bit on CPU float32.
     """
     import torch
@@ -694,7 +712,7 @@ def _run_video_shared(model, tokenizer, frames, hw, frame_names, tasks_by_mode: 
         if key in written:
             return
         out.seconds = time.perf_counter() - clock[0]  # model time since the previous output was written
-        _write_output(run_dirs[mode], task, frame_names, out, hw, stats)
+        _write_output(run_dirs[mode], task, frame_names, out, hw, stats, writer)
         clock[0] = time.perf_counter()
         written.add(key)
         if bar is not None:

@@ -1,0 +1,126 @@
+"""The evaluation's background writer: order, bounded queue, errors, draining; and the runner on top of it
+(a failed write leaves no done-marker, and a rerun completes the run to the same bytes)."""
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from projects.sasasa2va.evaluation import averaging, runner
+from projects.sasasa2va.evaluation.output_writer import BackgroundWriter
+from test_eval_runner import failing, fake_env, read_bytes, run_inproc, split, syn_root  # noqa: F401
+
+
+def test_jobs_run_in_order_on_one_other_thread():
+    seen = []
+    with BackgroundWriter(max_pending=2) as w:
+        for i in range(20):
+            w.submit(lambda i=i: seen.append((i, threading.current_thread().name)))
+    assert [i for i, _ in seen] == list(range(20))
+    names = {n for _, n in seen}
+    assert len(names) == 1 and names != {threading.current_thread().name}
+    assert w.jobs == 20
+
+
+def test_submit_blocks_while_max_pending_jobs_wait():
+    gate, returned = threading.Event(), []
+    w = BackgroundWriter(max_pending=2)
+
+    def producer():
+        w.submit(gate.wait)  # occupies the writer until the gate opens
+        for i in range(3):
+            w.submit(lambda: None)
+            returned.append(i)
+
+    t = threading.Thread(target=producer)
+    t.start()
+    for _ in range(1000):
+        if returned:
+            break
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert t.is_alive() and returned == [0]  # 2 pending (the blocked job + one), the third submit waits
+    gate.set()
+    t.join(timeout=10)
+    assert not t.is_alive() and returned == [0, 1, 2]
+    w.close()
+
+
+def test_first_error_is_raised_later_jobs_still_run():
+    ran, gate = [], threading.Event()
+
+    def boom():
+        gate.wait(10)  # still running when the next job is queued
+        raise OSError("disk full")
+
+    w = BackgroundWriter()
+    w.submit(boom)
+    w.submit(lambda: ran.append(1))
+    gate.set()
+    with pytest.raises(OSError, match="disk full"):
+        w.close()
+    assert ran == [1]
+
+    w = BackgroundWriter()
+    w.submit(boom)
+    w._pool.shutdown(wait=True)  # the failed job has finished: every later submit reports it
+    for _ in range(2):
+        with pytest.raises(OSError, match="disk full"):
+            w.submit(lambda: None)
+    with pytest.raises(OSError, match="disk full"):
+        w.close()
+
+
+def test_exit_on_error_drains_and_keeps_the_original_exception():
+    gate, ran = threading.Event(), []
+    with pytest.raises(KeyError, match="original"):
+        with BackgroundWriter() as w:
+            w.submit(gate.wait)
+            w.submit(lambda: ran.append("queued"))
+            gate.set()
+            raise KeyError("original")
+    assert ran == ["queued"]
+
+
+def test_inline_mode_and_bad_arguments():
+    out = []
+    w = BackgroundWriter(threads=0)
+    w.submit(out.append, threading.current_thread().name)
+    w.close()
+    assert out == [threading.current_thread().name]
+    with pytest.raises(ValueError, match="max_pending"):
+        BackgroundWriter(max_pending=0)
+
+
+def test_save_probs_roundtrip_is_a_plain_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    p = rng.random((3, 17, 29)).astype(np.float32)
+    path = averaging.save_probs(str(tmp_path), "v", "e", p)
+    with np.load(path) as z:
+        assert z.files == ["probs"]
+        np.testing.assert_array_equal(z["probs"], averaging.quantize_probs(p))
+    np.testing.assert_array_equal(averaging.load_probs(str(tmp_path), "v", "e"), averaging.quantize_probs(p))
+
+
+def test_failed_write_leaves_no_marker_and_a_rerun_completes(syn_root, fake_env, tmp_path, monkeypatch):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_inproc(syn_root, full) == 0
+    real, calls = runner.save_probs, []
+
+    def flaky(run_dir, video_id, exp_id, probs):
+        calls.append((video_id, exp_id))
+        if len(calls) == 4:
+            raise OSError(f"no space left writing {video_id}/{exp_id}")
+        return real(run_dir, video_id, exp_id, probs)
+
+    monkeypatch.setattr(runner, "save_probs", flaky)
+    with pytest.raises(OSError, match="no space left"):
+        run_inproc(syn_root, part)
+    monkeypatch.setattr(runner, "save_probs", real)
+    vid, exp = calls[3]
+    assert not os.path.exists(runner.preds_path(str(part), vid, exp))  # no done-marker without its data
+    for v, e in calls[:3]:  # written before the failure: kept
+        assert os.path.isfile(runner.preds_path(str(part), v, e))
+    assert run_inproc(syn_root, part) == 0
+    assert read_bytes(part / "results.json") == read_bytes(full / "results.json")
