@@ -159,7 +159,8 @@ def run(device: str = "cpu", steps: int = 8, warmup: int = 2, work_dir: str = "w
         "seconds_per_step": timed / steps, "peak_mem_mb": peak_mb, "peak_mem_kind": peak_kind,
         "trainable_params": trainable, "params": sum(p.numel() for p in model.parameters()),
         "setup_seconds": setup_s, "first_loss": losses[0], "last_loss": losses[-1],
-        "batch": "1 MeViS KFC sample (tiny config: 20 MLLM images x 16 tokens, 256 px SAM2)",
+        "batch": (f"1 MeViS KFC sample (tiny config: 20 MLLM images of {cfg.image_size} px x {cfg.tokens_per_image} "
+                  f"tokens, {cfg.sam2_image_size} px SAM2)"),
         "xtuner_stubbed": bool(stubbed),
     }
 
