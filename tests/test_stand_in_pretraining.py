@@ -8,7 +8,7 @@ import torch
 from mmengine.config import Config
 
 from projects.sasasa2va.datasets.refvos import build_object
-from projects.sasasa2va.datasets.synthetic import COLORS
+from projects.sasasa2va.datasets.synthetic import COLORS, SHAPES
 from projects.sasasa2va.models import stand_in_pretraining as sip
 from projects.sasasa2va.models.tiny import make_tiny_for_config
 
@@ -21,6 +21,13 @@ def test_colour_word_in_needs_exactly_one_palette_colour():
     assert sip.colour_word_in("Can you segment the circle that is blue?") == "blue"
     assert sip.colour_word_in("the star") is None
     assert sip.colour_word_in("the red and the blue square") is None
+
+
+def test_shape_word_in_needs_exactly_one_singular_shape():
+    assert sip.shape_word_in("Please segment the star that is yellow.") == "star"
+    assert sip.shape_word_in("the object moving up") is None
+    assert sip.shape_word_in("the two triangles") is None
+    assert sip.shape_word_in("the circle left of the square") is None
 
 
 def test_target_colours_reads_the_masked_pixels():
@@ -53,7 +60,7 @@ def test_insert_after_seg_supervises_the_inserted_words():
         sip.insert_after_seg(ids, labels[:-1], seg, [None, None])
 
 
-def test_seg_colours_name_each_targets_colour_for_every_seg_token(in_root):
+def test_seg_words_name_each_target_for_every_seg_token(in_root):
     cfg = Config.fromfile(TINY_CONFIG)
     ds = build_object(dict(cfg.train_dataloader.dataset.datasets[4], num_objects=2))  # MeViS videos
     tokenizer = ds.tokenizer
@@ -61,26 +68,27 @@ def test_seg_colours_name_each_targets_colour_for_every_seg_token(in_root):
     sample = ds[0]
     questions = sip.seg_questions(sample["input_ids"], tokenizer, seg_id)
     assert len(questions) == 20 and len(set(questions[:10])) == 1  # 2 expressions x 10 clips
-    colours = sip.seg_colours(sample, tokenizer, seg_id)
+    words = sip.seg_words(sample, tokenizer, seg_id)
     pixel = sip.target_colours(sample["masks"], sample["g_pixel_values"], 10)
-    assert len(colours) == 20 and all(c in COLORS for c in colours)
+    assert len(words) == 20 and all(w in COLORS or w in SHAPES for w in words)
     for k in range(2):
-        expected = sip.colour_word_in(questions[10 * k]) or pixel[k]
-        assert colours[10 * k:10 * k + 10] == [expected] * 10
-        if sip.colour_word_in(questions[10 * k]):
+        q = questions[10 * k]
+        expected = sip.colour_word_in(q) or sip.shape_word_in(q) or pixel[k]
+        assert words[10 * k:10 * k + 10] == [expected] * 10
+        if sip.colour_word_in(q):
             assert pixel[k] == expected  # the text and the pixels agree on the synthetic data
     image = build_object(dict(cfg.train_dataloader.dataset.datasets[0], num_objects=2))[0]  # RefCOCO: one tensor
-    assert len(sip.seg_colours(image, tokenizer, seg_id)) == 2
+    assert len(sip.seg_words(image, tokenizer, seg_id)) == 2
 
     out, named, total = sip.echo_sample(sample, tokenizer, seg_id)
     assert (named, total) == (20, 20)
     ids = list(out["input_ids"])
-    after = [tokenizer.decode(ids[j + 1:j + 2]).strip() for j, t in enumerate(ids) if t == seg_id]
-    assert after == colours  # each [SEG] is followed by its target's colour word ...
+    encoded = [tokenizer.encode(" " + w, add_special_tokens=False) for w in words]
     seg_pos = [j for j, t in enumerate(ids) if t == seg_id]
-    assert all(out["labels"][j + 1] == ids[j + 1] for j in seg_pos)  # ... which is supervised
-    assert len(ids) == len(sample["input_ids"]) + sum(
-        len(tokenizer.encode(" " + w, add_special_tokens=False)) for w in after)
+    assert [ids[j + 1:j + 1 + len(e)] for j, e in zip(seg_pos, encoded)] == encoded  # each [SEG]: its word ...
+    assert all(out["labels"][j + 1:j + 1 + len(e)] == ids[j + 1:j + 1 + len(e)]  # ... which is supervised
+               for j, e in zip(seg_pos, encoded))
+    assert len(ids) == len(sample["input_ids"]) + sum(len(e) for e in encoded)
 
 
 def test_run_stand_in_pretraining_changes_only_the_mllm_and_writes_a_marker(in_root):

@@ -7,13 +7,14 @@ of their variance. SAM2's decoder then learns to ignore its prompt, no gradient 
 the question, and the model never segments by language (issue #9; README "What the quickstart does").
 
 This stage gives the tiny MLLM that ability before the real training starts. On the training config's
-own samples (KFC images, spec questions and answers) it trains the ViT, mlp1 and LLM to say the referred
-object's colour right after each [SEG] (``... Clip_3 [SEG] red, ...``), with the LM head frozen, so the
-[SEG] state itself has to point at that word (a trainable head could absorb it instead). The colour is
-the expression's own colour word when it has one, else the colour under the target's ground-truth mask
-(so shape- and motion-only expressions teach the ViT/LLM to look); targets of mixed colour get no word.
-After 200 steps of 8 samples the colour explains ~35-60 % of the [SEG] states' variance (11 % before;
-linear probe on synthetic valid_u: 0.78 accuracy). The tiny config then keeps the LLM body frozen: its
+own samples (KFC images, spec questions and answers) it trains the ViT, mlp1 and LLM to say a word
+naming the referred object right after each [SEG] (``... Clip_3 [SEG] red, ...``), with the LM head
+frozen, so the [SEG] state itself has to point at that word (a trainable head could absorb it instead).
+The word is the expression's own colour word when it has one, else its shape word, else the colour
+under the target's ground-truth mask (motion-only expressions teach the ViT/LLM to look); targets of
+mixed colour get no word. After 200 steps of 8 samples the colour explains ~60 % of the [SEG] states'
+variance (11 % before; ~35 % when shape-only expressions also got the pixel colour, which scored lower
+end to end: README). The tiny config then keeps the LLM body frozen: its
 [SEG] states keep the colour, and the trainable LM head learns the spec answers without the words.
 SAM2 and text_hidden_fcs keep the checkpoint's weights, except that the prompt head's last Linear is
 scaled (``prompt_scale``) so SAM2's prompt token starts as large as the decoder's own tokens. The result
@@ -30,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..datasets.synthetic import COLORS
+from ..datasets.synthetic import COLORS, SHAPES
 from ..utils.io import atomic_write_json
 
 MARKER = "stand_in_pretraining.json"
@@ -66,11 +67,20 @@ def target_colours(masks: torch.Tensor, frames: Sequence[torch.Tensor], frames_p
     return votes
 
 
+def _single_word_in(text: str, vocabulary: Sequence[str]) -> Optional[str]:
+    words = set(text.lower().replace("?", " ").replace(".", " ").replace(",", " ").split())
+    hits = [w for w in vocabulary if w in words]
+    return hits[0] if len(hits) == 1 else None
+
+
 def colour_word_in(text: str) -> Optional[str]:
     """The single palette colour named in ``text`` (None for none or several)."""
-    words = set(text.lower().replace("?", " ").replace(".", " ").replace(",", " ").split())
-    hits = [c for c in PALETTE_NAMES if c in words]
-    return hits[0] if len(hits) == 1 else None
+    return _single_word_in(text, PALETTE_NAMES)
+
+
+def shape_word_in(text: str) -> Optional[str]:
+    """The single shape named in ``text`` ("circle", ...; plurals do not count; None for none or several)."""
+    return _single_word_in(text, SHAPES)
 
 
 def seg_question_tokens(input_ids: Sequence[int], tokenizer, seg_id: int, skip_ids=None) -> list[list[int]]:
@@ -100,15 +110,15 @@ def seg_questions(input_ids: Sequence[int], tokenizer, seg_id: int) -> list[str]
     return [tokenizer.decode(q) for q in seg_question_tokens(input_ids, tokenizer, seg_id)]
 
 
-def seg_colours(sample: dict, tokenizer, seg_id: int) -> list[Optional[str]]:
-    """The colour each [SEG] of a dataset sample refers to: the question's colour word, else the colour
-    under the target's mask, else None."""
+def seg_words(sample: dict, tokenizer, seg_id: int) -> list[Optional[str]]:
+    """The word each [SEG] of a dataset sample is trained to point at: the question's colour word, else
+    its shape word, else the colour under the target's mask, else None."""
     f = int(sample["frames_per_batch"])
     questions = seg_questions(sample["input_ids"], tokenizer, seg_id)
     frames = sample["g_pixel_values"]
     frames = list(frames) if isinstance(frames, (list, tuple)) else [frames]  # image samples: one tensor
     pixel = target_colours(sample["masks"], frames, f)
-    return [colour_word_in(q) or pixel[j // f] for j, q in enumerate(questions)]
+    return [colour_word_in(q) or shape_word_in(q) or pixel[j // f] for j, q in enumerate(questions)]
 
 
 def scale_last_linear(module: torch.nn.Module, factor: float) -> torch.nn.Linear:
@@ -154,10 +164,10 @@ def insert_after_seg(input_ids: Sequence[int], labels: Sequence[int], seg_id: in
 
 
 def echo_sample(sample: dict, tokenizer, seg_id: int) -> tuple[dict, int, int]:
-    """The sample with its target's colour word after each [SEG] (``... Clip_3 [SEG] red, ...``);
+    """The sample with its target's word (``seg_words``) after each [SEG] (``... Clip_3 [SEG] red, ...``);
     returns (sample, [SEG] tokens named, [SEG] tokens)."""
     words = [tokenizer.encode(" " + c, add_special_tokens=False) if c else None
-             for c in seg_colours(sample, tokenizer, seg_id)]
+             for c in seg_words(sample, tokenizer, seg_id)]
     ids, labels = insert_after_seg(sample["input_ids"], sample["labels"], seg_id, words)
     return dict(sample, input_ids=ids, labels=labels), sum(w is not None for w in words), len(words)
 
