@@ -257,3 +257,18 @@ def test_cli(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["mevis"]["train"]["videos"] == 1 and out["mevis"]["train"]["sizes"] == ["64x48"]
     assert mod.main(["--root", str(tmp_path), "--quiet", "--max-objects", "9"]) == 2
+
+
+def test_expression_kind_reads_how_the_text_picks_its_target():
+    assert S.expression_kind("the red circle moving up", 1) == "colour"
+    assert S.expression_kind("the star that is yellow.", 1) == "colour"
+    assert S.expression_kind("the only triangle", 1) == "shape"
+    assert S.expression_kind("the object that keeps moving to the left", 1) == "motion-only"
+    assert S.expression_kind("the two red objects", 2) == "plural"
+    assert set(S.EXPRESSION_KINDS) == {"colour", "shape", "motion-only", "plural"}
+    rng = np.random.default_rng(3)  # every kind occurs in a generated split
+    kinds = set()
+    for i in range(12):
+        scene = S.make_scene(rng, f"v{i}", S.SyntheticOptions())
+        kinds |= {S.expression_kind(e.text, len(e.obj_ids)) for e in S.make_expressions(scene, rng)}
+    assert kinds == set(S.EXPRESSION_KINDS)

@@ -26,10 +26,15 @@ def test_quickstart_short_run(tmp_path):
     for stage in ("data", "pretrained", "stand_in_pretraining", "train", "export", "eval_valid_u", "eval_blind", "metrics", "submission",
                   "visualize", "total"):
         assert summary["times_s"][stage] >= 0.0
+    kinds = summary["average_by_kind"]
+    meta = json.loads((tmp_path / "data" / "synthetic" / "mevis" / "valid_u" / "meta_expressions.json").read_text())
+    assert set(kinds) == {"colour", "shape", "motion-only", "plural"}
+    assert sum(k["count"] for k in kinds.values()) == sum(len(v["expressions"]) for v in meta["videos"].values())
+    assert all(k["J&F"] is None or 0.0 <= k["J&F"] <= 100.0 for k in kinds.values())
     assert (wd / "submission_valid.zip").is_file()
     assert (wd / "visualization" / "index.html").is_file()
     assert (wd / "eval_valid_u" / "results.json").is_file()
     marker = json.loads((tmp_path / "pretrained" / "tiny" / "stand_in_pretraining.json").read_text())
     assert marker["steps"] == 2 and marker["seg_tokens"] > 0
     # the printed table ends the job
-    assert "language_blind" in proc.stdout and "stage times" in proc.stdout
+    assert "language_blind" in proc.stdout and "stage times" in proc.stdout and "by expression kind" in proc.stdout

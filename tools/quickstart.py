@@ -208,6 +208,8 @@ def main(argv=None) -> dict:
 
     summary = {name: scores[name] for name in list(MODES) + ["average", "blind"]}
     summary["language_blind"] = summary.pop("blind")
+    summary["average_by_kind"] = jf_by_kind(os.path.join(eval_u, "mevis_valu_per_expression.csv"),
+                                            os.path.join(split_u, "meta_expressions.json"))
     summary["times_s"] = times
     summary["outputs"] = {"checkpoint": ckpt, "hf_dir": hf_dir, "valid_u": eval_u, "blind": blind,
                           "submission_zip": zip_path, "visualization": os.path.join(vis_dir, "index.html")}
@@ -216,12 +218,33 @@ def main(argv=None) -> dict:
     return summary
 
 
+def jf_by_kind(per_expression_csv: str, meta_file: str) -> dict:
+    """{kind: {"count", "J&F"}} of the averaged run, by how the expression picks its target
+    (``synthetic.expression_kind``): shows which expressions the tiny model has learnt."""
+    import csv
+
+    from projects.sasasa2va.datasets.synthetic import EXPRESSION_KINDS, expression_kind
+
+    with open(meta_file, "r", encoding="utf-8") as f:
+        videos = json.load(f)["videos"]
+    scores: dict[str, list[float]] = {k: [] for k in EXPRESSION_KINDS}
+    with open(per_expression_csv, "r", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            exp = videos[row["video"]]["expressions"][row["exp_id"]]
+            scores[expression_kind(exp["exp"], len(exp["anno_id"]))].append(float(row["J&F"]))
+    return {k: {"count": len(v), "J&F": round(100.0 * sum(v) / len(v), 2) if v else None}
+            for k, v in scores.items()}
+
+
 def print_table(summary: dict) -> None:
     print("\nSynthetic MeViS valid_u (percent)")
     print(f"{'run':<22}{'J':>8}{'F':>8}{'J&F':>8}")
     for name in list(MODES) + ["average", "language_blind"]:
         s = summary[name]
         print(f"{name:<22}{s['J']:>8.2f}{s['F']:>8.2f}{s['J&F']:>8.2f}")
+    kinds = summary.get("average_by_kind") or {}
+    print("average J&F by expression kind: " + ", ".join(
+        f"{k} {v['J&F']:.2f} ({v['count']})" for k, v in kinds.items() if v["count"]))
     print("\nstage times (s): " + ", ".join(f"{k} {v}" for k, v in summary["times_s"].items()))
     for k, v in summary["outputs"].items():
         print(f"{k}: {v}")

@@ -391,6 +391,23 @@ class ExpressionSpec:
     kind: str  # "appearance", "motion", "plural"
 
 
+EXPRESSION_KINDS: tuple[str, ...] = ("colour", "shape", "motion-only", "plural")
+
+
+def expression_kind(text: str, num_objects: int) -> str:
+    """How a synthetic expression picks its target, read off the text (for per-kind scores): "plural"
+    (several targets), else "colour" (names a colour), "shape" (names a shape, no colour) or
+    "motion-only" (only what it does: "the object that keeps moving up")."""
+    if num_objects > 1:
+        return "plural"
+    words = set(text.lower().replace(".", " ").replace(",", " ").replace("?", " ").split())
+    if words & set(COLORS):
+        return "colour"
+    if words & set(SHAPES):
+        return "shape"
+    return "motion-only"
+
+
 def _motion_phrases(o: ObjectSpec) -> list[tuple[str, Callable[[ObjectSpec], bool]]]:
     """Motion descriptions of o with the predicate that defines their meaning."""
     out = []
