@@ -599,49 +599,45 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
         bar = tqdm(total=total, desc="eval", unit="exp", dynamic_ncols=True)
     shared = supports_shared_path(model)
     budget = None if opts.feature_budget_mb is None else int(float(opts.feature_budget_mb) * 2**20)
-    writer = BackgroundWriter()
     try:
-        for vid, todo in pending:
-            rec = records[vid]
-            try:
-                frames = load_video_frames(rec)
-                hw, frame_error = (frames[0].size[1], frames[0].size[0]), None
-            except Exception as exc:
-                frames, hw, frame_error = None, _fallback_hw(rec), f"frame loading failed: {type(exc).__name__}: {exc}"
-            tasks_by_mode: dict[str, list[ExpressionTask]] = {}
-            for mode in modes:
-                its = [it for m, it in todo if m == mode]
-                if not its:
-                    continue
-                tasks = []
-                for it in its:
-                    text = opts.blind_expression if opts.blind_expression else rec.expressions[it.exp_id].text
-                    fids = qframe[vid][it.exp_id] if (mode == "q_frame" and qframe is not None) else None
-                    task = ExpressionTask(it.index, vid, it.exp_id, text, eval_prompt(text), fids)
-                    reason = input_errors.get((vid, it.exp_id))
-                    if reason is not None:  # nothing to run: recorded as failed, the others go on
-                        _write_output(run_dirs[mode], task, rec.frame_names, failed_output(reason), hw, stats,
-                                      writer)
-                        if bar is not None:
-                            bar.update(1)
+        with BackgroundWriter() as writer:  # drained also when the run fails: nothing computed is lost
+            for vid, todo in pending:
+                rec = records[vid]
+                try:
+                    frames = load_video_frames(rec)
+                    hw, frame_error = (frames[0].size[1], frames[0].size[0]), None
+                except Exception as exc:
+                    frames, hw = None, _fallback_hw(rec)
+                    frame_error = f"frame loading failed: {type(exc).__name__}: {exc}"
+                tasks_by_mode: dict[str, list[ExpressionTask]] = {}
+                for mode in modes:
+                    its = [it for m, it in todo if m == mode]
+                    if not its:
                         continue
-                    tasks.append(task)
-                if tasks:
-                    tasks_by_mode[mode] = tasks
-            if shared and frame_error is None and tasks_by_mode:
-                # one VideoContext for every expression and mode of the video (naive: one per pair)
-                _run_video_shared(model, tokenizer, frames, hw, rec.frame_names, tasks_by_mode, run_dirs,
-                                  options, stats, bar, naive=opts.naive, feature_budget_bytes=budget, writer=writer)
-            else:  # models without predict_video (or unreadable frames): per-expression predict_forward
-                for mode, tasks in tasks_by_mode.items():
-                    _run_video_mode(model, tokenizer, frames, frame_error, hw, rec.frame_names, tasks, mode,
-                                    run_dirs[mode], options, stats, bar, writer)
-            del frames
-    except BaseException:
-        writer.__exit__(*sys.exc_info())  # store what was computed, keep the original error
-        raise
-    else:
-        writer.close()
+                    tasks = []
+                    for it in its:
+                        text = opts.blind_expression if opts.blind_expression else rec.expressions[it.exp_id].text
+                        fids = qframe[vid][it.exp_id] if (mode == "q_frame" and qframe is not None) else None
+                        task = ExpressionTask(it.index, vid, it.exp_id, text, eval_prompt(text), fids)
+                        reason = input_errors.get((vid, it.exp_id))
+                        if reason is not None:  # nothing to run: recorded as failed, the others go on
+                            _write_output(run_dirs[mode], task, rec.frame_names, failed_output(reason), hw, stats,
+                                          writer)
+                            if bar is not None:
+                                bar.update(1)
+                            continue
+                        tasks.append(task)
+                    if tasks:
+                        tasks_by_mode[mode] = tasks
+                if shared and frame_error is None and tasks_by_mode:
+                    # one VideoContext for every expression and mode of the video (naive: one per pair)
+                    _run_video_shared(model, tokenizer, frames, hw, rec.frame_names, tasks_by_mode, run_dirs,
+                                      options, stats, bar, naive=opts.naive, feature_budget_bytes=budget, writer=writer)
+                else:  # models without predict_video (or unreadable frames): per-expression predict_forward
+                    for mode, tasks in tasks_by_mode.items():
+                        _run_video_mode(model, tokenizer, frames, frame_error, hw, rec.frame_names, tasks, mode,
+                                        run_dirs[mode], options, stats, bar, writer)
+                del frames
     finally:
         if bar is not None:
             bar.close()
