@@ -26,7 +26,7 @@ dataloader_num_workers = 1
 lr = 1e-3
 weight_decay = 0.01
 # passes over the synthetic mix (326 items with the default data); warmup is 5 % of the iterations.
-max_epochs = 4
+max_epochs = 3
 save_steps = 100
 save_total_limit = 2
 log_interval = 10
