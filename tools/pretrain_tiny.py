@@ -4,7 +4,8 @@
     python tools/pretrain_tiny.py [projects/sasasa2va/configs/sasasa2va_tiny.py] [--steps 200]
         [--accumulate 8] [--lr 1e-3] [--threads N] [--force] [--cfg-options key=value ...]
 
-Trains the tiny MLLM to name the referred object's colour right after each [SEG] (LM head frozen) and
+Trains the tiny MLLM to name the referred object (colour, else shape, else masked colour) right after
+each [SEG] (LM head frozen) and
 writes it into the config's ``model.pretrained_pth`` plus ``stand_in_pretraining.json`` beside it; see
 projects/sasasa2va/models/stand_in_pretraining.py for why. Missing synthetic data / tiny checkpoints are
 created first (the config's ``auto_prepare``). Defaults come from the config's
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from projects.sasasa2va.models.stand_in_pretraining import MARKER, run_stand_in_pretraining
+    from projects.sasasa2va.models.stand_in_pretraining import marker_path, run_stand_in_pretraining
     from tools.benchmark_train import ensure_config_imports
     from tools.train import auto_prepare
 
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     spec = dict((cfg.get("auto_prepare") or {}).get("stand_in_pretraining") or {})
-    marker = os.path.join(os.path.dirname(os.path.abspath(cfg.model.get("pretrained_pth") or ".")), MARKER)
+    marker = marker_path(cfg.model.get("pretrained_pth") or ".")
     if os.path.isfile(marker) and not args.force:
         print(f"already done ({marker}); --force to run again")
         return 0

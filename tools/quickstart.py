@@ -52,12 +52,9 @@ def tiny_checkpoint_args() -> list[str]:
     """tools/make_tiny_pretrained.py options matching the tiny config's ``auto_prepare.tiny_pretrained``."""
     from mmengine.config import Config
 
-    spec = Config.fromfile(os.path.join(ROOT, CONFIG)).auto_prepare.tiny_pretrained
-    out = ["--arch", str(spec.get("arch", "qwen2")), "--image-size", str(spec.get("image_size", 112)),
-           "--seed", str(spec.get("seed", 0))]
-    if spec.get("sam2_hidden_dim"):
-        out += ["--sam2-hidden-dim", str(spec["sam2_hidden_dim"])]
-    return out
+    from projects.sasasa2va.models.tiny import tiny_cli_args
+
+    return tiny_cli_args(Config.fromfile(os.path.join(ROOT, CONFIG)).auto_prepare.tiny_pretrained)
 
 
 def run(cmd: list[str], log_path: str, env: dict | None = None, cwd: str = ROOT) -> None:

@@ -204,20 +204,18 @@ def auto_prepare(cfg) -> None:
         _ensure(root, "synthetic_info.json", lambda: generate_all(root, seed=seed, **syn), cmd)
     tiny = dict(spec.get("tiny_pretrained") or {})
     if tiny:
-        from projects.sasasa2va.models.tiny import make_tiny_pretrained
+        from projects.sasasa2va.models.tiny import make_tiny_pretrained, tiny_cli_args
 
         out_dir = tiny.pop("out_dir")
-        cmd = (f"python tools/make_tiny_pretrained.py --out {out_dir} --arch {tiny.get('arch', 'qwen2')} "
-               f"--image-size {tiny.get('image_size', 112)} --seed {tiny.get('seed', 0)}"
-               + (f" --sam2-hidden-dim {tiny['sam2_hidden_dim']}" if tiny.get("sam2_hidden_dim") else ""))
+        cmd = " ".join(["python tools/make_tiny_pretrained.py --out", out_dir] + tiny_cli_args(tiny))
         _ensure(out_dir, "tiny_manifest.json", lambda: make_tiny_pretrained(out_dir, **tiny), cmd)
     stand_in = dict(spec.get("stand_in_pretraining") or {})
     if stand_in:
-        from projects.sasasa2va.models.stand_in_pretraining import MARKER, run_stand_in_pretraining
+        from projects.sasasa2va.models.stand_in_pretraining import marker_path, run_stand_in_pretraining
 
-        folder = osp.dirname(osp.abspath(cfg.model.pretrained_pth))
+        folder, marker = osp.split(marker_path(cfg.model.pretrained_pth))
         cmd = f"python tools/pretrain_tiny.py {cfg.filename}"
-        _ensure(folder, MARKER, lambda: run_stand_in_pretraining(cfg, **stand_in), cmd)
+        _ensure(folder, marker, lambda: run_stand_in_pretraining(cfg, **stand_in), cmd)
 
 
 # ------------------------------------------------------------------------------------ CPU patches

@@ -394,13 +394,18 @@ class ExpressionSpec:
 EXPRESSION_KINDS: tuple[str, ...] = ("colour", "shape", "motion-only", "plural")
 
 
+def text_words(text: str) -> set[str]:
+    """Lower-case words of an expression or question, punctuation dropped."""
+    return set(text.lower().replace(".", " ").replace(",", " ").replace("?", " ").split())
+
+
 def expression_kind(text: str, num_objects: int) -> str:
     """How a synthetic expression picks its target, read off the text (for per-kind scores): "plural"
     (several targets), else "colour" (names a colour), "shape" (names a shape, no colour) or
     "motion-only" (only what it does: "the object that keeps moving up")."""
     if num_objects > 1:
         return "plural"
-    words = set(text.lower().replace(".", " ").replace(",", " ").replace("?", " ").split())
+    words = text_words(text)
     if words & set(COLORS):
         return "colour"
     if words & set(SHAPES):

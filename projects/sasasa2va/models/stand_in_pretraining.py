@@ -31,11 +31,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..datasets.synthetic import COLORS, SHAPES
+from ..datasets.synthetic import COLORS, SHAPES, text_words
 from ..utils.io import atomic_write_json
 
 MARKER = "stand_in_pretraining.json"
 PALETTE_NAMES = tuple(COLORS)
+
+
+def marker_path(pth: str) -> str:
+    """The record beside a stand-in-pretrained .pth (its presence: the .pth is pretrained)."""
+    return os.path.join(os.path.dirname(os.path.abspath(pth)), MARKER)
 
 
 def target_colours(masks: torch.Tensor, frames: Sequence[torch.Tensor], frames_per_object: int,
@@ -68,7 +73,7 @@ def target_colours(masks: torch.Tensor, frames: Sequence[torch.Tensor], frames_p
 
 
 def _single_word_in(text: str, vocabulary: Sequence[str]) -> Optional[str]:
-    words = set(text.lower().replace("?", " ").replace(".", " ").replace(",", " ").split())
+    words = text_words(text)
     hits = [w for w in vocabulary if w in words]
     return hits[0] if len(hits) == 1 else None
 
@@ -193,7 +198,7 @@ def run_stand_in_pretraining(cfg, steps: int = 200, accumulate: int = 8, lr: flo
     if not os.path.isfile(out_pth):
         raise FileNotFoundError(f"stand-in pretraining starts from {out_pth} (the random tiny Sa2VA .pth); create it "
                                 "first with tools/make_tiny_pretrained.py")
-    marker = os.path.join(os.path.dirname(os.path.abspath(out_pth)), MARKER)
+    marker = marker_path(out_pth)
     if os.path.isfile(marker):  # pretraining it again would also scale the prompt head again
         raise ValueError(f"{out_pth} is already stand-in-pretrained ({marker}); start again from random weights "
                          "with tools/pretrain_tiny.py --force")
@@ -268,5 +273,5 @@ def run_stand_in_pretraining(cfg, steps: int = 200, accumulate: int = 8, lr: flo
               "seed": seed, "loss_first": round(first, 4), "loss_last": round(last, 4),
               "seg_tokens_named": named, "seg_tokens": total,
               "seconds": round(time.time() - t0, 1)}
-    atomic_write_json(os.path.join(os.path.dirname(os.path.abspath(out_pth)), MARKER), record, indent=2)
+    atomic_write_json(marker, record, indent=2)
     return record

@@ -284,7 +284,9 @@ def make_tiny_pretrained(
     if with_sam2 or with_sa2va_pth:
         paths["sam2"] = write_tiny_sam2(os.path.join(out_dir, SAM2_FILE), seed, sam2_config)
     if with_sa2va_pth:
-        stale = os.path.join(out_dir, "stand_in_pretraining.json")  # it described the .pth replaced here
+        from projects.sasasa2va.models.stand_in_pretraining import MARKER
+
+        stale = os.path.join(out_dir, MARKER)  # it described the .pth replaced here
         if os.path.exists(stale):
             os.remove(stale)
         paths["sa2va_pth"] = write_tiny_sa2va_pth(os.path.join(out_dir, SA2VA_FILE), paths["internvl"], paths["sam2"],
@@ -293,6 +295,16 @@ def make_tiny_pretrained(
                       {"arch": arch, "image_size": image_size, "seed": seed, "sam2_config": sam2_config,
                        "files": paths}, indent=2)
     return paths
+
+
+def tiny_cli_args(spec: dict) -> list[str]:
+    """tools/make_tiny_pretrained.py options equivalent to ``make_tiny_pretrained(**spec)`` (a config's
+    ``auto_prepare.tiny_pretrained`` entry; ``out_dir`` is not included)."""
+    out = ["--arch", str(spec.get("arch", "qwen2")), "--image-size", str(spec.get("image_size", 112)),
+           "--seed", str(spec.get("seed", 0))]
+    if spec.get("sam2_hidden_dim"):
+        out += ["--sam2-hidden-dim", str(spec["sam2_hidden_dim"])]
+    return out
 
 
 def make_tiny_for_config(out_dir: str, config_path: str) -> dict:
