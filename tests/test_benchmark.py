@@ -277,6 +277,14 @@ def test_benchmark_eval_quick(tiny_dir, one_thread, tmp_path, capsys):
     assert ev["naive"]["work"]["sam2_frames_encoded"] == 2 * 3 * ev["shared"]["work"]["sam2_frames_encoded"]
     assert 1.0 <= ev["work_over_lower_bound"] <= 1.5
     assert fig["scaling"]["exps_per_video"] == [2, 4]
+    # the 2E lower bound: the same frames, twice the answers (every expression decodes its own answer)
+    lb1, lb2 = fig["scaling"]["lower_bound"]
+    assert lb1 == ev["lower_bound"]
+    assert lb2["sam2_frames_encoded"] == lb1["sam2_frames_encoded"]
+    assert lb2["tokens_decoded"] == 2 * lb1["tokens_decoded"]
+    assert fig["scaling"]["lower_bound_increase_pct"]["tokens_decoded"] == 100.0
+    assert "scaling, lower bound 2 -> 4 expressions/video: sam2_frames +0%" in text
+    assert "scaling by phase (s, shared path): " in text
     assert lines[-1] == f"speedup {fig['speedup']:.2f} work_over_lower_bound {ev['work_over_lower_bound']:.2f}"
 
 
