@@ -60,6 +60,18 @@ def test_insert_after_seg_supervises_the_inserted_words():
         sip.insert_after_seg(ids, labels[:-1], seg, [None, None])
 
 
+def test_relabel_after_seg_changes_only_the_label_after_each_seg():
+    seg = 7
+    ids = [1, 2, seg, 3, seg, 4]
+    labels = [-100, -100, seg, 3, seg, 4]
+    assert sip.relabel_after_seg(ids, labels, seg, [50, None]) == [-100, -100, seg, 50, seg, 4]
+    assert sip.relabel_after_seg(ids, labels, seg, [50, 51]) == [-100, -100, seg, 50, seg, 51]
+    with pytest.raises(ValueError, match="2 \\[SEG\\] tokens but 1"):
+        sip.relabel_after_seg(ids, labels, seg, [50])
+    with pytest.raises(ValueError, match="last token"):
+        sip.relabel_after_seg(ids[:5], labels[:5], seg, [None, 50])
+
+
 def test_seg_words_name_each_target_for_every_seg_token(in_root):
     cfg = Config.fromfile(TINY_CONFIG)
     ds = build_object(dict(cfg.train_dataloader.dataset.datasets[4], num_objects=2))  # MeViS videos
@@ -80,7 +92,19 @@ def test_seg_words_name_each_target_for_every_seg_token(in_root):
     image = build_object(dict(cfg.train_dataloader.dataset.datasets[0], num_objects=2))[0]  # RefCOCO: one tensor
     assert len(sip.seg_words(image, tokenizer, seg_id)) == 2
 
-    out, named, total = sip.echo_sample(sample, tokenizer, seg_id)
+    # relabel: same input, the token after each [SEG] is labelled with its word
+    out, named, total = sip.echo_sample(sample, tokenizer, seg_id, word_target="relabel")
+    assert (named, total) == (20, 20)
+    assert list(out["input_ids"]) == list(sample["input_ids"])
+    seg_pos = [j for j, t in enumerate(sample["input_ids"]) if t == seg_id]
+    assert [out["labels"][j + 1] for j in seg_pos] == [tokenizer.encode(" " + w, add_special_tokens=False)[0]
+                                                       for w in words]
+    others = [j for j in range(len(out["labels"])) if j - 1 not in seg_pos]
+    assert [out["labels"][j] for j in others] == [sample["labels"][j] for j in others]
+    with pytest.raises(ValueError, match="word_target"):
+        sip.echo_sample(sample, tokenizer, seg_id, word_target="append")
+
+    out, named, total = sip.echo_sample(sample, tokenizer, seg_id, word_target="insert")
     assert (named, total) == (20, 20)
     ids = list(out["input_ids"])
     encoded = [tokenizer.encode(" " + w, add_special_tokens=False) for w in words]
@@ -96,6 +120,7 @@ def test_run_stand_in_pretraining_changes_only_the_mllm_and_writes_a_marker(in_r
     pth = cfg.model.pretrained_pth
     before = torch.load(pth, map_location="cpu")
     record = sip.run_stand_in_pretraining(cfg, steps=2, accumulate=1, prompt_scale=3.0, progress=False)
+    assert record["word_target"] == "insert"
     after = torch.load(pth, map_location="cpu")
     assert set(after) == set(before)
     marker = json.loads((in_root / "pretrained" / "tiny" / sip.MARKER).read_text())
@@ -163,11 +188,12 @@ def test_pretrain_tiny_cli_runs_once_and_validates_its_arguments(in_root, capsys
     fresh = make_tiny_for_config(str(in_root / "fresh_random"), TINY_CONFIG)["sa2va_pth"]
     fcs = sorted(k for k in torch.load(fresh) if k.startswith("text_hidden_fcs.") and k.endswith(".weight"))[-1]
     # --force on an already pretrained folder: starts again from random weights (prompt head x6 once, not x36)
-    assert main([TINY_CONFIG, "--steps", "1", "--accumulate", "1", "--force", "--no-progress", "--threads", "1"]) == 0
+    assert main([TINY_CONFIG, "--steps", "1", "--accumulate", "1", "--force", "--no-progress", "--threads", "1",
+                 "--word-target", "relabel"]) == 0
     assert torch.allclose(torch.load("pretrained/tiny/sa2va_tiny.pth")[fcs], 6.0 * torch.load(fresh)[fcs])
     out = capsys.readouterr().out
     assert "[SEG] tokens named; wrote pretrained/tiny/sa2va_tiny.pth" in out
     record = json.loads((in_root / "pretrained" / "tiny" / sip.MARKER).read_text())
-    assert record["steps"] == 1 and record["accumulate"] == 1
+    assert record["steps"] == 1 and record["accumulate"] == 1 and record["word_target"] == "relabel"
     assert main([TINY_CONFIG]) == 0
     assert "already done" in capsys.readouterr().out

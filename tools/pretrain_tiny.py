@@ -2,7 +2,7 @@
 """Stand-in pretraining of the tiny model (the tiny config's stand-in for the Sa2VA checkpoint).
 
     python tools/pretrain_tiny.py [projects/sasasa2va/configs/sasasa2va_tiny.py] [--steps 200]
-        [--accumulate 8] [--lr 1e-3] [--threads N] [--force] [--cfg-options key=value ...]
+        [--accumulate 8] [--lr 1e-3] [--word-target insert|relabel] [--threads N] [--force] [--cfg-options key=value ...]
 
 Trains the tiny MLLM to name the referred object (colour, else shape, else masked colour) right after
 each [SEG] (LM head frozen) and
@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (config default: 200)")
     p.add_argument("--accumulate", type=int, default=None, help="samples per step (config default: 8)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (config default: 1e-3)")
+    p.add_argument("--word-target", choices=("insert", "relabel"), default=None,
+                   help="how each [SEG] is taught its word: inserted after it, or as the label of the next "
+                        "token (config default: insert)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--force", action="store_true",
                    help="run again (from freshly written random tiny checkpoints) even if the marker says it was done")
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
             p.error("--force needs the config's auto_prepare.tiny_pretrained to rebuild the random checkpoints")
         make_tiny_pretrained(tiny.pop("out_dir"), **tiny)  # also removes the marker
     auto_prepare(cfg)  # data and random tiny checkpoints, if missing
-    for name in ("steps", "accumulate", "lr"):
+    for name in ("steps", "accumulate", "lr", "word_target"):
         if getattr(args, name) is not None:
             spec[name] = getattr(args, name)
     record = run_stand_in_pretraining(cfg, progress=not args.no_progress, **spec)

@@ -168,18 +168,59 @@ def insert_after_seg(input_ids: Sequence[int], labels: Sequence[int], seg_id: in
     return ids_out, lab_out
 
 
-def echo_sample(sample: dict, tokenizer, seg_id: int) -> tuple[dict, int, int]:
-    """The sample with its target's word (``seg_words``) after each [SEG] (``... Clip_3 [SEG] red, ...``);
-    returns (sample, [SEG] tokens named, [SEG] tokens)."""
-    words = [tokenizer.encode(" " + c, add_special_tokens=False) if c else None
-             for c in seg_words(sample, tokenizer, seg_id)]
-    ids, labels = insert_after_seg(sample["input_ids"], sample["labels"], seg_id, words)
-    return dict(sample, input_ids=ids, labels=labels), sum(w is not None for w in words), len(words)
+def relabel_after_seg(input_ids: Sequence[int], labels: Sequence[int], seg_id: int,
+                      words: Sequence[Optional[int]]) -> list[int]:
+    """Labels in which the token after the j-th [SEG] is ``words[j]`` (one token id; None keeps it): the
+    [SEG] position learns to predict the word while the input stays the spec answer."""
+    if len(input_ids) != len(labels):
+        raise ValueError(f"relabel_after_seg: {len(input_ids)} input ids but {len(labels)} labels")
+    pos = [j for j, t in enumerate(input_ids) if int(t) == seg_id]
+    if len(pos) != len(words):
+        raise ValueError(f"relabel_after_seg: {len(pos)} [SEG] tokens but {len(words)} entries in words")
+    out = [int(y) for y in labels]
+    for j, w in zip(pos, words):
+        if w is None:
+            continue
+        if j + 1 >= len(out):
+            raise ValueError(f"relabel_after_seg: the [SEG] at position {j} is the last token; nothing to relabel")
+        out[j + 1] = int(w)
+    return out
+
+
+WORD_TARGETS = ("insert", "relabel")
+
+
+def echo_sample(sample: dict, tokenizer, seg_id: int, word_target: str = "insert") -> tuple[dict, int, int]:
+    """The sample with its target's word (``seg_words``) as what each [SEG] predicts; returns (sample,
+    [SEG] tokens named, [SEG] tokens).
+
+    ``insert`` (default): the word is inserted after each [SEG] (``Clip_3 [SEG] red, Clip_4 ...``), so
+    later [SEG]s see earlier words in their context, which the spec answers of the main training lack.
+    ``relabel``: the input stays the spec answer and only the label after each [SEG] becomes the word,
+    so the [SEG] states trained here are the ones the main training and evaluation meet (README: more
+    of the word in those states, end-to-end results within the seed spread).
+    """
+    if word_target not in WORD_TARGETS:
+        raise ValueError(f"word_target must be one of {WORD_TARGETS}, got {word_target!r}")
+    names = seg_words(sample, tokenizer, seg_id)
+    if word_target == "insert":
+        words = [tokenizer.encode(" " + c, add_special_tokens=False) if c else None for c in names]
+        ids, labels = insert_after_seg(sample["input_ids"], sample["labels"], seg_id, words)
+        return dict(sample, input_ids=ids, labels=labels), sum(w is not None for w in words), len(words)
+    ids = []
+    for c in names:
+        tok = tokenizer.encode(" " + c, add_special_tokens=False) if c else None
+        if tok is not None and len(tok) != 1:
+            raise ValueError(f"word_target='relabel' needs one token per word; {c!r} is {len(tok)} tokens {tok}")
+        ids.append(tok[0] if tok else None)
+    labels = relabel_after_seg(sample["input_ids"], sample["labels"], seg_id, ids)
+    return dict(sample, labels=labels), sum(w is not None for w in ids), len(ids)
 
 
 def run_stand_in_pretraining(cfg, steps: int = 200, accumulate: int = 8, lr: float = 1e-3,
                              num_objects: int = 1, prompt_scale: float = 6.0, seed: int = 0,
-                             out_pth: Optional[str] = None, log_every: int = 25, progress: bool = True) -> dict:
+                             word_target: str = "insert", out_pth: Optional[str] = None, log_every: int = 25,
+                             progress: bool = True) -> dict:
     """Train the tiny MLLM as described above and write it into ``out_pth`` (default: the config's
     ``model.pretrained_pth``) plus ``<folder>/stand_in_pretraining.json``; returns that record."""
     from mmengine.logging import print_log
@@ -202,6 +243,8 @@ def run_stand_in_pretraining(cfg, steps: int = 200, accumulate: int = 8, lr: flo
     if os.path.isfile(marker):  # pretraining it again would also scale the prompt head again
         raise ValueError(f"{out_pth} is already stand-in-pretrained ({marker}); start again from random weights "
                          "with tools/pretrain_tiny.py --force")
+    if word_target not in WORD_TARGETS:
+        raise ValueError(f"stand-in pretraining: word_target must be one of {WORD_TARGETS}, got {word_target!r}")
     random.seed(seed)
     torch.manual_seed(seed)
     model_cfg = dict(cfg.model)
@@ -240,7 +283,8 @@ def run_stand_in_pretraining(cfg, steps: int = 200, accumulate: int = 8, lr: flo
         loss_sum = 0.0
         for _ in range(accumulate):
             k = rng.choices(range(len(datasets)), weights=sizes)[0]
-            sample, n_named, n_total = echo_sample(datasets[k][rng.randrange(sizes[k])], tokenizer, seg_id)
+            sample, n_named, n_total = echo_sample(datasets[k][rng.randrange(sizes[k])], tokenizer, seg_id,
+                                                    word_target)
             named, total = named + n_named, total + n_total
             data = sasasa2va_collate_fn([sample])["data"]
             out = chat(input_ids=data["input_ids"], pixel_values=torch.cat(data["pixel_values"]).float(),
@@ -271,7 +315,7 @@ def run_stand_in_pretraining(cfg, steps: int = 200, accumulate: int = 8, lr: flo
     record = {"pth": out_pth, "steps": steps,
               "accumulate": accumulate, "lr": lr, "num_objects": num_objects, "prompt_scale": prompt_scale,
               "seed": seed, "loss_first": round(first, 4), "loss_last": round(last, 4),
-              "seg_tokens_named": named, "seg_tokens": total,
+              "seg_tokens_named": named, "seg_tokens": total, "word_target": word_target,
               "seconds": round(time.time() - t0, 1)}
     atomic_write_json(marker, record, indent=2)
     return record
