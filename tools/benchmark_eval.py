@@ -252,8 +252,9 @@ def growth_pct(a: float, b: float):
     return 100.0 * (b / a - 1.0) if a else None
 
 
-def scaled_lower_bound(model, tok, split, modes, forced, run: dict) -> dict:
-    """The lower bound of ``split`` (the 2E-expression data), free answers as in the main comparison."""
+def split_lower_bound(model, tok, split, modes, forced, run: dict) -> dict:
+    """The lower bound of a benchmark split; with free answers (length and [SEG] count unknown) the
+    decode counters are ``run``'s own."""
     from projects.sasasa2va.evaluation import bench
     from projects.sasasa2va.evaluation.splits import resolve_split
 
@@ -291,7 +292,6 @@ def main(argv=None) -> int:
 
     from projects.sasasa2va.evaluation import bench
     from projects.sasasa2va.evaluation.runner import parse_modes, resolve_dtype
-    from projects.sasasa2va.evaluation.splits import resolve_split
     from projects.sasasa2va.utils.io import atomic_write_json
 
     if args.threads:
@@ -351,9 +351,6 @@ def main(argv=None) -> int:
         + ("" if args.split_dir else f" of {args.frame_size[0]}x{args.frame_size[1]}")
         + f", {e1} expressions per video -> {n_exp} expressions x {len(modes)} mode(s) = {n_exp * len(modes)} "
         f"predictions" + (" + selective averaging" if average else ""))
-    resolved = resolve_split(sp.name, split_dir=sp.split_dir, qframe_file=sp.qframe_file)
-    records = resolved.load_records()
-    qframe = resolved.load_qframe(records) if "q_frame" in modes else None
 
     # ---- warm-up (lazy init, kernels, file cache), not timed
     wd = args.work_dir
@@ -368,11 +365,7 @@ def main(argv=None) -> int:
     log("shared path (one VideoContext per video) ...")
     shared = run_eval(model, tok, name, sp, os.path.join(wd, "shared"), modes, average, False, args, device)
     log(f"shared: {shared['wall_s']:.2f} s wall, {shared['model_s']:.2f} s in the model")
-    bound = bench.lower_bound_work(model, tok, records, qframe, modes, forced.num_generated if forced else 1,
-                                   forced.num_seg if forced else None)
-    if not forced:  # free answers (length and [SEG] count unknown): the shared path's own decode counts
-        for k in ("tokens_decoded", "sam2_decodes"):
-            bound[k] = shared["work"].get(k, 0)
+    bound = split_lower_bound(model, tok, sp, modes, forced, shared)
     ratios = bench.work_ratios(shared["work"], bound)
     worst = max(v for v in ratios.values() if v is not None)
     files = bench.result_files("", modes, average)
@@ -398,7 +391,7 @@ def main(argv=None) -> int:
             log(f"scaling: shared path with {2 * e1} expressions per video ...")
             double = run_eval(model, tok, name, sp2, os.path.join(wd, "shared_2x"), modes, average, False, args, device)
             inc = 100.0 * (double["wall_s"] / shared["wall_s"] - 1.0)
-            bound2 = scaled_lower_bound(model, tok, sp2, modes, forced, double)
+            bound2 = split_lower_bound(model, tok, sp2, modes, forced, double)
             scaling = {"exps_per_video": [e1, 2 * e1], "wall_s": [shared["wall_s"], double["wall_s"]],
                        "model_s": [shared["model_s"], double["model_s"]], "increase_pct": inc,
                        "model_increase_pct": 100.0 * (double["model_s"] / shared["model_s"] - 1.0)
