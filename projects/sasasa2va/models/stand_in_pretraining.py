@@ -190,6 +190,13 @@ def relabel_after_seg(input_ids: Sequence[int], labels: Sequence[int], seg_id: i
 WORD_TARGETS = ("insert", "relabel")
 
 
+def check_word_target(word_target: str) -> str:
+    """``word_target`` itself, or a ValueError naming the choices."""
+    if word_target not in WORD_TARGETS:
+        raise ValueError(f"stand-in pretraining: word_target must be one of {WORD_TARGETS}, got {word_target!r}")
+    return word_target
+
+
 def echo_sample(sample: dict, tokenizer, seg_id: int, word_target: str = "insert") -> tuple[dict, int, int]:
     """The sample with its target's word (``seg_words``) as what each [SEG] predicts; returns (sample,
     [SEG] tokens named, [SEG] tokens).
@@ -200,21 +207,18 @@ def echo_sample(sample: dict, tokenizer, seg_id: int, word_target: str = "insert
     so the [SEG] states trained here are the ones the main training and evaluation meet (README: more
     of the word in those states, end-to-end results within the seed spread).
     """
-    if word_target not in WORD_TARGETS:
-        raise ValueError(f"word_target must be one of {WORD_TARGETS}, got {word_target!r}")
+    check_word_target(word_target)
     names = seg_words(sample, tokenizer, seg_id)
+    words = [tokenizer.encode(" " + c, add_special_tokens=False) if c else None for c in names]
+    named = sum(w is not None for w in words)
     if word_target == "insert":
-        words = [tokenizer.encode(" " + c, add_special_tokens=False) if c else None for c in names]
         ids, labels = insert_after_seg(sample["input_ids"], sample["labels"], seg_id, words)
-        return dict(sample, input_ids=ids, labels=labels), sum(w is not None for w in words), len(words)
-    ids = []
-    for c in names:
-        tok = tokenizer.encode(" " + c, add_special_tokens=False) if c else None
-        if tok is not None and len(tok) != 1:
-            raise ValueError(f"word_target='relabel' needs one token per word; {c!r} is {len(tok)} tokens {tok}")
-        ids.append(tok[0] if tok else None)
-    labels = relabel_after_seg(sample["input_ids"], sample["labels"], seg_id, ids)
-    return dict(sample, labels=labels), sum(w is not None for w in ids), len(ids)
+        return dict(sample, input_ids=ids, labels=labels), named, len(words)
+    for c, w in zip(names, words):
+        if w is not None and len(w) != 1:
+            raise ValueError(f"word_target='relabel' needs one token per word; {c!r} is {len(w)} tokens {w}")
+    labels = relabel_after_seg(sample["input_ids"], sample["labels"], seg_id, [w[0] if w else None for w in words])
+    return dict(sample, labels=labels), named, len(words)
 
 
 def run_stand_in_pretraining(cfg, steps: int = 200, accumulate: int = 8, lr: float = 1e-3,
@@ -243,8 +247,7 @@ def run_stand_in_pretraining(cfg, steps: int = 200, accumulate: int = 8, lr: flo
     if os.path.isfile(marker):  # pretraining it again would also scale the prompt head again
         raise ValueError(f"{out_pth} is already stand-in-pretrained ({marker}); start again from random weights "
                          "with tools/pretrain_tiny.py --force")
-    if word_target not in WORD_TARGETS:
-        raise ValueError(f"stand-in pretraining: word_target must be one of {WORD_TARGETS}, got {word_target!r}")
+    check_word_target(word_target)  # before building the model
     random.seed(seed)
     torch.manual_seed(seed)
     model_cfg = dict(cfg.model)
