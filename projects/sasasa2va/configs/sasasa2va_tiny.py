@@ -23,7 +23,9 @@ template = 'qwen_chat'
 batch_size = 1
 accumulative_counts = 1
 dataloader_num_workers = 1
-lr = 1e-3
+# 3e-4: at 1e-3 the random-init SAM2 decoder learned colour matching only halfway (whole expressions
+# segmented a neighbouring hue, blue -> cyan, green -> yellow; J&F ~50 over three seeds); README "Seed spread".
+lr = 3e-4
 weight_decay = 0.01
 # passes over the synthetic mix (326 items with the default data); warmup is 5 % of the iterations.
 max_epochs = 3
@@ -89,3 +91,5 @@ param_scheduler[0].update(end=warmup_ratio * max_epochs)
 param_scheduler[1].update(begin=warmup_ratio * max_epochs, end=max_epochs)
 default_hooks.logger.update(interval=log_interval)
 default_hooks.checkpoint.update(interval=save_steps, max_keep_ckpts=save_total_limit)
+# A fixed seed makes the quickstart reproducible (the real configs leave it unset); other seeds: README.
+randomness.update(seed=0)
