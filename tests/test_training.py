@@ -286,7 +286,8 @@ def test_tiny_config_settings():
     # 1e-3 left the SAM2 decoder matching colours only halfway (README "Seed spread"); 3e-4 is the measured one
     assert cfg.train_dataloader.num_workers <= 1 and 2e-4 <= cfg.optim_wrapper.optimizer.lr <= 5e-4
     # the quickstart is reproducible (same data order); the real configs leave the seed unset
-    assert cfg.randomness.seed == 0 and Config.fromfile(os.path.join(CONFIG_DIR, "sasasa2va_in25_4b.py")).randomness.seed is None
+    real = Config.fromfile(os.path.join(CONFIG_DIR, "sasasa2va_in25_4b.py"))
+    assert cfg.randomness.seed == 0 and real.randomness.seed is None
     assert cfg.default_hooks.logger.interval == 10 and cfg.default_hooks.checkpoint.interval == 100
     assert cfg.model.lora is None and cfg.model.sam2_config == {"name": "tiny", "hidden_dim": 128}
     assert cfg.auto_prepare.tiny_pretrained.sam2_hidden_dim == 128 and cfg.auto_prepare.tiny_pretrained.image_size == 56
