@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair-cache-mb", type=float, default=None,
                    help="shared path: cache of single (frame, [SEG]) SAM2 decodes reused across the decode plans "
                         "of an answer, MB (default: VideoContext's: off on CPU, 64 on GPU; 0 = off)")
+    p.add_argument("--plain-batched-decoding", action="store_true",
+                   help="shared path: batched greedy decoding with plain batched kernels (VideoContext "
+                        "exact_rows=False; the GPU default) instead of the row-exact ones used on CPU")
     p.add_argument("--skip-scaling", action="store_true", help="no E -> 2E scaling run")
     p.add_argument("--skip-train", action="store_true", help="no training benchmark")
     p.add_argument("--train-steps", type=int, default=6, help="timed training steps (default: %(default)s)")
@@ -181,6 +184,8 @@ def shared_context_options(args) -> dict:
         kw["decode_batch_prompts"] = int(args.decode_batch_prompts)
     if args.pair_cache_mb is not None:
         kw["pair_cache_bytes"] = int(args.pair_cache_mb * 2**20)
+    if args.plain_batched_decoding:
+        kw["exact_rows"] = False
     return kw
 
 
