@@ -332,13 +332,64 @@ def test_video_prefetch_batches_and_changes_nothing(tiny, monkeypatch):
         assert sizes == []
         ctx = model.video_context(tok, frames, decode_batch_prompts=4)
         got = model.predict_video(frames, texts, tok, modes, selected_fids=fids, context=ctx)
+        # a KV budget below one row's caches: every answer decoded alone again
+        alone = model.video_context(tok, frames, decode_batch_kv_bytes=1)
+        again = model.predict_video(frames, texts, tok, modes, selected_fids=fids, context=alone)
     # 3 texts: uniform(=uniform_plus) x3 + q_frame x3 + wrap_around x3 = 9 distinct answers, batches of <= 4
     assert sizes == [3, 3, 3]
     for m in modes:
-        for a, b in zip(ref[m], got[m]):
-            assert _same(a, b), m
-    assert one.counters == ctx.counters
+        for a, b, c in zip(ref[m], got[m], again[m]):
+            assert _same(a, b) and _same(a, c), m
+    assert one.counters == ctx.counters == alone.counters
     assert ctx.counters.generations_reused == 3  # uniform_plus reuses uniform's answer, as one at a time
+
+
+def test_decode_batch_limit_follows_the_kv_budget(tiny):
+    """Prompts per decode batch: decode_batch_prompts, lowered to what the KV budget holds: every row its
+    prompt + min(max_new_tokens, 256) tokens, every distinct prefix once, keys and values of every layer."""
+    from projects.sasasa2va.hf.models.video_context import CPU_DECODE_BATCH_KV_BYTES, kv_bytes_per_token
+    from projects.sasasa2va.models.tiny import TINY_LLM
+
+    model, tok = tiny
+    per_token = kv_bytes_per_token(model.config.llm_config, torch.float32)
+    head_dim = TINY_LLM["hidden_size"] // TINY_LLM["num_attention_heads"]
+    assert per_token == 2 * TINY_LLM["num_hidden_layers"] * TINY_LLM["num_key_value_heads"] * head_dim * 4
+    assert kv_bytes_per_token(model.config.llm_config, torch.bfloat16) == per_token // 2
+
+    def item(n, boundary, keys):
+        ids = torch.zeros((1, n), dtype=torch.long)
+        return (tuple(ids[0].tolist()), keys, 40, 10), ids, None, boundary
+
+    # two prompts of one mode share a 250-token prefix; a q_frame-like prompt has its own
+    todo = [item(300, 250, ("u",)), item(310, 250, ("u",)), item(340, 260, ("q",))]
+    total = (300 + 40) + (310 + 40) + (340 + 40) + 250 + 260  # rows (max_new_tokens=40) + distinct prefixes
+    frames = _frames(3)
+    ctx = model.video_context(tok, frames)
+    assert ctx.decode_batch_prompts == 64 and ctx.decode_batch_kv_bytes == CPU_DECODE_BATCH_KV_BYTES
+    assert ctx.decode_batch_limit(todo, 40) == 64  # the tiny LLM's rows are small
+    for budget, want in ((total * per_token, 3), (total * per_token - 1, 2), (total * per_token // 3, 1),
+                         (1, 1), (1000 * total * per_token, 7), (0, 7)):
+        ctx = model.video_context(tok, frames, decode_batch_prompts=7, decode_batch_kv_bytes=budget)
+        assert ctx.decode_batch_limit(todo, 40) == want, budget
+    ctx = model.video_context(tok, frames, decode_batch_kv_bytes=total * per_token)
+    assert ctx.decode_batch_limit(todo, 1000) == 3 * total // (total + 3 * (256 - 40))  # room capped at 256
+    for bad in (-5, 1.5, "4GB"):
+        with pytest.raises(ValueError, match="decode_batch_kv_bytes"):
+            model.video_context(tok, frames, decode_batch_kv_bytes=bad)
+
+
+def test_default_decode_batch_kv_bytes(monkeypatch):
+    """GPU: half of (total memory - allocated), at least 1 GiB; CPU: 4 GiB."""
+    from types import SimpleNamespace
+
+    from projects.sasasa2va.hf.models import video_context as vc
+
+    assert vc.default_decode_batch_kv_bytes(torch.device("cpu")) == 4 << 30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 8 << 30)
+    assert vc.default_decode_batch_kv_bytes(torch.device("cuda:0")) == 36 << 30
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 79 << 30)
+    assert vc.default_decode_batch_kv_bytes(torch.device("cuda:0")) == 1 << 30
 
 
 def test_video_pair_cache_is_exact_and_dedupes(tiny):

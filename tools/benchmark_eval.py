@@ -91,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-force-answer", action="store_true", help="let the model generate freely")
     p.add_argument("--feature-budget-mb", type=float, default=None, help="shared path's SAM2 feature budget per video")
     p.add_argument("--decode-batch-prompts", type=int, default=None,
-                   help="shared path: most prompts greedy-decoded in one batch (default: VideoContext's, 16; "
+                   help="shared path: most prompts greedy-decoded in one batch (default: VideoContext's, 64; "
                         "1 = one at a time)")
+    p.add_argument("--decode-batch-kv-mb", type=float, default=None,
+                   help="shared path: bound on a decode batch's KV caches, MB (default: VideoContext's: half "
+                        "the GPU memory the model leaves, 4096 on CPU; 0 = no bound)")
     p.add_argument("--pair-cache-mb", type=float, default=None,
                    help="shared path: cache of single (frame, [SEG]) SAM2 decodes reused across the decode plans "
                         "of an answer, MB (default: VideoContext's: off on CPU, 64 on GPU; 0 = off)")
@@ -182,6 +185,8 @@ def shared_context_options(args) -> dict:
     kw = {}
     if args.decode_batch_prompts is not None:
         kw["decode_batch_prompts"] = int(args.decode_batch_prompts)
+    if args.decode_batch_kv_mb is not None:
+        kw["decode_batch_kv_bytes"] = int(args.decode_batch_kv_mb * 2**20)
     if args.pair_cache_mb is not None:
         kw["pair_cache_bytes"] = int(args.pair_cache_mb * 2**20)
     if args.plain_batched_decoding:
@@ -305,6 +310,8 @@ def main(argv=None) -> int:
         raise SystemExit("error: --num-videos and --exps-per-video must be >= 1")
     if args.decode_batch_prompts is not None and args.decode_batch_prompts < 1:
         raise SystemExit("error: --decode-batch-prompts must be >= 1")
+    if args.decode_batch_kv_mb is not None and args.decode_batch_kv_mb < 0:
+        raise SystemExit("error: --decode-batch-kv-mb must be >= 0")
     if args.pair_cache_mb is not None and args.pair_cache_mb < 0:
         raise SystemExit("error: --pair-cache-mb must be >= 0")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -69,6 +69,7 @@ from .templates import IMG_END_TOKEN, get_template, image_token_string
 
 logger = logging.getLogger(__name__)
 PAIR_CACHE_BYTES = 64 << 20  # default bound of VideoContext's single-decode cache where it is on
+CPU_DECODE_BATCH_KV_BYTES = 4 << 30  # default bound of a decode batch's KV caches on CPU
 ImageSpec = tuple  # (hashable key, zero-argument callable -> float pixels [3, S, S])
 
 
@@ -86,6 +87,23 @@ def lru_put(cache: OrderedDict, key, value, limit: int) -> None:
         cache[key] = value
         while len(cache) > limit:
             cache.popitem(last=False)
+
+
+def default_decode_batch_kv_bytes(device: torch.device) -> int:
+    """Half of the GPU memory not allocated now (total, not free: the same for the same GPU and model);
+    4 GiB on CPU."""
+    if device.type != "cuda":
+        return CPU_DECODE_BATCH_KV_BYTES
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(1 << 30, (total - torch.cuda.memory_allocated(device)) // 2)
+
+
+def kv_bytes_per_token(llm_config, dtype: torch.dtype) -> int:
+    """Bytes of one token's keys and values over all layers of an HF decoder config (GQA-aware)."""
+    heads = int(getattr(llm_config, "num_attention_heads"))
+    kv_heads = int(getattr(llm_config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(llm_config, "head_dim", None) or llm_config.hidden_size // heads)
+    return 2 * int(llm_config.num_hidden_layers) * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 class RowExact(TorchFunctionMode):
@@ -186,8 +204,13 @@ class VideoContext:
     ``max_cached_logits``, ``max_vision_images``: LRU sizes of the prompt-prefix KV caches, combined
     low-res logits and vision tokens (0 disables that cache). Answers are always kept (small).
     ``decode_batch_prompts``: most prompts greedy-decoded together by :meth:`prefetch_generations`
-    (1 = one at a time); it bounds the batch's KV memory (one prompt's KV cache per row, plus the
-    batch's distinct prefix caches).
+    (1 = one at a time). ``decode_batch_kv_bytes``: bound on a batch's KV memory (each row's cache
+    plus the batch's distinct prefix caches, estimated from the LLM's shapes), which lowers the number
+    of prompts per batch for long prompts or large LLMs; 0 = no bound; None (default) = half of the
+    GPU memory the model leaves (device total minus what is allocated when the context is made: the
+    same on the same GPU and model, so batches and results are reproducible), 4 GiB on CPU. On a GPU a
+    decoding step costs about the same for 10 or 60 rows, so the more of a video's answers share a
+    batch the less the evaluation grows with its expressions.
     ``exact_rows`` (default: on CPU): batched greedy decoding runs ``generate_answers(exact=True)``, so
     every answer is bit for bit the one-prompt answer; otherwise plain batched kernels (GPU), equal up
     to rounding.
@@ -203,8 +226,8 @@ class VideoContext:
     def __init__(self, model, tokenizer, frames, feature_budget_bytes: Optional[int] = None, *,
                  naive: bool = False, encode_batch: int = 8, decode_batch: int = 16,
                  max_prefix_caches: int = 4, max_cached_logits: int = 8, max_vision_images: int = 512,
-                 decode_batch_prompts: int = 16, pair_cache_bytes: Optional[int] = None,
-                 exact_rows: Optional[bool] = None):
+                 decode_batch_prompts: int = 64, decode_batch_kv_bytes: Optional[int] = None,
+                 pair_cache_bytes: Optional[int] = None, exact_rows: Optional[bool] = None):
         if tokenizer is None:
             raise ValueError("VideoContext needs the tokenizer")
         if frames is None or isinstance(frames, (str, bytes)):
@@ -215,6 +238,10 @@ class VideoContext:
         check_same_size(self.frames, where="video")
         if feature_budget_bytes is not None and feature_budget_bytes < 0:
             raise ValueError(f"feature_budget_bytes must be >= 0 or None, got {feature_budget_bytes}")
+        if decode_batch_kv_bytes is not None and (not isinstance(decode_batch_kv_bytes, numbers.Integral)
+                                                  or decode_batch_kv_bytes < 0):
+            raise ValueError(f"decode_batch_kv_bytes must be an int >= 0 (0: no bound) or None (default), "
+                             f"got {decode_batch_kv_bytes!r}")
         for name, value in (("encode_batch", encode_batch), ("decode_batch", decode_batch),
                             ("decode_batch_prompts", decode_batch_prompts)):
             if not isinstance(value, int) or value < 1:
@@ -233,6 +260,9 @@ class VideoContext:
         self.max_cached_logits = max(0, int(max_cached_logits))
         self.max_vision_images = max(0, int(max_vision_images))
         self.decode_batch_prompts = decode_batch_prompts
+        if decode_batch_kv_bytes is None:
+            decode_batch_kv_bytes = default_decode_batch_kv_bytes(self.device)
+        self.decode_batch_kv_bytes = int(decode_batch_kv_bytes)
         self.exact_rows = (self.device.type == "cpu") if exact_rows is None else bool(exact_rows)
         if pair_cache_bytes is None:
             pair_cache_bytes = 0 if self.exact_rows else PAIR_CACHE_BYTES
@@ -428,7 +458,7 @@ class VideoContext:
         tuples) need and that is not cached yet; :meth:`predict` then finds them in the generation cache.
 
         Distinct prompts are ordered by prompt prefix (so prompts sharing images sit together) and
-        greedy-decoded in balanced batches of at most ``decode_batch_prompts`` with
+        greedy-decoded in balanced batches of at most :meth:`decode_batch_limit` prompts with
         ``model.generate_answers`` (``exact=exact_rows``); prompts with different images (q_frame)
         share a batch too. Returns the number of answers computed. A request that cannot be planned
         (bad mode, missing selected_fids, ...) is skipped: its own ``predict`` call reports the
@@ -458,7 +488,7 @@ class VideoContext:
             groups.setdefault((gkey[0][:boundary], keys), []).append((gkey, ids, specs, boundary))
         todo = [item for group in groups.values() for item in group]
         done = 0
-        num_chunks = -(-len(todo) // self.decode_batch_prompts)
+        num_chunks = -(-len(todo) // self.decode_batch_limit(todo, max_new))
         base, extra = divmod(len(todo), max(num_chunks, 1))
         start = 0
         for c in range(num_chunks):  # balanced chunks: no small leftover batch
@@ -481,6 +511,21 @@ class VideoContext:
                 self._prefetched.add(gkey)
                 done += 1
         return done
+
+    def decode_batch_limit(self, todo: Sequence[tuple], max_new_tokens: int) -> int:
+        """Most prompts of ``todo`` ((generation key, ids, specs, boundary) items, in batch order) per batch:
+        ``decode_batch_prompts``, lowered so that a batch's KV caches fit ``decode_batch_kv_bytes``. Each
+        row holds its prompt plus the answer room the batched cache reserves (``min(max_new_tokens,
+        256)``); each distinct prefix (shared by the prompts of a mode, one per q_frame prompt) is held
+        once; a batch is charged the average over ``todo``."""
+        limit = self.decode_batch_prompts
+        if not self.decode_batch_kv_bytes or not todo:
+            return limit
+        room = min(int(max_new_tokens), 256)
+        prefixes = {(gkey[0][:boundary], gkey[1]): boundary for gkey, _, _, boundary in todo}
+        tokens = sum(int(ids.shape[1]) + room for _, ids, _, _ in todo) + sum(prefixes.values())
+        per_token = kv_bytes_per_token(self.config.llm_config, module_dtype(self.model.language_model))
+        return max(1, min(limit, self.decode_batch_kv_bytes * len(todo) // max(tokens * per_token, 1)))
 
     # ------------------------------------------------------------------------------------ SAM2 decoding
     @torch.no_grad()
