@@ -21,8 +21,11 @@
 # Knobs (environment): OUT, ZERO2_TIMEOUT (s, 200), ZERO2_EPOCHS (1), ZERO2_PRETRAIN_STEPS (10), SKIP_ZERO2=1,
 # SKIP_TINY=1, TINY_TIMEOUT (s, 200), B4_TIMEOUT (s, 330), B4_VIDEOS (1), B4_EXPS (5),
 # B4_FRAMES ("16 24": min max), SKIP_INSTALL=1 (wheels already importable), PYTHON (python3),
-# TINY_VIDEOS (3), TINY_EXPS (5), SKIP_4B=1, DEVICE=cpu (local dry run of the script: float32; use with
-# SKIP_4B=1 and small TINY_* values).
+# TINY_VIDEOS (3), TINY_EXPS (5), SKIP_4B=1, B4_ARGS (extra benchmark_eval.py arguments of step 2),
+# B4_AB_ARGS (if set, step 2 runs a second time with these arguments instead, e.g. "--decode-batch-prompts
+# 16" for the old decode batching: files bench_4b_<tag>_ab.*; adds up to B4_TIMEOUT, so pair it with
+# SKIP_ZERO2=1 SKIP_TINY=1 to stay within one 10-minute call), DEVICE=cpu (local dry run of the script:
+# float32; use with SKIP_4B=1 and small TINY_* values).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
@@ -106,14 +109,25 @@ fi
 # ---- 2. InternVL2.5-4B-shaped random model, bf16 ---------------------------------------------------------
 read -r B4_MIN B4_MAX <<<"${B4_FRAMES:-16 24}"
 rc2=skipped
+run_4b() {  # $1: file tag, $2: extra arguments
+    # shellcheck disable=SC2086  # the extra arguments are split on purpose
+    timeout "${B4_TIMEOUT:-330}" $PY tools/benchmark_eval.py --preset 4b-shaped --device "$DEVICE" --dtype "$DTYPE" \
+        --num-videos "${B4_VIDEOS:-1}" --exps-per-video "${B4_EXPS:-5}" --min-frames "$B4_MIN" --max-frames "$B4_MAX" \
+        --frame-size 640x360 --skip-train --time-budget $(( ${B4_TIMEOUT:-330} - 30 )) $2 \
+        --work-dir "${BENCH_DIR:-/tmp/bench}/b4$1" --json "$OUT/bench_4b_$TAG$1.json" 2>&1 \
+        | tee "$OUT/bench_4b_$TAG$1.log" | tee -a "$LOG"
+    return "${PIPESTATUS[0]}"
+}
 if [ "${SKIP_4B:-0}" != "1" ]; then
-say "step 2/2: benchmark_eval.py --preset 4b-shaped ($DTYPE, $DEVICE)"
-timeout "${B4_TIMEOUT:-330}" $PY tools/benchmark_eval.py --preset 4b-shaped --device "$DEVICE" --dtype "$DTYPE" \
-    --num-videos "${B4_VIDEOS:-1}" --exps-per-video "${B4_EXPS:-5}" --min-frames "$B4_MIN" --max-frames "$B4_MAX" \
-    --frame-size 640x360 --skip-train --time-budget $(( ${B4_TIMEOUT:-330} - 30 )) \
-    --work-dir "${BENCH_DIR:-/tmp/bench}/b4" --json "$OUT/bench_4b_$TAG.json" 2>&1 | tee "$OUT/bench_4b_$TAG.log" | tee -a "$LOG"
-rc2=${PIPESTATUS[0]}
+say "step 2/2: benchmark_eval.py --preset 4b-shaped ($DTYPE, $DEVICE) ${B4_ARGS:-}"
+run_4b "" "${B4_ARGS:-}"
+rc2=$?
 say "step 2 finished (rc $rc2)"
+if [ -n "${B4_AB_ARGS:-}" ]; then
+    say "step 2 (A/B): benchmark_eval.py --preset 4b-shaped ($DTYPE, $DEVICE) $B4_AB_ARGS"
+    run_4b _ab "$B4_AB_ARGS"
+    say "step 2 (A/B) finished (rc $?)"
+fi
 fi
 
 say "summary (last lines)"
@@ -121,7 +135,7 @@ if [ -f "$OUT/train_zero2.log" ]; then
     { echo "== $OUT/train_zero2.log (first and last logged iterations)"
       grep -E "(Epoch|Iter)\(train\)" "$OUT/train_zero2.log" | sed -n '1p;$p' | sed 's/.*\(Iter\|Epoch\)(train)/\1(train)/'; } | tee -a "$LOG"
 fi
-for f in "$OUT/bench_tiny_$TAG.log" "$OUT/bench_4b_$TAG.log"; do
+for f in "$OUT/bench_tiny_$TAG.log" "$OUT/bench_4b_$TAG.log" "$OUT/bench_4b_${TAG}_ab.log"; do
     [ -f "$f" ] && { echo "== $f"; grep -E "^(speedup|scaling|train|outputs identical|shared work)" "$f" | tail -6; } | tee -a "$LOG"
 done
 say "done (zero2 rc $rcz, tiny rc $rc, 4b rc $rc2); files in $OUT"
