@@ -379,17 +379,19 @@ def test_decode_batch_limit_follows_the_kv_budget(tiny):
 
 
 def test_default_decode_batch_kv_bytes(monkeypatch):
-    """GPU: half of (total memory - allocated), at least 1 GiB; CPU: 4 GiB."""
+    """GPU: half of (total memory - the model's weights and buffers), at least 1 GiB; CPU: 4 GiB."""
     from types import SimpleNamespace
 
     from projects.sasasa2va.hf.models import video_context as vc
 
-    assert vc.default_decode_batch_kv_bytes(torch.device("cpu")) == 4 << 30
+    model = torch.nn.Linear(1024, 1024)  # 1024 * 1024 + 1024 float32 = 4 MiB + 4 KiB
+    model.register_buffer("extra", torch.zeros(256, dtype=torch.bfloat16))  # 512 bytes
+    weights = (1024 * 1024 + 1024) * 4 + 512
+    assert vc.default_decode_batch_kv_bytes(model, torch.device("cpu")) == 4 << 30
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 << 30))
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 8 << 30)
-    assert vc.default_decode_batch_kv_bytes(torch.device("cuda:0")) == 36 << 30
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 79 << 30)
-    assert vc.default_decode_batch_kv_bytes(torch.device("cuda:0")) == 1 << 30
+    assert vc.default_decode_batch_kv_bytes(model, torch.device("cuda:0")) == ((80 << 30) - weights) // 2
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=weights + 5))
+    assert vc.default_decode_batch_kv_bytes(model, torch.device("cuda:0")) == 1 << 30
 
 
 def test_video_pair_cache_is_exact_and_dedupes(tiny):

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 = one at a time)")
     p.add_argument("--decode-batch-kv-mb", type=float, default=None,
                    help="shared path: bound on a decode batch's KV caches, MB (default: VideoContext's: half "
-                        "the GPU memory the model leaves, 4096 on CPU; 0 = no bound)")
+                        "of what the model's weights leave of the GPU's memory, 4096 on CPU; 0 = no bound)")
     p.add_argument("--pair-cache-mb", type=float, default=None,
                    help="shared path: cache of single (frame, [SEG]) SAM2 decodes reused across the decode plans "
                         "of an answer, MB (default: VideoContext's: off on CPU, 64 on GPU; 0 = off)")

@@ -89,13 +89,15 @@ def lru_put(cache: OrderedDict, key, value, limit: int) -> None:
             cache.popitem(last=False)
 
 
-def default_decode_batch_kv_bytes(device: torch.device) -> int:
-    """Half of the GPU memory not allocated now (total, not free: the same for the same GPU and model);
-    4 GiB on CPU."""
+def default_decode_batch_kv_bytes(model, device: torch.device) -> int:
+    """Half of what the model's weights leave of the GPU's total memory (at least 1 GiB): fixed for a
+    model and GPU -- not what happens to be allocated or free -- so batches, hence results, do not
+    depend on the videos before or on the number of processes. 4 GiB on CPU."""
     if device.type != "cuda":
         return CPU_DECODE_BATCH_KV_BYTES
     total = torch.cuda.get_device_properties(device).total_memory
-    return max(1 << 30, (total - torch.cuda.memory_allocated(device)) // 2)
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return max(1 << 30, (total - weights) // 2)
 
 
 def kv_bytes_per_token(llm_config, dtype: torch.dtype) -> int:
@@ -206,9 +208,9 @@ class VideoContext:
     ``decode_batch_prompts``: most prompts greedy-decoded together by :meth:`prefetch_generations`
     (1 = one at a time). ``decode_batch_kv_bytes``: bound on a batch's KV memory (each row's cache
     plus the batch's distinct prefix caches, estimated from the LLM's shapes), which lowers the number
-    of prompts per batch for long prompts or large LLMs; 0 = no bound; None (default) = half of the
-    GPU memory the model leaves (device total minus what is allocated when the context is made: the
-    same on the same GPU and model, so batches and results are reproducible), 4 GiB on CPU. On a GPU a
+    of prompts per batch for long prompts or large LLMs; 0 = no bound; None (default) = half of what
+    the model's weights leave of the GPU's total memory (fixed for a model and GPU, so batches and
+    results are reproducible), 4 GiB on CPU. On a GPU a
     decoding step costs about the same for 10 or 60 rows, so the more of a video's answers share a
     batch the less the evaluation grows with its expressions.
     ``exact_rows`` (default: on CPU): batched greedy decoding runs ``generate_answers(exact=True)``, so
@@ -261,7 +263,7 @@ class VideoContext:
         self.max_vision_images = max(0, int(max_vision_images))
         self.decode_batch_prompts = decode_batch_prompts
         if decode_batch_kv_bytes is None:
-            decode_batch_kv_bytes = default_decode_batch_kv_bytes(self.device)
+            decode_batch_kv_bytes = default_decode_batch_kv_bytes(model, self.device)
         self.decode_batch_kv_bytes = int(decode_batch_kv_bytes)
         self.exact_rows = (self.device.type == "cpu") if exact_rows is None else bool(exact_rows)
         if pair_cache_bytes is None:
