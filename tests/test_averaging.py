@@ -77,6 +77,30 @@ def score(masks_by_key):
     return np.mean([(j + f) / 2 for j, f in vals])
 
 
+def test_quantize_probs_edge_values():
+    """round(255 p) with ties to even, NaN -> 0, +-inf and out-of-range values clipped, any float dtype
+    (rounded in float32), bool -> 0/255, uint8 kept; checked against the plain float32 formula."""
+    def plain(p):
+        p = np.nan_to_num(np.asarray(p).astype(np.float32), nan=0.0)
+        with np.errstate(over="ignore"):
+            return np.clip(np.rint(p * np.float32(255.0)), 0, 255).astype(np.uint8)
+
+    edge = [np.nan, np.inf, -np.inf, -0.3, 0.0, 0.5 / 255, 1.5 / 255, 2.5 / 255, 0.5, 1.0, 1.7, 3e38, -3e38]
+    got = avg.quantize_probs(np.array(edge, dtype=np.float32))
+    assert got.tolist() == [0, 255, 0, 0, 0, 0, 2, 2, 128, 255, 255, 255, 0]  # 0.5 -> 0, 1.5 -> 2, 2.5 -> 2
+    rng = np.random.default_rng(3)
+    for dtype in (np.float16, np.float32, np.float64):
+        with np.errstate(over="ignore"):  # +-3e38 -> +-inf in float16
+            p = np.concatenate([rng.normal(0.5, 0.6, 5000), (np.arange(256) + 0.5) / 255, edge]).astype(dtype)
+        q = avg.quantize_probs(p.reshape(1, -1, 1))
+        assert q.dtype == np.uint8 and q.shape == (1, p.size, 1)
+        assert np.array_equal(q.ravel(), plain(p)), dtype
+    mask = rng.random((2, 3, 4)) > 0.5
+    assert np.array_equal(avg.quantize_probs(mask), mask.astype(np.uint8) * 255)
+    u8 = rng.integers(0, 256, (2, 3, 4), dtype=np.uint8)
+    assert avg.quantize_probs(u8) is u8
+
+
 def test_store_round_trip_and_no_temp_files(world, tmp_path):
     d = str(tmp_path / "store")
     p = np.random.default_rng(0).random((2, 5, 6))

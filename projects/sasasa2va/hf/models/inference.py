@@ -172,12 +172,14 @@ def logits_to_outputs(grounding, low_res: torch.Tensor, size: tuple[int, int], r
     m = low_res.shape[0]
     masks = np.zeros((m, h, w), dtype=bool)
     probs = np.zeros((m, h, w), dtype=np.float32) if return_probs else None
+    # finite logits upsample to finite ones: full-size NaNs come only from NaN low-res logits
+    has_nan = bool(torch.isnan(low_res).any()) if return_probs else False
     for start in range(0, m, chunk):
         up = grounding.upsample_logits(low_res[start:start + chunk], (h, w))
         p = torch.sigmoid(up.float())
         masks[start:start + chunk] = (p > 0.5).cpu().numpy()
         if probs is not None:
-            probs[start:start + chunk] = torch.nan_to_num(p, nan=0.0).cpu().numpy()
+            probs[start:start + chunk] = (torch.nan_to_num(p, nan=0.0) if has_nan else p).cpu().numpy()
     return masks, probs
 
 

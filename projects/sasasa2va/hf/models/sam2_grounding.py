@@ -577,7 +577,7 @@ class SAM2Grounding(nn.Module):
             parts.append(F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)[:, 0])
         if not parts:
             return low_res.new_zeros((0, *size), dtype=torch.float32)
-        return torch.cat(parts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)  # (one chunk: no full-size copy)
 
     def propagate(self, features, num_frames: int, cond_frames: PromptMap, sam2_model: SAM2Base | None = None,
                   memory_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
