@@ -344,6 +344,32 @@ def test_video_prefetch_batches_and_changes_nothing(tiny, monkeypatch):
     assert ctx.counters.generations_reused == 3  # uniform_plus reuses uniform's answer, as one at a time
 
 
+def test_naive_path_equals_shared_path_bitwise(tiny):
+    """CPU: the naive path (everything recomputed per (text, mode), the benchmark's baseline) runs the
+    shared path's batch-invariant units, so even the float probabilities -- not only thresholded masks
+    -- are bit for bit the shared path's, in all five modes; the naive path still does all its work."""
+    from projects.sasasa2va.hf.models.frame_sampling import MODES
+
+    model, tok = tiny
+    frames = _frames(13, seed=7)
+    texts = [eval_prompt(t) for t in TEXTS[:2]]
+    fids = {i: _qlist(13, 50 + i) for i in range(len(texts))}
+    with bench.ForcedAnswer(model, tok, "Sure, " + " ".join([SEG_TOKEN] * 10) + "."):
+        ctx = model.video_context(tok, frames)
+        got = model.predict_video(frames, texts, tok, list(MODES), selected_fids=fids, context=ctx)
+        works = []
+        for i, text in enumerate(texts):
+            for m in MODES:
+                naive = VideoContext(model, tok, frames, naive=True)
+                ref = naive.predict(text, m, selected_fids=fids[i] if m == "q_frame" else None, return_probs=True)
+                assert _same(got[m][i], ref), (m, i)
+                works.append(naive.counters)
+    # no reuse inside a naive prediction: every frame encoded, all 20 images through the ViT
+    assert all(w.sam2_frames_encoded == 13 and w.mllm_images_encoded == 20 for w in works)
+    assert ctx.counters.sam2_frames_encoded == 13
+    assert ctx.counters.sam2_decodes < sum(w.sam2_decodes for w in works)
+
+
 def test_decode_batch_limit_follows_the_kv_budget(tiny):
     """Prompts per decode batch: decode_batch_prompts, lowered to what the KV budget holds: every row its
     prompt + min(max_new_tokens, 256) tokens, every distinct prefix once, keys and values of every layer."""
@@ -395,22 +421,23 @@ def test_default_decode_batch_kv_bytes(monkeypatch):
 
 
 def test_video_pair_cache_is_exact_and_dedupes(tiny):
-    """With the pair cache on (RowExact SAM2 decodes), predict_video equals fresh per-(text, mode)
-    contexts with the same options bit for bit, and decodes each (frame, [SEG]) pair of an answer once."""
+    """With the pair cache (on by default; RowExact SAM2 decodes on CPU), predict_video equals fresh
+    per-(text, mode) contexts and contexts without the cache bit for bit, and decodes each (frame, [SEG])
+    pair of an answer once."""
     model, tok = tiny
     frames = _frames(11, seed=4)
     texts = [eval_prompt(t) for t in TEXTS[:2]]
     modes = ["uniform", "uniform_plus"]  # same answer; Path A then Path B
     with bench.ForcedAnswer(model, tok, "Sure, " + " ".join([SEG_TOKEN] * 10) + "."):
-        ctx = model.video_context(tok, frames, pair_cache_bytes=1 << 24)
+        ctx = model.video_context(tok, frames)
         got = model.predict_video(frames, texts, tok, modes, context=ctx)
-        plain = model.video_context(tok, frames)
-        model.predict_video(frames, texts, tok, modes, context=plain)
+        plain = model.video_context(tok, frames, pair_cache_bytes=0)
+        without = model.predict_video(frames, texts, tok, modes, context=plain)
         for i, text in enumerate(texts):
             for m in modes:
-                fresh = VideoContext(model, tok, frames, pair_cache_bytes=1 << 24).predict(text, m, return_probs=True)
-                assert _same(got[m][i], fresh), (m, i)
-    assert plain.pair_cache_bytes == 0  # off by default on CPU
+                fresh = VideoContext(model, tok, frames).predict(text, m, return_probs=True)
+                assert _same(got[m][i], fresh) and _same(got[m][i], without[m][i]), (m, i)
+    assert ctx.pair_cache_bytes == 64 << 20
     plans = [ctx.plan_for(m, select_indices(11, m, 100), InferenceOptions()) for m in modes]
     pairs = [set(zip(p.decode_frames, p.prompt_index)) for p in plans]
     assert plain.counters.sam2_decodes == len(texts) * sum(len(p) for p in pairs)

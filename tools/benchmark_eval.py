@@ -14,11 +14,12 @@ model:
 
 * naive  -- ``--naive``: every (expression, mode) from scratch (a fresh cache-less VideoContext per
   pair = ``predict_forward(..., naive=True)``: all frames SAM2-encoded, 20 images through the ViT, the
-  whole prompt prefilled, every decode call of the plan);
+  whole prompt prefilled, every decode call of the plan; on CPU in the shared path's batch-invariant
+  units, so both paths' probabilities are bit for bit equal);
 * shared -- the default: one VideoContext per video for all its expressions and modes (the video's
   distinct answers greedy-decoded in batches of up to ``--decode-batch-prompts``, bit-identical to
-  one-at-a-time decoding on CPU; ``--pair-cache-mb`` turns on the cache of single SAM2 decodes shared
-  by the decode plans of one answer, off by default on CPU, see VideoContext).
+  one-at-a-time decoding on CPU; single SAM2 decodes cached per answer, ``--pair-cache-mb``; see
+  VideoContext).
 
 Printed: wall and model time of each, the ratio, the work counters of both (SAM2 frames encoded, MLLM
 images encoded, tokens prefilled, tokens decoded, SAM2 decodes) and the lower bound (each distinct
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "of what the model's weights leave of the GPU's memory, 4096 on CPU; 0 = no bound)")
     p.add_argument("--pair-cache-mb", type=float, default=None,
                    help="shared path: cache of single (frame, [SEG]) SAM2 decodes reused across the decode plans "
-                        "of an answer, MB (default: VideoContext's: off on CPU, 64 on GPU; 0 = off)")
+                        "of an answer, MB (default: VideoContext's, 64; 0 = off)")
     p.add_argument("--plain-batched-decoding", action="store_true",
                    help="shared path: batched greedy decoding with plain batched kernels (VideoContext "
                         "exact_rows=False; the GPU default) instead of the row-exact ones used on CPU")

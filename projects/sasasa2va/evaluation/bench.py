@@ -434,8 +434,8 @@ def lower_bound_work(model, tokenizer, records: dict, qframe: Optional[dict], mo
     Path A/B plans decoded once, and each distinct Path C plan's conditioning frames once (twice when
     it also tracks backward). Assumes answers with ``num_seg`` (default num_clips) [SEG] tokens.
     Answers decoded together in a batch count as decoded once each (batching changes the time, not the
-    work). The shared path meets the SAM2-decode bound only with VideoContext's pair cache (off by
-    default on CPU: see docs/benchmarks/README.md); otherwise it decodes each plan's distinct pairs.
+    work). The shared path meets the SAM2-decode bound through VideoContext's pair cache (on by
+    default); without it it decodes each plan's distinct pairs.
     """
     from PIL import Image
 

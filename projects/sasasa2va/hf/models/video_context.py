@@ -8,7 +8,7 @@ only on the video or on the frame selection. A :class:`VideoContext` caches
 (c) prompt KV caches at a canonical split after the last ``</img>`` (everything but the question),
 (d) whole generations (same tokens + same images -> same greedy answer; e.g. uniform and
     uniform_plus see the same 100 frames) and the combined low-res logits of identical decode plans,
-(e) optionally (``pair_cache_bytes``), single (frame, [SEG]) decodes, shared by the decode plans of
+(e) single (frame, [SEG]) decodes (LRU under ``pair_cache_bytes``), shared by the decode plans of
     one answer,
 
 and counts the work done (:class:`WorkCounters`). ``predict_video`` first plans every answer the
@@ -18,12 +18,14 @@ then finds them in (d).
 
 Exactness: every computation is split into units that do not depend on what is cached — SAM2 encodes
 frame blocks aligned to ``encode_batch``, each MLLM image goes through the ViT alone, the prompt is
-prefilled in the same two chunks, decodes run on the sorted distinct (frame, prompt) pairs, batched
-decoding on CPU (``exact_rows``) computes each row as it would alone (:class:`RowExact`) — so a cache
-hit returns bit-for-bit what a fresh :class:`VideoContext` would compute. ``naive=True`` turns every
-cache off and follows the reference's batching (all frames encoded per call, 20 images in one ViT
-batch, one-shot prefill, one prompt decoded at a time, 100 virtual decodes in Path B), as a baseline
-for benchmarks.
+prefilled in the same two chunks, and on CPU (``exact_rows``) batched greedy decoding and SAM2
+decodes compute each row / pair as it would alone (:class:`RowExact`) — so a cache hit returns
+bit-for-bit what a fresh :class:`VideoContext` would compute. ``naive=True`` turns every cache off and
+recomputes everything for each (text, mode), as a baseline for benchmarks: all frames encoded per
+call, one prompt decoded at a time, every decode call of the plan (100 virtual decodes in Path B).
+With ``exact_rows`` it does so in the same units as the shared path (each image alone, the two prefill
+chunks, RowExact decodes), so its probabilities are bit for bit the shared path's; otherwise (GPU) it
+follows the reference's batching (20 images in one ViT batch, one-shot prefill).
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ from .sam2_grounding import FrameFeatures
 from .templates import IMG_END_TOKEN, get_template, image_token_string
 
 logger = logging.getLogger(__name__)
-PAIR_CACHE_BYTES = 64 << 20  # default bound of VideoContext's single-decode cache where it is on
+PAIR_CACHE_BYTES = 64 << 20  # default bound of VideoContext's single-decode cache
 CPU_DECODE_BATCH_KV_BYTES = 4 << 30  # default bound of a decode batch's KV caches on CPU
 ImageSpec = tuple  # (hashable key, zero-argument callable -> float pixels [3, S, S])
 
@@ -218,11 +220,9 @@ class VideoContext:
     to rounding.
     ``pair_cache_bytes``: bound on the cached low-res logits of single (frame, [SEG]) decodes, reused
     across the decode plans of one answer (e.g. uniform's Path A and uniform_plus's Path B), so each
-    distinct pair is decoded once; 0 disables it. Default (None): on when ``exact_rows`` is off, off
-    when it is on. With ``exact_rows`` the pair cache decodes under :class:`RowExact`, which makes a
-    pair's logits independent of its chunk (a cached pair equals a fresh one bit for bit) but rounds
-    differently from the plain decoder of the naive path (~1 ulp), which can flip a mask pixel whose
-    probability is within an ulp of 0.5 -- hence off by default where masks are compared bitwise.
+    distinct pair is decoded once; 0 disables it; None: 64 MiB. With ``exact_rows`` every decode runs
+    under :class:`RowExact`, so a pair's logits do not depend on its chunk and a cached pair equals a
+    fresh one (and the naive path's) bit for bit.
     """
 
     def __init__(self, model, tokenizer, frames, feature_budget_bytes: Optional[int] = None, *,
@@ -267,7 +267,7 @@ class VideoContext:
         self.decode_batch_kv_bytes = int(decode_batch_kv_bytes)
         self.exact_rows = (self.device.type == "cpu") if exact_rows is None else bool(exact_rows)
         if pair_cache_bytes is None:
-            pair_cache_bytes = 0 if self.exact_rows else PAIR_CACHE_BYTES
+            pair_cache_bytes = PAIR_CACHE_BYTES
         self.pair_cache_bytes = max(0, int(pair_cache_bytes))
         self.num_frames = len(self.frames)
         self.width, self.height = self.frames[0].size if self.frames else (0, 0)
@@ -370,9 +370,13 @@ class VideoContext:
         return torch.stack(out)
 
     def _vision_tokens_naive(self, specs: Sequence[ImageSpec]) -> torch.Tensor:
+        """Every image of the prompt through the ViT, uncached: in one batch as the reference does, or,
+        with ``exact_rows``, one image at a time (the shared path's unit, so the tokens are its bits)."""
         vision = self.model.vision_model
         pixels = torch.stack([build() for _, build in specs]).to(device=self.device, dtype=module_dtype(vision))
         self.counters.mllm_images_encoded += len(specs)
+        if self.exact_rows:
+            return torch.cat([self.model.extract_feature(pixels[i:i + 1]) for i in range(len(specs))])
         return self.model.extract_feature(pixels)
 
     def clip_image_specs(self, indices: Sequence[int]) -> list:
@@ -427,10 +431,12 @@ class VideoContext:
         model, n = self.model, int(ids.shape[1])
         common = dict(tokenizer=self.tokenizer, stop_words=self.stop_words, max_new_tokens=max_new_tokens,
                       max_seg_tokens=max_seg)
-        boundary = 0 if self.naive else canonical_boundary(ids, self.img_end_id)
-        if self.naive:
+        boundary = 0 if self.naive and not self.exact_rows else canonical_boundary(ids, self.img_end_id)
+        if self.naive:  # everything recomputed; with exact_rows in the shared path's two prefill chunks
             vision = self._vision_tokens_naive(specs) if specs else None
-            answer = model.generate_answer(ids, vision_embeds=vision, **common)
+            prefix = model.build_prefix_cache(ids[:, :boundary], vision_embeds=vision) if boundary else None
+            answer = model.generate_answer(ids, vision_embeds=None if boundary else vision, prefix_cache=prefix,
+                                           **common)
         elif boundary:
             prefix = self._prefix_for(ids, specs, boundary)
             answer = model.generate_answer(ids, prefix_cache=prefix, **common)
@@ -535,12 +541,13 @@ class VideoContext:
                      features: Optional[FrameFeatures] = None) -> torch.Tensor:
         """Low-res logits [len(pairs), h, w]: pair (frame, k) decoded with prompts[k] ('infer' flavour).
 
-        Decoded ``decode_batch`` pairs at a time (under :class:`RowExact` when the pair cache is on with
-        ``exact_rows``, so a pair's logits do not depend on the rest of its chunk); ``features`` (all
-        frames, naive mode) bypasses the cache.
+        Decoded ``decode_batch`` pairs at a time, under :class:`RowExact` with ``exact_rows`` (CPU): a
+        pair's logits then do not depend on the rest of its chunk, so cached pairs, the shared path's
+        sorted distinct pairs and the naive path's every decode call give the same bits; ``features``
+        (all frames, naive mode) bypasses the cache.
         """
         out = []
-        exact = self.exact_rows and self.pair_cache_bytes and not self.naive
+        exact = self.exact_rows
         for start in range(0, len(pairs), self.decode_batch):
             chunk = pairs[start:start + self.decode_batch]
             frames = [int(f) for f, _ in chunk]
