@@ -444,6 +444,45 @@ def test_video_pair_cache_is_exact_and_dedupes(tiny):
     assert ctx.counters.sam2_decodes == len(texts) * len(pairs[0] | pairs[1]) < plain.counters.sam2_decodes
 
 
+def test_build_images_dedupes_and_matches_building_in_order(tiny, monkeypatch):
+    """A prompt's missing KFC images: each distinct key built once, in worker threads when there are
+    several (same pixels as building them one after the other), lazily opened frames decoded first."""
+    import threading
+
+    from PIL import Image
+
+    from projects.sasasa2va.hf.models import video_context as vc
+    from projects.sasasa2va.hf.models.preprocessing import kfc_mllm_images
+
+    model, tok = tiny
+    frames = [Image.fromarray(f) for f in _frames(12, seed=9)]
+    ctx = model.video_context(tok, frames)
+    specs = ctx.clip_image_specs(select_indices(12, "uniform", 100))
+    specs = specs + specs[:6]  # keys repeated (as a short video's clips can be)
+    threads, calls = set(), []
+
+    def spy(key, build):
+        def run():
+            threads.add(threading.current_thread().name)
+            calls.append(key)
+            return build()
+        return key, run
+
+    monkeypatch.setattr(vc, "IMAGE_WORKERS", 4)
+    built = ctx.build_images([spy(k, b) for k, b in specs])
+    keys = [k for k, _ in specs]
+    assert sorted(calls, key=repr) == sorted(set(keys), key=repr) and len(set(keys)) < len(keys)
+    assert all(name.startswith("kfc-images") for name in threads) and ctx._frames_loaded
+    ref = kfc_mllm_images(frames, select_indices(12, "uniform", 100), 10, model.config.grid_size,
+                          model.config.image_size)
+    assert torch.equal(torch.stack([built[k] for k in keys[:20]]), ref)
+    monkeypatch.setattr(vc, "IMAGE_WORKERS", 1)
+    threads.clear()
+    one = model.video_context(tok, frames).build_images([spy(k, b) for k, b in specs])
+    assert threads == {threading.current_thread().name}  # one worker: built in the calling thread
+    assert all(torch.equal(one[k], built[k]) for k in built)
+
+
 def test_lru_helpers_keep_the_most_recently_used_entries():
     cache = OrderedDict()
     for k in "abc":

@@ -92,15 +92,18 @@ def kfc_mllm_images(frames, indices, num_clips: int = 10, grid: int = 3, size: i
     out = []
     for c in range(num_clips):
         clip = indices[c * clip_len:(c + 1) * clip_len]
-        key_id = ("key", size, (clip[0],))
-        if key_id not in cache:
-            cache[key_id] = mllm_transform(frames[clip[0]], size)
-        grid_id = ("grid", size, grid, tuple(clip[1:]))
-        if grid_id not in cache:
-            cache[grid_id] = mllm_transform(make_grid([frames[i] for i in clip[1:]], grid), size)
-        out.append(cache[key_id])
-        out.append(cache[grid_id])
+        for which, image_id in enumerate((("key", size, (clip[0],)), ("grid", size, grid, tuple(clip[1:])))):
+            if image_id not in cache:
+                cache[image_id] = kfc_image(frames, clip, which, grid, size)
+            out.append(cache[image_id])
     return torch.stack(out)
+
+
+def kfc_image(frames, clip, which: int, grid: int = 3, size: int = 448) -> torch.Tensor:
+    """One KFC image of a clip (frame indices): ``which`` 0 = its key frame, 1 = the grid of the others."""
+    if which == 0:
+        return mllm_transform(frames[clip[0]], size)
+    return mllm_transform(make_grid([frames[i] for i in clip[1:]], grid), size)
 
 
 def sam2_resize(pil: Image.Image, size: int = 1024) -> torch.Tensor:

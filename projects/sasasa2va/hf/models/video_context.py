@@ -32,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import numbers
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence
@@ -65,13 +67,14 @@ from .inference import (
     token_id,
     tokenize_prompt,
 )
-from .preprocessing import check_same_size, dynamic_preprocess, kfc_mllm_images, mllm_transform, sam2_resize
+from .preprocessing import check_same_size, dynamic_preprocess, kfc_image, mllm_transform, sam2_resize
 from .sam2_grounding import FrameFeatures
 from .templates import IMG_END_TOKEN, get_template, image_token_string
 
 logger = logging.getLogger(__name__)
 PAIR_CACHE_BYTES = 64 << 20  # default bound of VideoContext's single-decode cache
 CPU_DECODE_BATCH_KV_BYTES = 4 << 30  # default bound of a decode batch's KV caches on CPU
+IMAGE_WORKERS = min(8, os.cpu_count() or 1)  # threads building a prompt's missing KFC images
 ImageSpec = tuple  # (hashable key, zero-argument callable -> float pixels [3, S, S])
 
 
@@ -284,6 +287,7 @@ class VideoContext:
         self._pairs: OrderedDict = OrderedDict()  # (generation key, frame, prompt row) -> low-res logits [h, w]
         self._pair_bytes = 0
         self._eval_held = False  # set by predict_video while it keeps the model in eval mode
+        self._frames_loaded = False  # frames decoded before images are built in threads (build_images)
 
     # ------------------------------------------------------------------------------------ helpers
     def same_frames(self, frames) -> bool:
@@ -353,16 +357,35 @@ class VideoContext:
         return FrameFeatures.cat([self.frame_features(int(t)) for t in frame_ids])
 
     # ------------------------------------------------------------------------------------ (b) vision tokens
+    def build_images(self, specs: Sequence[ImageSpec]) -> dict:
+        """{key: pixels} of the distinct images of ``specs``, each built once; several are built in worker
+        threads (PIL's resizes release the GIL; the pixels are those of building them in order)."""
+        todo: dict = {}
+        for key, build in specs:
+            todo.setdefault(key, build)
+        workers = min(len(todo), IMAGE_WORKERS)
+        if workers <= 1:
+            return {key: build() for key, build in todo.items()}
+        if not self._frames_loaded:  # decode lazily opened frames here, not concurrently in the workers
+            for frame in self.frames:
+                frame.load()
+            self._frames_loaded = True
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kfc-images") as pool:
+            futures = {key: pool.submit(build) for key, build in todo.items()}
+            return {key: f.result() for key, f in futures.items()}
+
     @torch.no_grad()
     def vision_tokens(self, specs: Sequence[ImageSpec]) -> torch.Tensor:
         """[n_images, tokens, D]; each distinct image through the ViT once, alone (batch of 1)."""
         vision = self.model.vision_model
         dtype = module_dtype(vision)
+        built = self.build_images([(k, b) for k, b in specs if k not in self._vision])
         out = []
         for key, build in specs:
             tokens = lru_get(self._vision, key)
             if tokens is None:
-                pixels = build().to(device=self.device, dtype=dtype)[None]
+                pixels = built.get(key)
+                pixels = (build() if pixels is None else pixels).to(device=self.device, dtype=dtype)[None]
                 tokens = self.model.extract_feature(pixels)[0]
                 self.counters.mllm_images_encoded += 1
                 lru_put(self._vision, key, tokens, self.max_vision_images)
@@ -373,7 +396,8 @@ class VideoContext:
         """Every image of the prompt through the ViT, uncached: in one batch as the reference does, or,
         with ``exact_rows``, one image at a time (the shared path's unit, so the tokens are its bits)."""
         vision = self.model.vision_model
-        pixels = torch.stack([build() for _, build in specs]).to(device=self.device, dtype=module_dtype(vision))
+        built = self.build_images(specs)
+        pixels = torch.stack([built[k] for k, _ in specs]).to(device=self.device, dtype=module_dtype(vision))
         self.counters.mllm_images_encoded += len(specs)
         if self.exact_rows:
             return torch.cat([self.model.extract_feature(pixels[i:i + 1]) for i in range(len(specs))])
@@ -383,10 +407,9 @@ class VideoContext:
         """KFC images (key_0, grid_0, key_1, ...) as (key, builder) pairs; keys match kfc_mllm_images'."""
         cfg = self.config
         size, grid = cfg.image_size, cfg.grid_size
-        pixels: dict = {}  # built on demand, per call (only images whose tokens are not cached)
 
         def builder(clip, which):
-            return lambda: kfc_mllm_images(self.frames, clip, 1, grid, size, cache=pixels)[which]
+            return lambda: kfc_image(self.frames, clip, which, grid, size)
 
         specs = []
         for clip in split_clips(indices, cfg.num_clips):
