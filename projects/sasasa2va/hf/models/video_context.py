@@ -215,9 +215,9 @@ class VideoContext:
     plus the batch's distinct prefix caches, estimated from the LLM's shapes), which lowers the number
     of prompts per batch for long prompts or large LLMs; 0 = no bound; None (default) = half of what
     the model's weights leave of the GPU's total memory (fixed for a model and GPU, so batches and
-    results are reproducible), 4 GiB on CPU. On a GPU a
-    decoding step costs about the same for 10 or 60 rows, so the more of a video's answers share a
-    batch the less the evaluation grows with its expressions.
+    results are reproducible), 4 GiB on CPU. On a GPU a decoding step costs about the same for 10 or
+    60 rows, so the more of a video's answers share a batch the less the evaluation grows with its
+    expressions.
     ``exact_rows`` (default: on CPU): batched greedy decoding runs ``generate_answers(exact=True)``, so
     every answer is bit for bit the one-prompt answer; otherwise plain batched kernels (GPU), equal up
     to rounding.
