@@ -368,7 +368,9 @@ class VideoContext:
             return {key: build() for key, build in todo.items()}
         if not self._frames_loaded:  # decode lazily opened frames here, not concurrently in the workers
             for frame in self.frames:
-                frame.load()
+                load = getattr(frame, "load", None)  # PIL images; other image-likes are used as they are
+                if load is not None:
+                    load()
             self._frames_loaded = True
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kfc-images") as pool:
             futures = {key: pool.submit(build) for key, build in todo.items()}
