@@ -572,7 +572,6 @@ class VideoContext:
         (all frames, naive mode) bypasses the cache.
         """
         out = []
-        exact = self.exact_rows
         for start in range(0, len(pairs), self.decode_batch):
             chunk = pairs[start:start + self.decode_batch]
             frames = [int(f) for f, _ in chunk]
@@ -581,7 +580,7 @@ class VideoContext:
                 feats, ids = self.gather_features(frames), list(range(len(chunk)))
             else:
                 feats, ids = features, frames
-            with RowExact() if exact else contextlib.nullcontext():
+            with RowExact() if self.exact_rows else contextlib.nullcontext():
                 out.append(self.grounding.decode(feats, ids, prompts.index_select(0, index), mode="infer"))
             self.counters.sam2_decodes += len(chunk)
         if not out:
