@@ -1,0 +1,119 @@
+"""Where the shared evaluation path spends its time, and what grows with the expressions per video.
+
+    python tools/profile_eval.py --device cpu --threads 1 --frame-size 640x360 --out work_dirs/profile_eval
+    python tools/profile_eval.py --preset 4b-shaped --device cuda --num-videos 1 --min-frames 20 --max-frames 20 \\
+        --frame-size 640x360 --out $OUT
+
+Runs the shared path of ``tools/benchmark_eval.py`` (same model, synthetic split and options; its
+arguments apply) with E and 2E expressions per video, each under cProfile after an untimed warm-up, and
+writes to ``--out``: ``profile_E<n>.txt`` (functions by own time and by cumulative time),
+``profile_growth.txt`` (the functions whose cumulative time grew most from E to 2E: the per-expression
+costs) and the raw ``profile_E<n>.prof`` files (``python -m pstats``). The phase times of each run are
+printed too. cProfile slows Python-heavy code (the greedy decoding loop most), so the absolute times run
+above benchmark_eval's; on CUDA the phases are synchronised (bench.PhaseTimer), so GPU work is charged
+to the phase that launched it. No naive path, no training benchmark.
+"""
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (ROOT, os.path.join(ROOT, "tools")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import benchmark_eval as be  # noqa: E402  (the benchmark's model, data and run helpers)
+
+
+def _where(key: tuple) -> str:
+    filename, line, func = key
+    for marker in ("site-packages/", ROOT + os.sep):
+        if marker in filename:
+            filename = filename.split(marker, 1)[1]
+            break
+    return f"{filename}:{line}({func})"
+
+
+def growth_lines(small: pstats.Stats, large: pstats.Stats, top: int) -> list[str]:
+    """Functions ordered by the growth of their cumulative time (s) between two profiles."""
+    a, b = small.stats, large.stats  # type: ignore[attr-defined]
+    empty = (0, 0, 0.0, 0.0, {})
+    rows = []
+    for key in set(a) | set(b):
+        ca, cb = a.get(key, empty)[3], b.get(key, empty)[3]
+        ta, tb = a.get(key, empty)[2], b.get(key, empty)[2]
+        na, nb = a.get(key, empty)[1], b.get(key, empty)[1]
+        rows.append((cb - ca, tb - ta, ca, cb, na, nb, key))
+    rows.sort(key=lambda r: r[0], reverse=True)
+    out = [f"{'cum +s':>8} {'own +s':>8} {'cum s (E)':>10} {'cum s (2E)':>11} {'calls':>13}  function"]
+    for grow, own, ca, cb, na, nb, key in rows[:top]:
+        out.append(f"{grow:8.3f} {own:8.3f} {ca:10.3f} {cb:11.3f} {f'{na}->{nb}':>13}  {_where(key)}")
+    return out
+
+
+def stats_text(stats: pstats.Stats, top: int) -> str:
+    buf = io.StringIO()
+    stats.stream = buf  # type: ignore[attr-defined]
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return buf.getvalue()
+
+
+def main(argv=None) -> int:
+    parser = be.build_parser()
+    parser.description = __doc__
+    parser.add_argument("--out", default="work_dirs/profile_eval", help="folder of the profile files (default: %(default)s)")
+    parser.add_argument("--top", type=int, default=60, help="functions listed per table (default: %(default)s)")
+    args = parser.parse_args(argv)
+    import torch
+
+    from projects.sasasa2va.evaluation import bench
+    from projects.sasasa2va.evaluation.runner import parse_modes, resolve_dtype
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda:0" if device == "cuda" else device
+    dtype = resolve_dtype(args.dtype, device)
+    modes = parse_modes(args.modes)
+    average = len(modes) > 1 and not args.no_average
+    os.makedirs(args.out, exist_ok=True)
+    model, tok, name = be.load_bench_model(args, device, dtype)
+    forced = None if args.no_force_answer else bench.ForcedAnswer(model, tok, args.answer)  # noqa: F841 (hooked)
+    e1 = args.exps_per_video
+    splits = bench.make_bench_splits(os.path.join(args.work_dir, "data"), args.num_videos, [e1, 2 * e1], args.seed,
+                                     args.min_frames, args.max_frames, (args.frame_size,))
+    be.log(f"profile_eval: {name} on {device} ({dtype}); {args.num_videos} video(s) {splits[e1].frames} frames; "
+           f"E = {e1} and {2 * e1} expressions per video; {len(modes)} mode(s)" + (" + averaging" if average else ""))
+    be.run_eval(model, tok, name, splits[e1], os.path.join(args.work_dir, "warmup"), ["uniform"], False, False, args,
+                device, max_videos=1)
+    profiles = {}
+    for e in (e1, 2 * e1):
+        prof = cProfile.Profile()
+        prof.enable()
+        run = be.run_eval(model, tok, name, splits[e], os.path.join(args.work_dir, f"shared_{e}"), modes, average,
+                          False, args, device)
+        prof.disable()
+        phases = run["phases_s"]
+        rest = run["wall_s"] - sum(phases.values())
+        be.log(f"E={e}: {run['wall_s']:.2f} s wall (profiled), " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+               + f", rest {rest:.2f}")
+        prof.dump_stats(os.path.join(args.out, f"profile_E{e}.prof"))
+        profiles[e] = pstats.Stats(prof)
+        with open(os.path.join(args.out, f"profile_E{e}.txt"), "w", encoding="utf-8") as f:
+            f.write(stats_text(profiles[e], args.top))
+    lines = growth_lines(profiles[e1], profiles[2 * e1], args.top)
+    with open(os.path.join(args.out, "profile_growth.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"\n== cumulative time growth, E={e1} -> {2 * e1} (top {min(30, args.top)}; all in "
+          f"{os.path.join(args.out, 'profile_growth.txt')})")
+    print("\n".join(lines[:31]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
