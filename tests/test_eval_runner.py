@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -433,6 +434,37 @@ def test_multimode_average_and_submit(syn_root, split, fake_env, tmp_path):
     single = tmp_path / "single"
     assert run_inproc(syn_root, single, "--submit", "--mode", "q_frame") == 0
     assert check_submission(str(single / "Annotations"), split.split_dir) == []
+
+
+def test_average_runs_in_threads_bounded_by_memory(syn_root, split, fake_env, tmp_path, monkeypatch):
+    """average_runs averages expressions in worker threads -- as many as AVERAGE_MEMORY_BYTES allows for
+    the largest video -- and writes the same results.json as one thread."""
+    from projects.sasasa2va.evaluation import runner, sharding
+
+    records = split.load_records()
+    items = sharding.enumerate_items(records)
+    largest = max(r.num_frames * 48 * 64 for r in records.values())  # synthetic frames are 64x48
+    monkeypatch.setattr(runner, "AVERAGE_WORKERS", 4)
+    monkeypatch.setattr(runner, "AVERAGE_MEMORY_BYTES", largest * (3 + 12) * 2)
+    assert runner.average_workers(records, items, 3) == 2  # the memory bound, not the 4 threads
+    assert runner.average_workers(records, items, 3 + 30) == 1
+    assert runner.average_workers(records, items[:1], 3) == 1
+    monkeypatch.setattr(runner, "AVERAGE_MEMORY_BYTES", 1 << 40)
+    assert runner.average_workers(records, items, 3) == 4
+    threads = []
+    ensemble = runner.ensemble_masks
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return ensemble(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "ensemble_masks", spy)
+    args = ("--mode", "uniform,q_frame,wrap_around", "--average")
+    assert run_inproc(syn_root, tmp_path / "threads", *args) == 0
+    assert threads and all(t.startswith("average") for t in threads)
+    monkeypatch.setattr(runner, "AVERAGE_WORKERS", 1)
+    assert run_inproc(syn_root, tmp_path / "one", *args) == 0
+    assert read_bytes(tmp_path / "threads" / "results.json") == read_bytes(tmp_path / "one" / "results.json")
 
 
 def test_blind_subset_and_corrupt_frame(syn_root, split, fake_env, tmp_path):

@@ -31,6 +31,7 @@ import sys
 import time
 import traceback
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -49,6 +50,8 @@ logger = logging.getLogger("sasasa2va.eval")
 
 DIST_DIR = ".dist"
 MAX_LISTED_FAILURES = 20
+AVERAGE_WORKERS = min(8, os.cpu_count() or 1)  # threads averaging expressions (average_runs) ...
+AVERAGE_MEMORY_BYTES = 2 << 30  # ... holding at most about this much at once
 
 
 # ================================================================================================ options
@@ -797,6 +800,20 @@ def assemble_results(run_dir: str, records: dict, items: Sequence[sharding.Item]
     return {"path": path, "failed": len(failures), "failures": failures}
 
 
+def average_workers(records: dict, items: Sequence[sharding.Item], num_members: int) -> int:
+    """Threads for average_runs: up to AVERAGE_WORKERS, fewer when the largest video's expressions (its
+    members' uint8 maps + float32 sums, ~members + 12 bytes per pixel) would exceed AVERAGE_MEMORY_BYTES."""
+    if len(items) <= 1 or AVERAGE_WORKERS <= 1:
+        return 1
+    largest = 0
+    for vid in {it.video_id for it in items}:
+        rec = records[vid]
+        h, w = _fallback_hw(rec)
+        largest = max(largest, rec.num_frames * h * w)
+    per_item = max(largest * (num_members + 12), 1)
+    return max(1, min(AVERAGE_WORKERS, len(items), AVERAGE_MEMORY_BYTES // per_item))
+
+
 def average_runs(member_dirs: Sequence[str], member_names: Sequence[str], records: dict,
                  items: Sequence[sharding.Item], out_path: str, meta: dict, threshold: float = 0.5,
                  blind_expression: str | None = None) -> dict:
@@ -810,33 +827,34 @@ def average_runs(member_dirs: Sequence[str], member_names: Sequence[str], record
         e = _read_pred(d, it.video_id, it.exp_id, num_frames)
         return e.get("status") == "ok" if e is not None else True  # external run dir: probs only
 
-    def entries():
-        for it in items:
-            rec = records[it.video_id]
-            probs, ok = [], []
-            for name, d in zip(member_names, member_dirs):
-                if os.path.isfile(probs_path(d, it.video_id, it.exp_id)):
-                    p = load_probs(d, it.video_id, it.exp_id)
-                    if p.shape[0] != rec.num_frames:
-                        raise ValueError(f"{probs_path(d, it.video_id, it.exp_id)}: {p.shape[0]} frames, video "
-                                         f"{it.video_id!r} has {rec.num_frames}")
-                    probs.append(p)
-                    if member_ok(d, it, rec.num_frames):
-                        ok.append(name)
-            text = blind_expression or rec.expressions[it.exp_id].text
-            if probs:
-                masks = ensemble_masks(probs, threshold=threshold)
-            else:
-                masks = np.zeros((rec.num_frames,) + _fallback_hw(rec), dtype=bool)
-            status, error = "ok", None
-            if not ok:
-                status, error = "failed", f"every member failed on this expression ({', '.join(member_names)})"
-                failures.append((it.video_id, it.exp_id, error))
-            yield make_entry(it.index, it.video_id, it.exp_id, rec.frame_names, masks, text_prediction="",
-                             exp=eval_prompt(text), status=status, error=error)
+    def entry(it):
+        rec = records[it.video_id]
+        probs, ok = [], []
+        for name, d in zip(member_names, member_dirs):
+            if os.path.isfile(probs_path(d, it.video_id, it.exp_id)):
+                p = load_probs(d, it.video_id, it.exp_id)
+                if p.shape[0] != rec.num_frames:
+                    raise ValueError(f"{probs_path(d, it.video_id, it.exp_id)}: {p.shape[0]} frames, video "
+                                     f"{it.video_id!r} has {rec.num_frames}")
+                probs.append(p)
+                if member_ok(d, it, rec.num_frames):
+                    ok.append(name)
+        text = blind_expression or rec.expressions[it.exp_id].text
+        if probs:
+            masks = ensemble_masks(probs, threshold=threshold)
+        else:
+            masks = np.zeros((rec.num_frames,) + _fallback_hw(rec), dtype=bool)
+        status, error = "ok", None
+        if not ok:
+            status, error = "failed", f"every member failed on this expression ({', '.join(member_names)})"
+        return make_entry(it.index, it.video_id, it.exp_id, rec.frame_names, masks, text_prediction="",
+                          exp=eval_prompt(text), status=status, error=error)
 
-    failures: list[tuple[str, str, str]] = []
-    entry_list = list(entries())
+    # expressions in worker threads (decompression and the mean release the GIL), entries in item order
+    workers = average_workers(records, items, len(member_dirs))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="average") as pool:
+        entry_list = list(pool.map(entry, items))
+    failures = [(e["video_id"], e["exp_id"], e["error"]) for e in entry_list if e["status"] == "failed"]
     m = {**meta, "mode": "average", "modes": list(member_names), "threshold": threshold, "failed": len(failures)}
     write_results(out_path, entry_list, m)
     return {"path": out_path, "failed": len(failures), "failures": failures}
