@@ -483,6 +483,88 @@ def test_build_images_dedupes_and_matches_building_in_order(tiny, monkeypatch):
     assert all(torch.equal(one[k], built[k]) for k in built)
 
 
+def test_prefetch_builds_images_ahead_and_tokenizes_each_prompt_once(tiny, monkeypatch):
+    """predict_video: while one prompt prefix's images go through the ViT, the next prefix's images are
+    already being built in the worker threads (each image once, all consumed); each distinct prompt is
+    tokenized once though every mode and both planning and predicting need its ids; results equal building every image
+    in the calling thread, bit for bit."""
+    from projects.sasasa2va.hf.models import video_context as vc
+
+    model, tok = tiny
+    frames = _frames(14)
+    texts = [eval_prompt(t) for t in TEXTS[:3]]
+    fids = {i: _qlist(14, 30 + i) for i in range(3)}
+    modes = ["uniform", "q_frame"]
+    built, prompts = [], []
+    kfc, tokenize = vc.kfc_image, vc.tokenize_prompt
+
+    def counting_kfc(frames_, clip, which, grid, size):
+        built.append((tuple(clip), which))
+        return kfc(frames_, clip, which, grid, size)
+
+    def counting_tokenize(tokenizer, prompt, device):
+        prompts.append(prompt)
+        return tokenize(tokenizer, prompt, device)
+
+    monkeypatch.setattr(vc, "kfc_image", counting_kfc)
+    monkeypatch.setattr(vc, "tokenize_prompt", counting_tokenize)
+    with bench.ForcedAnswer(model, tok, "Sure, " + " ".join([SEG_TOKEN] * 10) + "."):
+        monkeypatch.setattr(vc, "IMAGE_WORKERS", 1)
+        ref = model.predict_video(frames, texts, tok, modes, selected_fids=fids, context=model.video_context(tok, frames))
+        monkeypatch.setattr(vc, "IMAGE_WORKERS", 3)
+        built.clear()
+        prompts.clear()
+        ctx = model.video_context(tok, frames)
+        pending, vision_tokens = [], ctx.vision_tokens
+
+        def spy(specs):
+            pending.append(set(ctx._image_jobs))
+            return vision_tokens(specs)
+
+        ctx.vision_tokens = spy
+        got = model.predict_video(frames, texts, tok, modes, selected_fids=fids, context=ctx)
+    assert len(built) == len(set(built)) == ctx.counters.mllm_images_encoded
+    assert len(prompts) == len(set(prompts)) == len(texts)  # a text's prompt is one string in every mode
+    uniform = {k for k, _ in ctx.clip_image_specs(select_indices(14, "uniform", 100))}
+    first_q = {k for k, _ in ctx.clip_image_specs(select_indices(14, "q_frame", 100, fids[0]))} - uniform
+    assert first_q and first_q <= pending[0]  # uniform's prefix first; q_frame's images already started
+    assert not ctx._image_jobs
+    for m in modes:
+        assert all(_same(a, b) for a, b in zip(ref[m], got[m])), m
+
+
+def test_vision_tokens_batch_the_missing_images_without_exact_rows(tiny, monkeypatch):
+    """exact_rows (CPU default): each missing image through the ViT alone; without it (the GPU default)
+    the prompt's distinct missing images go VISION_BATCH per call -- same tokens up to rounding, each
+    image encoded once, cached ones not again."""
+    from projects.sasasa2va.hf.models import video_context as vc
+
+    model, tok = tiny
+    frames = _frames(14, seed=3)
+    sizes = []
+    original = type(model).extract_feature
+
+    def spy(self, pixels):
+        sizes.append(int(pixels.shape[0]))
+        return original(self, pixels)
+
+    monkeypatch.setattr(type(model), "extract_feature", spy)
+    monkeypatch.setattr(vc, "VISION_BATCH", 8)
+    out = {}
+    for exact in (True, False):
+        ctx = model.video_context(tok, frames, exact_rows=exact)
+        specs = ctx.clip_image_specs(select_indices(14, "uniform", 100))
+        sizes.clear()
+        out[exact] = ctx.vision_tokens(specs[:6] + specs[:3])  # repeated keys: encoded once
+        first = list(sizes)
+        again = ctx.vision_tokens(specs[4:13])  # 2 cached, 7 new
+        assert ctx.counters.mllm_images_encoded == 13
+        assert sizes[len(first):] == ([1] * 7 if exact else [7])
+        assert first == ([1] * 6 if exact else [6])
+        assert torch.equal(again[:2], out[exact][4:6])
+    torch.testing.assert_close(out[False], out[True], rtol=1e-4, atol=1e-5)
+
+
 def test_lru_helpers_keep_the_most_recently_used_entries():
     cache = OrderedDict()
     for k in "abc":

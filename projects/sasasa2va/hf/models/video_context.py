@@ -75,7 +75,20 @@ logger = logging.getLogger(__name__)
 PAIR_CACHE_BYTES = 64 << 20  # default bound of VideoContext's single-decode cache
 CPU_DECODE_BATCH_KV_BYTES = 4 << 30  # default bound of a decode batch's KV caches on CPU
 IMAGE_WORKERS = min(8, os.cpu_count() or 1)  # threads building a prompt's missing KFC images
+VISION_BATCH = 16  # images per ViT call without exact_rows (GPU); with it, one at a time
+IMAGE_LOOKAHEAD_PREFIXES = 2  # prompt prefixes whose images prefetch_generations builds ahead
 ImageSpec = tuple  # (hashable key, zero-argument callable -> float pixels [3, S, S])
+_IMAGE_POOLS: dict = {}
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's worker threads
+    os.register_at_fork(after_in_child=_IMAGE_POOLS.clear)
+
+
+def image_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's pool of ``workers`` KFC-image threads (created once: no thread start-up per prompt)."""
+    pool = _IMAGE_POOLS.get(workers)
+    if pool is None:
+        pool = _IMAGE_POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kfc-images")
+    return pool
 
 
 def lru_get(cache: OrderedDict, key):
@@ -282,12 +295,14 @@ class VideoContext:
         self._vision: OrderedDict = OrderedDict()
         self._prefix: OrderedDict = OrderedDict()
         self._generations: dict = {}
+        self._ids: dict = {}  # prompt text -> token ids [1, n] (a video has at most texts x modes prompts)
         self._prefetched: set = set()  # generations computed ahead by prefetch_generations, not yet served
         self._logits: OrderedDict = OrderedDict()
         self._pairs: OrderedDict = OrderedDict()  # (generation key, frame, prompt row) -> low-res logits [h, w]
         self._pair_bytes = 0
         self._eval_held = False  # set by predict_video while it keeps the model in eval mode
         self._frames_loaded = False  # frames decoded before images are built in threads (build_images)
+        self._image_jobs: dict = {}  # key -> Future of the pixels of an image built ahead (schedule_images)
 
     # ------------------------------------------------------------------------------------ helpers
     def same_frames(self, frames) -> bool:
@@ -357,42 +372,69 @@ class VideoContext:
         return FrameFeatures.cat([self.frame_features(int(t)) for t in frame_ids])
 
     # ------------------------------------------------------------------------------------ (b) vision tokens
-    def build_images(self, specs: Sequence[ImageSpec]) -> dict:
-        """{key: pixels} of the distinct images of ``specs``, each built once; several are built in worker
-        threads (PIL's resizes release the GIL; the pixels are those of building them in order)."""
-        todo: dict = {}
-        for key, build in specs:
-            todo.setdefault(key, build)
-        workers = min(len(todo), IMAGE_WORKERS)
-        if workers <= 1:
-            return {key: build() for key, build in todo.items()}
-        if not self._frames_loaded:  # decode lazily opened frames here, not concurrently in the workers
+    def _load_frames(self) -> None:
+        """Decode lazily opened frames here, not concurrently in the image workers."""
+        if not self._frames_loaded:
             for frame in self.frames:
                 load = getattr(frame, "load", None)  # PIL images; other image-likes are used as they are
                 if load is not None:
                     load()
             self._frames_loaded = True
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kfc-images") as pool:
-            futures = {key: pool.submit(build) for key, build in todo.items()}
-            return {key: f.result() for key, f in futures.items()}
+
+    def build_images(self, specs: Sequence[ImageSpec]) -> dict:
+        """{key: pixels} of the distinct images of ``specs``, each built once: taken from
+        :meth:`schedule_images` when it started them, else several built in worker threads (PIL's
+        resizes release the GIL; the pixels are those of building them in order)."""
+        todo: dict = {}
+        for key, build in specs:
+            todo.setdefault(key, build)
+        jobs = {key: self._image_jobs.pop(key) for key in todo if key in self._image_jobs}
+        rest = {key: build for key, build in todo.items() if key not in jobs}
+        workers = min(len(rest), IMAGE_WORKERS)
+        if workers > 1:
+            self._load_frames()
+            pool = image_pool(IMAGE_WORKERS)
+            jobs.update((key, pool.submit(build)) for key, build in rest.items())
+            rest = {}
+        return {key: rest[key]() if key in rest else jobs[key].result() for key in todo}
+
+    def schedule_images(self, specs: Sequence[ImageSpec]) -> int:
+        """Start building, in the worker threads, the images of ``specs`` that are neither encoded nor
+        already started, so their pixels are ready when :meth:`vision_tokens` asks for them (the GPU
+        works on the images before meanwhile). Returns the number started (0 with one worker)."""
+        if IMAGE_WORKERS <= 1:
+            return 0
+        todo: dict = {}
+        for key, build in specs:
+            if key not in self._vision and key not in self._image_jobs:
+                todo.setdefault(key, build)
+        if todo:
+            self._load_frames()
+            pool = image_pool(IMAGE_WORKERS)
+            for key, build in todo.items():
+                self._image_jobs[key] = pool.submit(build)
+        return len(todo)
 
     @torch.no_grad()
     def vision_tokens(self, specs: Sequence[ImageSpec]) -> torch.Tensor:
-        """[n_images, tokens, D]; each distinct image through the ViT once, alone (batch of 1)."""
+        """[n_images, tokens, D]; each distinct image through the ViT once: alone (batch of 1) with
+        ``exact_rows``, so its tokens never depend on the other images; else (GPU) the prompt's missing
+        images ``VISION_BATCH`` per call -- a 448 px image alone leaves most of a GPU idle."""
         vision = self.model.vision_model
         dtype = module_dtype(vision)
-        built = self.build_images([(k, b) for k, b in specs if k not in self._vision])
-        out = []
-        for key, build in specs:
-            tokens = lru_get(self._vision, key)
-            if tokens is None:
-                pixels = built.get(key)
-                pixels = (build() if pixels is None else pixels).to(device=self.device, dtype=dtype)[None]
-                tokens = self.model.extract_feature(pixels)[0]
-                self.counters.mllm_images_encoded += 1
+        keys = list(dict.fromkeys(k for k, _ in specs))
+        have = {k: t for k in keys if (t := lru_get(self._vision, k)) is not None}
+        missing = [k for k in keys if k not in have]
+        built = self.build_images([(k, b) for k, b in specs if k not in have])
+        step = 1 if self.exact_rows else VISION_BATCH
+        for start in range(0, len(missing), step):
+            chunk = missing[start:start + step]
+            pixels = torch.stack([built[k] for k in chunk]).to(device=self.device, dtype=dtype)
+            for key, tokens in zip(chunk, self.model.extract_feature(pixels)):
+                have[key] = tokens
                 lru_put(self._vision, key, tokens, self.max_vision_images)
-            out.append(tokens)
-        return torch.stack(out)
+            self.counters.mllm_images_encoded += len(chunk)
+        return torch.stack([have[k] for k, _ in specs])
 
     def _vision_tokens_naive(self, specs: Sequence[ImageSpec]) -> torch.Tensor:
         """Every image of the prompt through the ViT, uncached: in one batch as the reference does, or,
@@ -520,6 +562,14 @@ class VideoContext:
             seen.add(gkey)
             groups.setdefault((gkey[0][:boundary], keys), []).append((gkey, ids, specs, boundary))
         todo = [item for group in groups.values() for item in group]
+        group_specs = [items[0][2] for items in groups.values()]
+        group_of = {gkey: g for g, items in enumerate(groups.values()) for gkey, _, _, _ in items}
+
+        def images_ahead(gkey) -> None:  # this prefix's images and the next ones' build during its GPU work
+            g = group_of[gkey]
+            for specs in group_specs[g:g + IMAGE_LOOKAHEAD_PREFIXES]:
+                self.schedule_images(specs)
+
         done = 0
         num_chunks = -(-len(todo) // self.decode_batch_limit(todo, max_new))
         base, extra = divmod(len(todo), max(num_chunks, 1))
@@ -529,11 +579,15 @@ class VideoContext:
             start += len(chunk)
             if len(chunk) == 1:
                 gkey, ids, specs, _ = chunk[0]
+                images_ahead(gkey)
                 self.generate(ids, specs, max_new)
                 self._prefetched.add(gkey)
                 done += 1
                 continue
-            prefixes = [self._prefix_for(ids, specs, boundary) for _, ids, specs, boundary in chunk]
+            prefixes = []
+            for gkey, ids, specs, boundary in chunk:
+                images_ahead(gkey)
+                prefixes.append(self._prefix_for(ids, specs, boundary))
             answers = self.model.generate_answers([ids for _, ids, _, _ in chunk], prefix_cache=prefixes,
                                                   tokenizer=self.tokenizer, stop_words=self.stop_words,
                                                   max_new_tokens=max_new, exact=self.exact_rows,
@@ -707,7 +761,11 @@ class VideoContext:
         specs = self.clip_image_specs(indices)
         image_tokens = image_token_string(len(specs), self.model.num_image_token)
         prompt = build_prompt_text(text, image_tokens, cfg.template, past_text)
-        ids = tokenize_prompt(self.tokenizer, prompt, self.device)
+        ids = None if self.naive else self._ids.get(prompt)
+        if ids is None:  # ~10 ms for a 20-image prompt; prefetch_generations and predict both need it
+            ids = tokenize_prompt(self.tokenizer, prompt, self.device)
+            if not self.naive:
+                self._ids[prompt] = ids
         return indices, specs, ids
 
     def _predict(self, text, mode, selected_fids, return_probs, past_text, options) -> dict:
