@@ -8,10 +8,14 @@ Runs the shared path of ``tools/benchmark_eval.py`` (same model, synthetic split
 arguments apply) with E and 2E expressions per video, each under cProfile after an untimed warm-up, and
 writes to ``--out``: ``profile_E<n>.txt`` (functions by own time and by cumulative time),
 ``profile_growth.txt`` (the functions whose cumulative time grew most from E to 2E: the per-expression
-costs) and the raw ``profile_E<n>.prof`` files (``python -m pstats``). The phase times of each run are
+costs) and, with ``--raw``, the cProfile files ``profile_E<n>.prof`` (``python -m pstats``). The phase times of each run are
 printed too. cProfile slows Python-heavy code (the greedy decoding loop most), so the absolute times run
 above benchmark_eval's; on CUDA the phases are synchronised (bench.PhaseTimer), so GPU work is charged
 to the phase that launched it. No naive path, no training benchmark.
+
+``--torch-profiler`` adds a third, separate run of the E split under ``torch.profiler`` (CPU and, on
+CUDA, kernel activity) and writes ``torch_profile_E<n>.txt``: operators by self device time and by self
+CPU time -- whether a slow operator (e.g. attention in the decoding steps) costs host time or GPU time.
 """
 from __future__ import annotations
 
@@ -63,11 +67,34 @@ def stats_text(stats: pstats.Stats, top: int) -> str:
     return buf.getvalue()
 
 
+def torch_profile(model, tok, name: str, split, modes, average: bool, args, device: str) -> str:
+    """The shared path on ``split`` under torch.profiler; writes the operator tables, returns the path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        be.run_eval(model, tok, name, split, os.path.join(args.work_dir, "torch_profiler"), modes, average, False,
+                    args, device)
+    table = prof.key_averages()
+    parts = []
+    if device.startswith("cuda"):
+        parts.append("== by self device time\n" + table.table(sort_by="self_device_time_total", row_limit=args.top))
+    parts.append("== by self CPU time\n" + table.table(sort_by="self_cpu_time_total", row_limit=args.top))
+    path = os.path.join(args.out, f"torch_profile_E{args.exps_per_video}.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n\n".join(parts) + "\n")
+    be.log(f"torch.profiler tables: {path}")
+    return path
+
+
 def main(argv=None) -> int:
     parser = be.build_parser()
     parser.description = __doc__
     parser.add_argument("--out", default="work_dirs/profile_eval", help="folder of the profile files (default: %(default)s)")
     parser.add_argument("--top", type=int, default=60, help="functions listed per table (default: %(default)s)")
+    parser.add_argument("--raw", action="store_true", help="also write the cProfile files (profile_E<n>.prof)")
+    parser.add_argument("--torch-profiler", action="store_true",
+                        help="also run the E split under torch.profiler (operators by device and CPU time)")
     args = parser.parse_args(argv)
     import torch
 
@@ -102,10 +129,13 @@ def main(argv=None) -> int:
         rest = run["wall_s"] - sum(phases.values())
         be.log(f"E={e}: {run['wall_s']:.2f} s wall (profiled), " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
                + f", rest {rest:.2f}")
-        prof.dump_stats(os.path.join(args.out, f"profile_E{e}.prof"))
+        if args.raw:
+            prof.dump_stats(os.path.join(args.out, f"profile_E{e}.prof"))
         profiles[e] = pstats.Stats(prof)
         with open(os.path.join(args.out, f"profile_E{e}.txt"), "w", encoding="utf-8") as f:
             f.write(stats_text(profiles[e], args.top))
+    if args.torch_profiler:
+        torch_profile(model, tok, name, splits[e1], modes, average, args, device)
     lines = growth_lines(profiles[e1], profiles[2 * e1], args.top)
     with open(os.path.join(args.out, "profile_growth.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
