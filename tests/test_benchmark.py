@@ -315,6 +315,30 @@ def test_benchmark_eval_context_options(tiny_dir, one_thread, tmp_path, capsys):
     assert ev["naive"]["work"]["sam2_decodes"] > ev["shared"]["work"]["sam2_decodes"]
 
 
+def test_profile_eval_quick(tiny_dir, one_thread, tmp_path, capsys):
+    """tools/profile_eval.py: the shared path profiled at E and 2E, the growth table led by work that grows
+    with the expressions (more predict calls at 2E), and the torch.profiler operator table."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import profile_eval
+    finally:
+        sys.path.pop(0)
+    work, out = tmp_path / "prof", tmp_path / "out"
+    shutil.copytree(tiny_dir, work / "tiny_model")
+    assert profile_eval.main(_bench_args(work, "--modes", "uniform,q_frame", "--out", str(out), "--top", "400",
+                                         "--torch-profiler", "--raw")) == 0
+    files = sorted(os.listdir(out))
+    assert files == ["profile_E2.prof", "profile_E2.txt", "profile_E4.prof", "profile_E4.txt",
+                     "profile_growth.txt", "torch_profile_E2.txt"]
+    growth = (out / "profile_growth.txt").read_text().splitlines()
+    predict = [line for line in growth if "video_context.py" in line and "(predict)" in line]
+    assert len(predict) == 1 and "4->8" in predict[0]  # 2 modes x 2 -> 4 expressions
+    grows = [float(line.split()[0]) for line in growth[1:]]
+    assert grows == sorted(grows, reverse=True) and float(predict[0].split()[0]) > 0
+    assert "== by self CPU time" in (out / "torch_profile_E2.txt").read_text()
+    assert "cumulative time growth, E=2 -> 4" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_benchmark_eval_end_to_end_with_training(tiny_dir, tmp_path):
     work = tmp_path / "bench"
