@@ -188,6 +188,73 @@ def test_fast_batch_matches_up_to_rounding(scripted, capsys):
         print(f"\n[exact=False] seg hidden states bitwise equal: {bitwise}; max abs difference {worst:.3g}")
 
 
+def test_gqa_decode_attention_equals_sdpa_with_repeated_kv():
+    """One-token steps: the GQA-folded matmul attention computes transformers' SDPA attention (keys and
+    values expanded to every query head) over a ragged padding mask; longer passes go to SDPA itself."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from projects.sasasa2va.hf.models.modeling_sasasa2va_chat import _gqa_decode_attention, ragged_attention_mask
+
+    g = torch.Generator().manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    lengths = [4, 9, 6]
+    key = torch.randn(3, 2, 10, 8, generator=g)
+    value = torch.randn(3, 2, 10, 8, generator=g)
+    query = torch.randn(3, 6, 1, 8, generator=g)
+    mask = ragged_attention_mask(lengths, 1, torch.float32, "cpu")
+    ref, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    got, _ = _gqa_decode_attention(module, query, key, value, mask, scaling=0.3)
+    assert got.shape == ref.shape == (3, 1, 6, 8)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    # keys past a row's length do not matter
+    noisy = key.clone()
+    noisy[0, :, lengths[0] + 1:] = 1e3
+    torch.testing.assert_close(_gqa_decode_attention(module, query, noisy, value, mask, scaling=0.3)[0], got)
+    wide = ragged_attention_mask(lengths, 2, torch.float32, "cpu")
+    q2 = torch.randn(3, 6, 2, 8, generator=g)
+    k2, v2 = torch.randn(3, 2, 11, 8, generator=g), torch.randn(3, 2, 11, 8, generator=g)
+    assert torch.equal(_gqa_decode_attention(module, q2, k2, v2, wide)[0],
+                       sdpa_attention_forward(module, q2, k2, v2, wide)[0])
+
+
+def test_fast_batch_with_matmul_decode_attention(scripted, monkeypatch):
+    """generate_answers(exact=False, decode_attention="matmul"): every one-token step attends through
+    _gqa_decode_attention; same answers as SDPA steps, [SEG] states up to rounding; the model's attention
+    setting restored; a bad value is refused."""
+    from projects.sasasa2va.hf.models import modeling_sasasa2va_chat as mc
+
+    model, tok, script = scripted
+    ids_list = [prompt_ids(model, tok, t) for t in TEXTS]
+    prefix = prefix_for(model, tok, ids_list[0], seed=0)
+    calls = []
+    original = mc._gqa_decode_attention
+
+    def spy(module, query, *args, **kwargs):
+        calls.append(int(query.shape[2]))
+        return original(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(mc, "_gqa_decode_attention", spy)
+    stop = get_template(model.config.template)["STOP_WORDS"]
+    ref = batched(model, tok, ids_list, prefix, exact=False)
+    assert calls == []
+    got = model.generate_answers(ids_list, prefix_cache=prefix, tokenizer=tok, stop_words=stop,
+                                 max_new_tokens=MAX_NEW, exact=False, decode_attention="matmul")
+    assert calls and set(calls) == {1}
+    assert model.config.llm_config._attn_implementation == "sdpa"
+    for a, b in zip(ref, got):
+        assert torch.equal(a.ids, b.ids) and a.text == b.text
+        torch.testing.assert_close(b.seg_hidden_states, a.seg_hidden_states, rtol=1e-4, atol=1e-4)
+    calls.clear()  # VideoContext passes its decode_attention to the batched decoding
+    ctx = model.video_context(tok, _frames(12), exact_rows=False, decode_attention="matmul")
+    assert ctx.prefetch_generations([(eval_prompt(t), "uniform", None) for t in TEXTS[:3]]) == 3
+    assert calls and set(calls) == {1}
+    with pytest.raises(ValueError, match="decode_attention must be one of"):
+        model.generate_answers(ids_list, prefix_cache=prefix, tokenizer=tok, decode_attention="flash")
+    with pytest.raises(ValueError, match="decode_attention must be one of"):
+        model.video_context(tok, _frames(3), decode_attention="flash")
+
+
 def test_one_prefix_per_prompt_and_no_prefix(scripted, exact_path):
     """Prompts with different images (one prefix each, as q_frame) share a batch, equal question lengths
     prefilled together; text-only prompts (no prefix) too."""

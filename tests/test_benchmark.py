@@ -289,8 +289,8 @@ def test_benchmark_eval_quick(tiny_dir, one_thread, tmp_path, capsys):
 
 
 def test_benchmark_eval_context_options(tiny_dir, one_thread, tmp_path, capsys):
-    """--decode-batch-prompts / --decode-batch-kv-mb / --pair-cache-mb / --plain-batched-decoding reach the
-    shared path's contexts: with the pair cache every distinct (frame, [SEG]) decode of an answer happens
+    """--decode-batch-prompts / --decode-batch-kv-mb / --pair-cache-mb / --plain-batched-decoding /
+    --decode-attention reach the shared path's contexts: with the pair cache every distinct (frame, [SEG]) decode of an answer happens
     once (the lower bound)."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     try:
@@ -303,11 +303,12 @@ def test_benchmark_eval_context_options(tiny_dir, one_thread, tmp_path, capsys):
     assert benchmark_eval.main(_bench_args(work, "--modes", "uniform,uniform_plus", "--skip-train", "--no-warmup",
                                            "--skip-scaling", "--decode-batch-prompts", "1", "--pair-cache-mb", "8",
                                            "--decode-batch-kv-mb", "0", "--plain-batched-decoding",
-                                           "--json", str(out_json))) == 0
+                                           "--decode-attention", "matmul", "--json", str(out_json))) == 0
     assert LAST_LINE.match(capsys.readouterr().out.strip().splitlines()[-1])
     fig = json.loads(out_json.read_text())
     assert fig["shared_context_options"] == {"decode_batch_prompts": 1, "decode_batch_kv_bytes": 0,
-                                             "pair_cache_bytes": 8 << 20, "exact_rows": False}
+                                             "pair_cache_bytes": 8 << 20, "exact_rows": False,
+                                             "decode_attention": "matmul"}
     assert benchmark_eval.shared_context_options(benchmark_eval.build_parser().parse_args(
         ["--decode-batch-kv-mb", "1.5"])) == {"decode_batch_kv_bytes": 3 << 19}
     ev = fig["eval"]

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain-batched-decoding", action="store_true",
                    help="shared path: batched greedy decoding with plain batched kernels (VideoContext "
                         "exact_rows=False; the GPU default) instead of the row-exact ones used on CPU")
+    p.add_argument("--decode-attention", choices=("sdpa", "matmul"), default=None,
+                   help="shared path: attention of the plain batched decoding steps (VideoContext "
+                        "decode_attention; default: sdpa; matmul = GQA-folded batched matmuls)")
     p.add_argument("--skip-scaling", action="store_true", help="no E -> 2E scaling run")
     p.add_argument("--skip-train", action="store_true", help="no training benchmark")
     p.add_argument("--train-steps", type=int, default=6, help="timed training steps (default: %(default)s)")
@@ -192,6 +195,8 @@ def shared_context_options(args) -> dict:
         kw["pair_cache_bytes"] = int(args.pair_cache_mb * 2**20)
     if args.plain_batched_decoding:
         kw["exact_rows"] = False
+    if args.decode_attention is not None:
+        kw["decode_attention"] = args.decode_attention
     return kw
 
 

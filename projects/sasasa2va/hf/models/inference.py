@@ -134,6 +134,9 @@ def token_id(tokenizer, token: str) -> Optional[int]:
     return int(tid)
 
 
+DECODE_ATTENTION_CHOICES = ("sdpa", "matmul")  # generate_answers(decode_attention=...) without exact passes
+
+
 # ============================================================================================ model bits
 def model_device(model) -> torch.device:
     return next(model.parameters()).device

@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_sasasa2va_chat import SaSaSa2VAChatConfig
+from .inference import DECODE_ATTENTION_CHOICES
 from .modeling_intern_vit import InternVisionModel
 from .modeling_internlm2 import InternLM2ForCausalLM
 from .sam2_grounding import SAM2Grounding
@@ -288,6 +289,48 @@ def _row_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     mask = None if query.shape[2] == 1 else attention_mask
     out = RowExact.sdpa_rows(query, key, value, lengths, attn_mask=mask, scale=scaling, **gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+DECODE_ATTENTION = "sasasa2va_gqa_decode"
+
+
+def _gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                          **kwargs):
+    """Attention-interface function of plain batched one-token decoding steps
+    (``generate_answers(exact=False, decode_attention="matmul")``).
+
+    The query heads that share a KV head become that head's rows: two batched matmuls against the cached
+    keys and values as they are (no ``repeat_kv`` copy of every row's cache, no SDPA dispatch per call),
+    softmax in float32 over the additive padding mask -- the arithmetic of transformers' eager attention.
+    Passes of more than one token, or with dropout, go to ``sdpa_attention_forward``.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or dropout or query.shape[1] % key.shape[1]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    batch, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    scale = dim ** -0.5 if scaling is None else scaling
+    q = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # head h reads KV head h // (heads / kv_heads)
+    scores = torch.matmul(q, key.transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, :length]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probs, value).reshape(batch, heads, 1, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _llm_attention(language_model, name: str, function):
+    """Run the LLM's attention through ``function`` (registered as ``name``) inside the block."""
+    config = language_model.config
+    _attention_interface().register(name, function)
+    previous, config._attn_implementation = config._attn_implementation, name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def _attention_interface():
@@ -628,6 +671,7 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         eos_token_id=None,
         exact: Optional[bool] = None,
         max_seg_tokens: Optional[int] = None,
+        decode_attention: str = "sdpa",
     ) -> list:
         """Greedy decoding of several prompts in one batch: one ``GeneratedAnswer`` per prompt, with the
         ids / text / [SEG]-state semantics of ``generate_answer`` (same stop rules, the final token is
@@ -647,7 +691,13 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         rounding (the usual choice on GPUs, where batch-invariant kernels are not available anyway).
         One prompt is handed to ``generate_answer``; so are all prompts when the LLM's attention is
         neither eager nor SDPA (no 4-D padding masks).
+        ``decode_attention`` (``exact=False``, SDPA LLMs using transformers' attention interface): "sdpa"
+        (default) or "matmul" -- one-token steps through ``_gqa_decode_attention`` (GQA-folded batched
+        matmuls, eager attention's arithmetic) instead of SDPA, which expands every row's cached keys and
+        values to all query heads first.
         """
+        if decode_attention not in DECODE_ATTENTION_CHOICES:
+            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION_CHOICES}, got {decode_attention!r}")
         if tokenizer is None:
             raise ValueError("generate_answers needs the tokenizer (stop words are checked on decoded text)")
         prompts = [ids.reshape(1, -1) if ids.dim() == 1 else ids for ids in input_ids_list]
@@ -694,6 +744,11 @@ class SaSaSa2VAChatModel(PreTrainedModel):
             if not exact:
                 return contextlib.nullcontext()
             return _row_exact_llm(self.language_model) if light else RowExact(key_lengths=key_lengths)
+
+        def step_pass(key_lengths):
+            if not exact and decode_attention == "matmul" and self._uses_row_attention():
+                return _llm_attention(self.language_model, DECODE_ATTENTION, _gqa_decode_attention)
+            return exact_pass(key_lengths=key_lengths)
 
         reserve = max(64, min(int(max_new_tokens), 256))
         if exact:  # every row's prompt prefilled as generate_answer does it alone
@@ -766,7 +821,7 @@ class SaSaSa2VAChatModel(PreTrainedModel):
             step = embed_tokens(torch.tensor([[generated[b][-1]] for b in active], device=device))
             positions = torch.as_tensor(kv.lengths, device=device)[:, None]
             mask = ragged_attention_mask(kv.lengths, 1, step.dtype, device)
-            with exact_pass(key_lengths=[length + 1 for length in kv.lengths]):
+            with step_pass([length + 1 for length in kv.lengths]):
                 out = decoder(inputs_embeds=step, attention_mask=mask, position_ids=positions, past_key_values=kv,
                               use_cache=True)
                 hidden = out.last_hidden_state[:, -1]

@@ -53,6 +53,7 @@ from .frame_sampling import (
     split_clips,
 )
 from .inference import (
+    DECODE_ATTENTION_CHOICES,
     InferenceOptions,
     build_prompt_text,
     canonical_boundary,
@@ -234,6 +235,8 @@ class VideoContext:
     ``exact_rows`` (default: on CPU): batched greedy decoding runs ``generate_answers(exact=True)``, so
     every answer is bit for bit the one-prompt answer; otherwise plain batched kernels (GPU), equal up
     to rounding.
+    ``decode_attention``: "sdpa" (default) or "matmul", passed to ``generate_answers`` for the plain
+    batched decoding steps (without ``exact_rows``; see there).
     ``pair_cache_bytes``: bound on the cached low-res logits of single (frame, [SEG]) decodes, reused
     across the decode plans of one answer (e.g. uniform's Path A and uniform_plus's Path B), so each
     distinct pair is decoded once; 0 disables it; None: 64 MiB. With ``exact_rows`` every decode runs
@@ -245,7 +248,8 @@ class VideoContext:
                  naive: bool = False, encode_batch: int = 8, decode_batch: int = 16,
                  max_prefix_caches: int = 4, max_cached_logits: int = 8, max_vision_images: int = 512,
                  decode_batch_prompts: int = 64, decode_batch_kv_bytes: Optional[int] = None,
-                 pair_cache_bytes: Optional[int] = None, exact_rows: Optional[bool] = None):
+                 pair_cache_bytes: Optional[int] = None, exact_rows: Optional[bool] = None,
+                 decode_attention: str = "sdpa"):
         if tokenizer is None:
             raise ValueError("VideoContext needs the tokenizer")
         if frames is None or isinstance(frames, (str, bytes)):
@@ -282,6 +286,9 @@ class VideoContext:
             decode_batch_kv_bytes = default_decode_batch_kv_bytes(model, self.device)
         self.decode_batch_kv_bytes = int(decode_batch_kv_bytes)
         self.exact_rows = (self.device.type == "cpu") if exact_rows is None else bool(exact_rows)
+        if decode_attention not in DECODE_ATTENTION_CHOICES:
+            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION_CHOICES}, got {decode_attention!r}")
+        self.decode_attention = decode_attention
         if pair_cache_bytes is None:
             pair_cache_bytes = PAIR_CACHE_BYTES
         self.pair_cache_bytes = max(0, int(pair_cache_bytes))
@@ -591,7 +598,9 @@ class VideoContext:
             answers = self.model.generate_answers([ids for _, ids, _, _ in chunk], prefix_cache=prefixes,
                                                   tokenizer=self.tokenizer, stop_words=self.stop_words,
                                                   max_new_tokens=max_new, exact=self.exact_rows,
-                                                  max_seg_tokens=self._max_seg(chunk[0][2]))
+                                                  max_seg_tokens=self._max_seg(chunk[0][2]),
+                                                  **({"decode_attention": self.decode_attention}
+                                                     if self.decode_attention != "sdpa" else {}))
             del prefixes
             for (gkey, ids, _, boundary), answer in zip(chunk, answers):
                 self._store(gkey, answer, int(ids.shape[1]) - boundary)
