@@ -407,8 +407,8 @@ class VideoContext:
 
     def schedule_images(self, specs: Sequence[ImageSpec]) -> int:
         """Start building, in the worker threads, the images of ``specs`` that are neither encoded nor
-        already started, so their pixels are ready when :meth:`vision_tokens` asks for them (the GPU
-        works on the images before meanwhile). Returns the number started (0 with one worker)."""
+        already started, so their pixels are ready when :meth:`vision_tokens` asks for them (while the
+        GPU works on earlier images). Returns the number started (0 with one worker)."""
         if IMAGE_WORKERS <= 1:
             return 0
         todo: dict = {}
@@ -595,6 +595,7 @@ class VideoContext:
             for gkey, ids, specs, boundary in chunk:
                 images_ahead(gkey)
                 prefixes.append(self._prefix_for(ids, specs, boundary))
+            # (decode_attention only when not the default: generate_answers of other models may lack it)
             answers = self.model.generate_answers([ids for _, ids, _, _ in chunk], prefix_cache=prefixes,
                                                   tokenizer=self.tokenizer, stop_words=self.stop_words,
                                                   max_new_tokens=max_new, exact=self.exact_rows,
