@@ -92,11 +92,20 @@ def kfc_mllm_images(frames, indices, num_clips: int = 10, grid: int = 3, size: i
     out = []
     for c in range(num_clips):
         clip = indices[c * clip_len:(c + 1) * clip_len]
-        for which, image_id in enumerate((("key", size, (clip[0],)), ("grid", size, grid, tuple(clip[1:])))):
+        for which in (0, 1):
+            image_id = kfc_image_key(clip, which, grid, size)
             if image_id not in cache:
                 cache[image_id] = kfc_image(frames, clip, which, grid, size)
             out.append(cache[image_id])
     return torch.stack(out)
+
+
+def kfc_image_key(clip, which: int, grid: int = 3, size: int = 448) -> tuple:
+    """Cache key of ``kfc_image(frames, clip, which, grid, size)``: ("key", size, (i,)) or
+    ("grid", size, grid, (i, ...)) -- equal for every clip that shows the same frames."""
+    if which == 0:
+        return ("key", size, (int(clip[0]),))
+    return ("grid", size, grid, tuple(int(i) for i in clip[1:]))
 
 
 def kfc_image(frames, clip, which: int, grid: int = 3, size: int = 448) -> torch.Tensor:

@@ -68,7 +68,7 @@ from .inference import (
     token_id,
     tokenize_prompt,
 )
-from .preprocessing import check_same_size, dynamic_preprocess, kfc_image, mllm_transform, sam2_resize
+from .preprocessing import check_same_size, dynamic_preprocess, kfc_image, kfc_image_key, mllm_transform, sam2_resize
 from .sam2_grounding import FrameFeatures
 from .templates import IMG_END_TOKEN, get_template, image_token_string
 
@@ -388,6 +388,16 @@ class VideoContext:
                     load()
             self._frames_loaded = True
 
+    def _start_images(self, todo: Mapping) -> int:
+        """Submit the builds of ``todo`` ({key: builder}) not started yet to the KFC-image pool."""
+        todo = {key: build for key, build in todo.items() if key not in self._image_jobs}
+        if todo:
+            self._load_frames()
+            pool = image_pool(IMAGE_WORKERS)
+            for key, build in todo.items():
+                self._image_jobs[key] = pool.submit(build)
+        return len(todo)
+
     def build_images(self, specs: Sequence[ImageSpec]) -> dict:
         """{key: pixels} of the distinct images of ``specs``, each built once: taken from
         :meth:`schedule_images` when it started them, else several built in worker threads (PIL's
@@ -395,15 +405,10 @@ class VideoContext:
         todo: dict = {}
         for key, build in specs:
             todo.setdefault(key, build)
-        jobs = {key: self._image_jobs.pop(key) for key in todo if key in self._image_jobs}
-        rest = {key: build for key, build in todo.items() if key not in jobs}
-        workers = min(len(rest), IMAGE_WORKERS)
-        if workers > 1:
-            self._load_frames()
-            pool = image_pool(IMAGE_WORKERS)
-            jobs.update((key, pool.submit(build)) for key, build in rest.items())
-            rest = {}
-        return {key: rest[key]() if key in rest else jobs[key].result() for key in todo}
+        if IMAGE_WORKERS > 1 and sum(key not in self._image_jobs for key in todo) > 1:
+            self._start_images(todo)
+        return {key: self._image_jobs.pop(key).result() if key in self._image_jobs else build()
+                for key, build in todo.items()}
 
     def schedule_images(self, specs: Sequence[ImageSpec]) -> int:
         """Start building, in the worker threads, the images of ``specs`` that are neither encoded nor
@@ -411,16 +416,7 @@ class VideoContext:
         GPU works on earlier images). Returns the number started (0 with one worker)."""
         if IMAGE_WORKERS <= 1:
             return 0
-        todo: dict = {}
-        for key, build in specs:
-            if key not in self._vision and key not in self._image_jobs:
-                todo.setdefault(key, build)
-        if todo:
-            self._load_frames()
-            pool = image_pool(IMAGE_WORKERS)
-            for key, build in todo.items():
-                self._image_jobs[key] = pool.submit(build)
-        return len(todo)
+        return self._start_images({key: build for key, build in specs if key not in self._vision})
 
     @torch.no_grad()
     def vision_tokens(self, specs: Sequence[ImageSpec]) -> torch.Tensor:
@@ -462,11 +458,8 @@ class VideoContext:
         def builder(clip, which):
             return lambda: kfc_image(self.frames, clip, which, grid, size)
 
-        specs = []
-        for clip in split_clips(indices, cfg.num_clips):
-            specs.append((("key", size, (clip[0],)), builder(clip, 0)))
-            specs.append((("grid", size, grid, tuple(clip[1:])), builder(clip, 1)))
-        return specs
+        return [(kfc_image_key(clip, which, grid, size), builder(clip, which))
+                for clip in split_clips(indices, cfg.num_clips) for which in (0, 1)]
 
     # ------------------------------------------------------------------------------------ (c)+(d) generation
     def _prefix_for(self, ids: torch.Tensor, specs: Sequence[ImageSpec], boundary: int):
