@@ -352,21 +352,17 @@ def _row_exact_llm(language_model):
     """Batch-invariant passes of an HF SDPA LLM (cheaper than the RowExact mode, which sees every op):
     its nn.Linear layers run one GEMM per batch row (``RowExact._linear``) and it attends with
     ``_row_attention`` (attention interface)."""
-    config = language_model.config
     patched = []
-    interface = _attention_interface()
-    interface.register(ROW_ATTENTION, _row_attention)
-    config._attn_implementation = ROW_ATTENTION
-    try:
-        for m in language_model.modules():
-            if isinstance(m, nn.Linear) and "forward" not in m.__dict__:
-                m.forward = functools.partial(_exact_linear_forward, m)
-                patched.append(m)
-        yield
-    finally:
-        for m in patched:
-            m.__dict__.pop("forward", None)
-        config._attn_implementation = "sdpa"
+    with _llm_attention(language_model, ROW_ATTENTION, _row_attention):
+        try:
+            for m in language_model.modules():
+                if isinstance(m, nn.Linear) and "forward" not in m.__dict__:
+                    m.forward = functools.partial(_exact_linear_forward, m)
+                    patched.append(m)
+            yield
+        finally:
+            for m in patched:
+                m.__dict__.pop("forward", None)
 
 
 def ragged_attention_mask(lengths: Sequence[int], query_len: int, dtype: torch.dtype, device) -> torch.Tensor:
