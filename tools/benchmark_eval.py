@@ -300,15 +300,11 @@ def scaling_lines(scaling: dict) -> list[str]:
     return out
 
 
-# ================================================================================================ main
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def run_settings(args):
+    """(device, dtype, modes, average) of a parsed command line (torch threads set; bad values exit)."""
     import torch
 
-    from projects.sasasa2va.evaluation import bench
     from projects.sasasa2va.evaluation.runner import parse_modes, resolve_dtype
-    from projects.sasasa2va.utils.io import atomic_write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -323,9 +319,20 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
         device = "cuda:0"
-    dtype = resolve_dtype(args.dtype, device)
     modes = parse_modes(args.modes)
-    average = len(modes) > 1 and not args.no_average
+    return device, resolve_dtype(args.dtype, device), modes, len(modes) > 1 and not args.no_average
+
+
+# ================================================================================================ main
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from projects.sasasa2va.evaluation import bench
+    from projects.sasasa2va.utils.io import atomic_write_json
+
+    device, dtype, modes, average = run_settings(args)
     os.makedirs(args.work_dir, exist_ok=True)
     figures: dict = {"args": {k: v for k, v in vars(args).items()}, "device": device,
                      "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",

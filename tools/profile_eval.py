@@ -96,18 +96,9 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-profiler", action="store_true",
                         help="also run the E split under torch.profiler (operators by device and CPU time)")
     args = parser.parse_args(argv)
-    import torch
-
     from projects.sasasa2va.evaluation import bench
-    from projects.sasasa2va.evaluation.runner import parse_modes, resolve_dtype
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = "cuda:0" if device == "cuda" else device
-    dtype = resolve_dtype(args.dtype, device)
-    modes = parse_modes(args.modes)
-    average = len(modes) > 1 and not args.no_average
+    device, dtype, modes, average = be.run_settings(args)
     os.makedirs(args.out, exist_ok=True)
     model, tok, name = be.load_bench_model(args, device, dtype)
     forced = None if args.no_force_answer else bench.ForcedAnswer(model, tok, args.answer)  # noqa: F841 (hooked)
