@@ -316,6 +316,52 @@ def test_benchmark_eval_context_options(tiny_dir, one_thread, tmp_path, capsys):
     assert ev["naive"]["work"]["sam2_decodes"] > ev["shared"]["work"]["sam2_decodes"]
 
 
+def test_benchmark_eval_skip_naive_and_scaling_rounds(tiny_dir, one_thread, tmp_path, capsys):
+    """--skip-naive: shared path, work counts and scaling only, its own last line; --scaling-repeat 2: two
+    runs of 2E alternating with a second run of E, the fastest of each compared."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import benchmark_eval
+    finally:
+        sys.path.pop(0)
+    work = tmp_path / "bench"
+    shutil.copytree(tiny_dir, work / "tiny_model")
+    out_json = tmp_path / "figures.json"
+    assert benchmark_eval.main(_bench_args(work, "--modes", "uniform,q_frame", "--skip-train", "--no-warmup",
+                                           "--skip-naive", "--scaling-repeat", "2", "--json", str(out_json))) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    fig = json.loads(out_json.read_text())
+    assert not (work / "naive").exists() and fig["eval"]["naive"] is None and "speedup_wall" not in fig["eval"]
+    sc = fig["scaling"]
+    assert sc["rounds"] == 2 and [len(r) for r in sc["wall_s_runs"]] == [2, 2]
+    assert sc["wall_s"] == [min(sc["wall_s_runs"][0]), min(sc["wall_s_runs"][1])]
+    assert sc["wall_s_runs"][0][0] == fig["eval"]["shared"]["wall_s"]
+    assert sc["proportional_increase_pct"] > 0
+    assert lines[-1] == (f"scaling_pct {sc['increase_pct']:.1f} work_over_lower_bound "
+                         f"{fig['eval']['work_over_lower_bound']:.2f}")
+    text = "\n".join(lines)
+    assert "outputs identical" not in text and "scaling runs (s, fastest kept): 2 exps " in text
+    with pytest.raises(SystemExit):
+        benchmark_eval.main(_bench_args(work, "--scaling-repeat", "0"))
+
+
+def test_proportional_growth_follows_the_lower_bound_counters():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import benchmark_eval
+    finally:
+        sys.path.pop(0)
+    b1 = {"mllm_images_encoded": 10, "tokens_decoded": 100, "sam2_frames_encoded": 20}
+    b2 = {"mllm_images_encoded": 15, "tokens_decoded": 200, "sam2_frames_encoded": 20}
+    scaling = {"exps_per_video": [5, 10], "wall_s": [5.0, 0.0], "lower_bound": [b1, b2],
+               "phases_s": [{"vision": 1.0, "generate": 2.0, "sam2_encode": 0.5, "other": 0.5}, {}]}
+    # vision x1.5, generate x2, sam2_encode x1, an unmapped phase x1, rest (1.0 s) x2 (the predictions)
+    expected = 1.5 + 4.0 + 0.5 + 0.5 + 2.0
+    assert benchmark_eval.proportional_growth(scaling) == pytest.approx(100.0 * (expected / 5.0 - 1.0))
+    scaling["phases_s"] = [{}, {}]
+    assert benchmark_eval.proportional_growth(scaling) is None
+
+
 def test_profile_eval_quick(tiny_dir, one_thread, tmp_path, capsys):
     """tools/profile_eval.py: the shared path profiled at E and 2E, the growth table led by work that grows
     with the expressions (more predict calls at 2E), and the torch.profiler operator table."""
