@@ -362,6 +362,32 @@ def test_proportional_growth_follows_the_lower_bound_counters():
     assert benchmark_eval.proportional_growth(scaling) is None
 
 
+def test_benchmark_decode_attention_quick(one_thread, tmp_path, capsys):
+    """tools/benchmark_decode_attention.py: both attentions on ragged decode batches agree, one row per
+    batch size, the figures in JSON, and bad shapes are refused."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import benchmark_decode_attention as bda
+    finally:
+        sys.path.pop(0)
+    out_json = tmp_path / "attn.json"
+    assert bda.main(["--device", "cpu", "--batches", "1,3", "--context", "40", "--heads", "4", "--kv-heads", "2",
+                     "--head-dim", "8", "--layers", "2", "--iters", "2", "--json", str(out_json)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    fig = json.loads(out_json.read_text())
+    assert [r["batch"] for r in fig["rows"]] == [1, 3]
+    for r in fig["rows"]:
+        assert r["max_abs_diff"] < 1e-5 and r["sdpa_ms_per_step"] == pytest.approx(2 * r["sdpa_ms"])
+        # 2 (K and V) x cached tokens x kv heads x head dim x 4 bytes, rows of 40 +- 1 tokens (+1 new)
+        assert r["kv_mb"] == pytest.approx(2 * r["batch"] * 40 * 2 * 8 * 4 / 2**20, rel=0.03)
+    last = fig["rows"][-1]
+    assert lines[-1] == (f"decode_attention batch 3 sdpa_ms {last['sdpa_ms']:.3f} matmul_ms {last['matmul_ms']:.3f} "
+                         f"ratio {last['ratio']:.2f}")
+    for bad in (["--heads", "5", "--kv-heads", "2"], ["--batches", "0"], ["--batches", "a"]):
+        with pytest.raises(SystemExit):
+            bda.main(["--device", "cpu", *bad])
+
+
 def test_profile_eval_quick(tiny_dir, one_thread, tmp_path, capsys):
     """tools/profile_eval.py: the shared path profiled at E and 2E, the growth table led by work that grows
     with the expressions (more predict calls at 2E), and the torch.profiler operator table."""
