@@ -48,9 +48,11 @@ def _h(*parts) -> int:
 class FakeModel:
     """Deterministic stand-in for SaSaSa2VAChatModel.predict_forward."""
 
-    def __init__(self, raise_texts=(), noseg_texts=(), abort_after=None, sleep=0.0):
+    def __init__(self, raise_texts=(), noseg_texts=(), abort_after=None, sleep=0.0, uint8=False):
         from projects.sasasa2va.hf.models.templates import eval_prompt
 
+        if uint8:  # offers uint8 probabilities (and then insists on being asked for them)
+            self.probs_formats = ("float32", "uint8")
         self.raise_prompts = {eval_prompt(t) for t in raise_texts}
         self.noseg_prompts = {eval_prompt(t) for t in noseg_texts}
         self.abort_after = abort_after
@@ -58,6 +60,16 @@ class FakeModel:
         self.calls = 0
 
     def predict_forward(self, video, text, tokenizer, mode, selected_fids=None, return_probs=True):
+        out = self._predict(video, text, mode, selected_fids)
+        if hasattr(self, "probs_formats"):
+            if return_probs != "uint8":
+                raise RuntimeError(f"asked for return_probs={return_probs!r}, uint8 is offered")
+            from projects.sasasa2va.evaluation.averaging import quantize_probs
+
+            out["probabilities"] = [quantize_probs(out["probabilities"][0])]
+        return out
+
+    def _predict(self, video, text, mode, selected_fids):
         self.calls += 1
         if self.abort_after is not None and self.calls > self.abort_after:
             raise FakeAbort(f"abort after {self.abort_after} calls")
@@ -97,7 +109,8 @@ def make_fake_model(hf_dir, device, dtype, remote_code, rank=0):
     model = FakeModel(json.loads(os.environ.get("FAKE_EVAL_RAISE", "[]")),
                       json.loads(os.environ.get("FAKE_EVAL_NOSEG", "[]")),
                       abort_after=int(abort) if abort else None,
-                      sleep=float(os.environ.get("FAKE_EVAL_SLEEP", "0")))
+                      sleep=float(os.environ.get("FAKE_EVAL_SLEEP", "0")),
+                      uint8=os.environ.get("FAKE_EVAL_UINT8") == "1")
     return model, object()
 
 
@@ -133,7 +146,7 @@ def failing(split):
 def fake_env(monkeypatch, failing):
     monkeypatch.setenv("FAKE_EVAL_RAISE", json.dumps([failing[0]]))
     monkeypatch.setenv("FAKE_EVAL_NOSEG", json.dumps([failing[1]]))
-    for k in ("FAKE_EVAL_FAIL_RANK", "FAKE_EVAL_ABORT_AFTER", "FAKE_EVAL_SLEEP"):
+    for k in ("FAKE_EVAL_FAIL_RANK", "FAKE_EVAL_ABORT_AFTER", "FAKE_EVAL_SLEEP", "FAKE_EVAL_UINT8"):
         monkeypatch.delenv(k, raising=False)
     return failing
 
@@ -434,6 +447,45 @@ def test_multimode_average_and_submit(syn_root, split, fake_env, tmp_path):
     single = tmp_path / "single"
     assert run_inproc(syn_root, single, "--submit", "--mode", "q_frame") == 0
     assert check_submission(str(single / "Annotations"), split.split_dir) == []
+
+
+def test_runner_asks_models_for_uint8_probabilities(syn_root, split, fake_env, tmp_path, monkeypatch):
+    """A model listing "uint8" in probs_formats is asked for uint8 probabilities (quantized where it runs;
+    FAKE_EVAL_UINT8: the fake model lists it and fails any other request); the stored probabilities, the
+    results and the average equal those of a float32 run."""
+    from projects.sasasa2va.evaluation import runner
+    from projects.sasasa2va.evaluation.averaging import load_probs
+
+    args = ("--mode", "uniform,wrap_around", "--average")
+    ref = tmp_path / "ref"
+    assert run_inproc(syn_root, ref, *args) == 0
+    monkeypatch.setenv("FAKE_EVAL_UINT8", "1")
+    got = tmp_path / "u8"
+    assert run_inproc(syn_root, got, *args) == 0
+    for name in ("results.json", "modes/uniform/results.json", "modes/wrap_around/results.json"):
+        a, b = load(ref / name), load(got / name)
+        assert {k: v for k, v in a.items() if k != "__meta__"} == {k: v for k, v in b.items() if k != "__meta__"}
+    stored = 0
+    for vid, rec in split.load_records().items():
+        for eid in rec.expressions:
+            for m in ("uniform", "wrap_around"):
+                d_ref, d_got = str(ref / "modes" / m), str(got / "modes" / m)
+                if os.path.isfile(os.path.join(d_ref, "probs", vid, f"{eid}.npz")):
+                    np.testing.assert_array_equal(load_probs(d_ref, vid, eid), load_probs(d_got, vid, eid))
+                    stored += 1
+    assert stored > 0
+    u8 = FakeModel(uint8=True)
+    assert runner.probs_request(FakeModel(), True) is True and runner.probs_request(u8, False) is False
+    assert runner.probs_request(u8, True) == "uint8"
+    from PIL import Image
+
+    from projects.sasasa2va.evaluation.averaging import quantize_probs
+
+    frames = [Image.new("RGB", (32, 24))] * 2
+    out = runner.normalize_output(u8.predict_forward(frames, "x", None, "uniform", return_probs="uint8"), 2, (24, 32))
+    ref = runner.normalize_output(FakeModel().predict_forward(frames, "x", None, "uniform"), 2, (24, 32))
+    assert ref.probs.dtype == np.float32 and out.probs.dtype == np.uint8
+    assert np.array_equal(out.probs, quantize_probs(ref.probs)) and len(np.unique(out.probs)) > 2
 
 
 def test_average_runs_in_threads_bounded_by_memory(syn_root, split, fake_env, tmp_path, monkeypatch):

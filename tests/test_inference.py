@@ -179,6 +179,53 @@ def test_seg_count_handling(scripted, monkeypatch):
     set_answer(head, tok, 10)
 
 
+def test_uint8_probabilities_equal_quantized_float32_ones(scripted):
+    """return_probs="uint8": round(255 p) made on the device, byte for byte averaging.quantize_probs of the
+    float32 probabilities of the same call (video, all modes; no-[SEG] answers; images); bad values raise."""
+    from projects.sasasa2va.evaluation.averaging import quantize_probs
+
+    model, tok, head = scripted
+    frames = make_frames(13, seed=5)
+    for mode in MODES:
+        ref = run(model, tok, frames, mode)
+        fids = q_list(len(frames)) if mode == "q_frame" else None
+        got = model.predict_forward(video=frames, text=eval_prompt("the red car"), tokenizer=tok, mode=mode,
+                                    selected_fids=fids, return_probs="uint8")
+        (p8,), (pf,) = got["probabilities"], ref["probabilities"]
+        assert p8.dtype == np.uint8 and np.array_equal(p8, quantize_probs(pf)), mode
+        assert np.array_equal(got["prediction_masks"][0], ref["prediction_masks"][0])
+        assert len(np.unique(p8)) > 2  # real probabilities, not 0/255 masks
+    set_answer(head, tok, 0)
+    try:
+        out = model.predict_forward(video=frames, text=eval_prompt("x"), tokenizer=tok, return_probs="uint8")
+        assert out["status"] == "no_seg" and out["probabilities"][0].dtype == np.uint8
+        assert not out["probabilities"][0].any()
+    finally:
+        set_answer(head, tok, 10)
+    image = make_frames(1, seed=9)[0]
+    ref = model.predict_forward(image=image, text="<image>\nthe red car", tokenizer=tok, return_probs=True)
+    got = model.predict_forward(image=image, text="<image>\nthe red car", tokenizer=tok, return_probs="uint8")
+    assert [p.dtype for p in got["probabilities"]] == [np.uint8] * len(ref["probabilities"])
+    assert all(np.array_equal(a, quantize_probs(b)) for a, b in zip(got["probabilities"], ref["probabilities"]))
+    for bad in ("float16", 2, "yes"):
+        with pytest.raises(ValueError, match="return_probs"):
+            model.predict_forward(video=frames, text=eval_prompt("x"), tokenizer=tok, return_probs=bad)
+        with pytest.raises(ValueError, match="return_probs"):
+            model.predict_video(frames, [eval_prompt("x")], tok, modes=["uniform"], return_probs=bad)
+
+
+def test_quantize_probs_tensor_matches_numpy():
+    from projects.sasasa2va.evaluation.averaging import quantize_probs
+    from projects.sasasa2va.hf.models.inference import quantize_probs_tensor
+
+    rng = np.random.default_rng(0)
+    p = np.concatenate([rng.random(20000), (np.arange(256) + 0.5) / 255, np.arange(256) / 255,
+                        [0.0, 1.0, 0.5, 1e-9, 1 - 1e-7]]).astype(np.float32)
+    got = quantize_probs_tensor(torch.from_numpy(p)).numpy()
+    assert got.dtype == np.uint8 and np.array_equal(got, quantize_probs(p))
+    assert np.array_equal(quantize_probs_tensor(torch.from_numpy(p).double()).numpy(), got)
+
+
 def test_input_errors(scripted):
     model, tok, _ = scripted
     frames = make_frames(7)

@@ -19,6 +19,7 @@ mode and ``<work_dir>/modes/<mode>`` for several.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -312,7 +313,7 @@ class ExpressionOutput:
     status: str
     prediction: str = ""
     masks: np.ndarray | None = None   # bool [T,H,W]
-    probs: np.ndarray | None = None   # float32 [T,H,W]
+    probs: np.ndarray | None = None   # [T,H,W]: float32 in [0,1], or uint8 round(255 p) (quantize_probs)
     num_seg: int = 0
     error: str | None = None
     seconds: float = 0.0
@@ -320,7 +321,7 @@ class ExpressionOutput:
 
 @dataclass
 class PredictOptions:
-    return_probs: bool = True
+    return_probs: bool | str = True  # True: float32; evaluate_shard asks models that offer it for "uint8"
     extra_kwargs: dict = field(default_factory=dict)  # forwarded to predict_forward (model fix options)
 
 
@@ -329,6 +330,8 @@ def failed_output(error: str, prediction: str = "", seconds: float = 0.0) -> Exp
 
 
 def _first_array(value, what: str, shape: tuple[int, int, int], dtype) -> np.ndarray | None:
+    """The first [T,H,W] array of a result field as ``dtype``; ``dtype=None`` (probabilities): uint8
+    stays uint8 (already quantized), anything else becomes float32."""
     if value is None:
         return None
     if isinstance(value, (list, tuple)):
@@ -336,10 +339,15 @@ def _first_array(value, what: str, shape: tuple[int, int, int], dtype) -> np.nda
             return None
         value = value[0]
     if hasattr(value, "detach"):
-        value = value.detach().float().cpu().numpy() if dtype != bool else value.detach().cpu().numpy()
+        value = value.detach()
+        if dtype is None and value.dtype.is_floating_point:
+            value = value.float()
+        value = value.cpu().numpy()
     arr = np.asarray(value)
     if arr.shape != shape:
         raise ValueError(f"model returned {what} of shape {arr.shape}, expected [T,H,W] = {list(shape)}")
+    if dtype is None:
+        dtype = np.uint8 if arr.dtype == np.uint8 else np.float32
     return arr.astype(dtype, copy=False)
 
 
@@ -354,7 +362,7 @@ def normalize_output(raw: Any, num_frames: int, hw: tuple[int, int]) -> Expressi
     text = raw.get("prediction", "")
     text = text if isinstance(text, str) else str(text)
     masks = _first_array(raw.get("prediction_masks"), "prediction_masks", shape, bool)
-    probs = _first_array(raw.get("probabilities"), "probabilities", shape, np.float32)
+    probs = _first_array(raw.get("probabilities"), "probabilities", shape, None)
     if masks is None:
         if status == "ok":
             raise ValueError("predict_forward returned status 'ok' without prediction_masks")
@@ -366,6 +374,14 @@ def normalize_output(raw: Any, num_frames: int, hw: tuple[int, int]) -> Expressi
         return ExpressionOutput("no_seg", text, masks, probs, num_seg,
                                 error=f"no [SEG] token in the generated text (status no_seg, num_seg={num_seg})")
     return ExpressionOutput("ok", text, masks, probs, num_seg)
+
+
+def probs_request(model, return_probs):
+    """What to ask ``model`` for: uint8 probabilities (quantized on its device, what the run stores anyway)
+    when it lists them in ``probs_formats``, else ``return_probs`` as given."""
+    if return_probs is True and "uint8" in getattr(model, "probs_formats", ()):
+        return "uint8"
+    return return_probs
 
 
 def predict_one(model, tokenizer, frames, task: ExpressionTask, mode: str, options: PredictOptions,
@@ -582,6 +598,7 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
     ``input_errors``: {(video, exp): reason} of expressions recorded as failed without calling the model.
     """
     options = options or PredictOptions()
+    options = dataclasses.replace(options, return_probs=probs_request(model, options.return_probs))
     input_errors = input_errors or {}
     stats = RankStats()
     mine = [items[i] for i in indices]

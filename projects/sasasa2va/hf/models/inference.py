@@ -163,27 +163,54 @@ def seg_prompts(model, seg_hidden_states: torch.Tensor) -> torch.Tensor:
     return fcs(seg_hidden_states.to(dtype=module_dtype(fcs), device=model_device(model)))
 
 
-def logits_to_outputs(grounding, low_res: torch.Tensor, size: tuple[int, int], return_probs: bool,
+def probs_format(return_probs) -> Optional[str]:
+    """``return_probs`` of the predict entry points -> None (no probabilities), "float32" (sigmoid
+    probabilities, True) or "uint8" (round(255 p), what the evaluation stores; see quantize_probs_tensor)."""
+    if isinstance(return_probs, (bool, np.bool_)):
+        return "float32" if return_probs else None
+    if return_probs in ("float32", "uint8"):
+        return return_probs
+    raise ValueError(f"return_probs must be True, False, 'float32' or 'uint8', got {return_probs!r}")
+
+
+def quantize_probs_tensor(p: torch.Tensor) -> torch.Tensor:
+    """Float32 probabilities in [0,1] -> uint8 round(255 p) on their own device, byte for byte what
+    ``evaluation.averaging.quantize_probs`` makes of the same float32 array (float32 product, round half to
+    even, clipped; NaNs must be gone). The device sends a quarter of the bytes and the CPU skips a pass
+    over every full-size probability map."""
+    return (p.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)  # in place: ~4x faster on a CPU
+
+
+def logits_to_outputs(grounding, low_res: torch.Tensor, size: tuple[int, int], return_probs,
                       chunk: int = 16) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Low-res logits [M,h,w] -> bool masks [M,H,W] (+ float32 probabilities) on the CPU (spec §2.4).
+    """Low-res logits [M,h,w] -> bool masks [M,H,W] (+ probabilities, ``probs_format(return_probs)``:
+    float32 or uint8) on the CPU (spec §2.4).
 
     Two-step bilinear upsampling, sigmoid, > 0.5. NaN logits (a Path B frame without any copy, faithful
     Q3) give an empty mask and probability 0, so the probabilities stay consistent with the masks.
     Chunked so a long high-resolution video never holds all full-size maps on the device at once.
     """
+    fmt = probs_format(return_probs)
     h, w = int(size[0]), int(size[1])
     m = low_res.shape[0]
     masks = np.zeros((m, h, w), dtype=bool)
-    probs = np.zeros((m, h, w), dtype=np.float32) if return_probs else None
+    probs = np.zeros((m, h, w), dtype=np.dtype(fmt)) if fmt else None
     # finite logits upsample to finite ones: full-size NaNs come only from NaN low-res logits
-    has_nan = bool(torch.isnan(low_res).any()) if return_probs else False
+    has_nan = bool(torch.isnan(low_res).any()) if fmt else False
     for start in range(0, m, chunk):
         up = grounding.upsample_logits(low_res[start:start + chunk], (h, w))
         p = torch.sigmoid(up.float())
         masks[start:start + chunk] = (p > 0.5).cpu().numpy()
         if probs is not None:
-            probs[start:start + chunk] = (torch.nan_to_num(p, nan=0.0) if has_nan else p).cpu().numpy()
+            p = torch.nan_to_num(p, nan=0.0) if has_nan else p
+            probs[start:start + chunk] = (quantize_probs_tensor(p) if fmt == "uint8" else p).cpu().numpy()
     return masks, probs
+
+
+def empty_probs(shape: tuple, return_probs) -> Optional[np.ndarray]:
+    """All-zero probabilities in ``probs_format(return_probs)`` (None when none are asked for)."""
+    fmt = probs_format(return_probs)
+    return np.zeros(shape, dtype=np.dtype(fmt)) if fmt else None
 
 
 def make_result(text: str, masks: list, probs: Optional[list], num_seg: int, status: str,

@@ -389,6 +389,8 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         "Qwen3DecoderLayer",
         "SAM2Grounding",
     ]
+    # what return_probs may ask of predict_forward / predict_video (the evaluation runner asks for uint8)
+    probs_formats = ("float32", "uint8")
 
     def __init__(
         self,
@@ -850,13 +852,14 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         past_text: str = "",
         mask_prompts=None,
         print_answer: bool = False,
-        return_probs: bool = False,
+        return_probs=False,
         **options,
     ) -> dict:
         """One expression on a video (five modes, evaluation.md §1-2) or an image (one mask per [SEG]).
 
         Returns ``{"prediction": answer text, "prediction_masks": [bool [T,H,W]] (video; image: one
-        [1,H,W] per [SEG]), "probabilities": like the masks, float32 sigmoid (only if return_probs),
+        [1,H,W] per [SEG]), "probabilities": like the masks, float32 sigmoid (return_probs True or
+        "float32") or uint8 round(255 p) computed on the device (return_probs "uint8"),
         "num_seg": int, "status": "ok" | "no_seg"}``. A video answer without [SEG] gives all-empty
         masks and status "no_seg". ``text`` must hold '<image>' (templates.eval_prompt does).
         q_frame needs ``selected_fids`` (the 100 indices of selected_frames.json).
@@ -881,7 +884,7 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         tokenizer,
         modes: Sequence[str],
         selected_fids=None,
-        return_probs: bool = True,
+        return_probs=True,
         context=None,
         **options,
     ) -> dict:

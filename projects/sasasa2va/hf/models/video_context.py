@@ -58,10 +58,12 @@ from .inference import (
     build_prompt_text,
     canonical_boundary,
     eval_mode,
+    empty_probs,
     logits_to_outputs,
     make_result,
     model_device,
     module_dtype,
+    probs_format,
     seg_prompts,
     split_options,
     to_pil,
@@ -782,7 +784,7 @@ class VideoContext:
         size = (self.height, self.width)
         if order is None:  # robustness fix (spec §11.2): empty masks, the run goes on
             masks = np.zeros((L, *size), dtype=bool)
-            probs = np.zeros((L, *size), dtype=np.float32) if return_probs else None
+            probs = empty_probs((L, *size), return_probs)
             return make_result(answer, [masks], [probs] if return_probs else None, 0, "no_seg", return_probs)
         plan = self.plan_for(mode, indices, options)
         lkey = (gen.key, plan.path, tuple(plan.decode_frames), tuple(plan.prompt_index),
@@ -813,6 +815,7 @@ def predict_forward(model, image=None, video=None, text=None, tokenizer=None, mo
         raise ValueError("predict_forward: mask_prompts (visual prompts) are not supported by this model")
     if image is not None and video is not None:
         raise ValueError("predict_forward: pass image or video, not both")
+    probs_format(return_probs)
     opts, ctx_opts = split_options(options)
     with torch.no_grad(), eval_mode(model):
         if video is not None:
@@ -832,6 +835,7 @@ def predict_video(model, frames, texts: Sequence[str], tokenizer, modes: Sequenc
                   on_result: Optional[Callable[[str, int, dict], None]] = None, keep_results: bool = True,
                   errors: str = "raise", **options) -> dict:
     """Every (text, mode) of one video through one VideoContext; see SaSaSa2VAChatModel.predict_video."""
+    probs_format(return_probs)
     if errors not in ("raise", "record"):
         raise ValueError(f"errors must be 'raise' or 'record', got {errors!r}")
     opts, ctx_opts = split_options(options)
