@@ -167,6 +167,7 @@ if [ -f "$OUT/train_zero2.log" ]; then
     { echo "== $OUT/train_zero2.log (first and last logged iterations)"
       grep -E "(Epoch|Iter)\(train\)" "$OUT/train_zero2.log" | sed -n '1p;$p' | sed 's/.*\(Iter\|Epoch\)(train)/\1(train)/'; } | tee -a "$LOG"
 fi
+[ -f "$OUT/decode_attention_$TAG.log" ] && { echo "== $OUT/decode_attention_$TAG.log"; tail -1 "$OUT/decode_attention_$TAG.log"; } | tee -a "$LOG"
 for f in "$OUT/bench_tiny_$TAG.log" "$OUT/bench_4b_$TAG.log" "$OUT/bench_4b_${TAG}_ab.log"; do
     [ -f "$f" ] && { echo "== $f"; grep -E "^(speedup|scaling|train|outputs identical|shared work)" "$f" | tail -9; } | tee -a "$LOG"
 done
