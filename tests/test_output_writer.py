@@ -83,6 +83,66 @@ def test_exit_on_error_drains_and_keeps_the_original_exception():
     assert ran == ["queued"]
 
 
+def test_several_writer_threads_run_jobs_concurrently():
+    """threads=3: three jobs that each wait for the other two all finish (one thread would break the
+    barrier); each job still runs start to end on one thread."""
+    barrier, seen = threading.Barrier(3, timeout=10), []
+
+    def job(i):
+        barrier.wait()
+        seen.append((i, threading.current_thread().name))
+
+    with BackgroundWriter(max_pending=3, threads=3) as w:
+        for i in range(3):
+            w.submit(job, i)
+    assert sorted(i for i, _ in seen) == [0, 1, 2] and len({n for _, n in seen}) == 3
+    with pytest.raises(threading.BrokenBarrierError):
+        barrier = threading.Barrier(2, timeout=0.5)
+        with BackgroundWriter(max_pending=2, threads=1) as w:
+            w.submit(barrier.wait)
+            w.submit(barrier.wait)
+    with pytest.raises(ValueError, match="threads"):
+        BackgroundWriter(threads=-1)
+
+
+def test_writer_threads_follow_the_cores_per_process():
+    from projects.sasasa2va.evaluation.output_writer import WRITER_THREADS_MAX, writer_threads
+
+    assert [writer_threads(c) for c in (1, 2, 3, 7, 8, 12, 16, 64)] == [1, 1, 1, 1, 2, 3, 4, WRITER_THREADS_MAX]
+    assert writer_threads(16, local_processes=8) == 1 and writer_threads(64, local_processes=4) == 4
+    assert writer_threads() >= 1
+
+
+def test_runner_output_identical_with_several_writer_threads(syn_root, fake_env, tmp_path, monkeypatch):
+    args = ("--mode", "uniform,q_frame", "--average")
+    one = tmp_path / "one"
+    monkeypatch.setattr(runner, "writer_threads", lambda **kw: 1)
+    assert run_inproc(syn_root, one, *args) == 0
+    several = tmp_path / "several"
+    monkeypatch.setattr(runner, "writer_threads", lambda **kw: 3)
+    assert run_inproc(syn_root, several, *args) == 0
+    files = sorted(os.path.relpath(os.path.join(d, f), one) for d, _, fs in os.walk(one) for f in fs
+                   if f.endswith((".npz", ".json")) and "eval_summary" not in f)
+    assert any(f.endswith(".npz") for f in files) and any(os.sep + "preds" + os.sep in f for f in files)
+    for f in files:
+        if os.path.basename(f) == "results.json":
+            a, b = runner_results(one / f), runner_results(several / f)
+            assert a == b, f
+        elif f.endswith(".npz"):
+            assert np.array_equal(np.load(one / f)["probs"], np.load(several / f)["probs"]), f
+        else:
+            assert read_bytes(one / f) == read_bytes(several / f), f
+
+
+def runner_results(path):
+    import json
+
+    with open(path, "r", encoding="utf-8") as fh:
+        data = json.load(fh)
+    data.pop("__meta__", None)
+    return data
+
+
 def test_inline_mode_and_bad_arguments():
     out = []
     w = BackgroundWriter(threads=0)

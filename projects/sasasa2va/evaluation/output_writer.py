@@ -2,31 +2,49 @@
 
 Storing one (mode, expression) costs a zlib pass over its probabilities plus two fsynced files: on the
 4B-shaped H100 benchmark this "rest" was 4.6 s of the shared path's 7.2 s and grew with the number of
-expressions. zlib and file I/O release the GIL, so one writer thread overlaps them with the next
-prediction. Jobs run in submission order on that one thread (a job writes its probabilities before its
-preds entry, the resume marker, so a kill never leaves a marker without its data); at most
-``max_pending`` jobs wait, which bounds the memory held by queued arrays. Closing drains every queued
-job, also when the evaluation itself failed, so nothing already computed is lost.
+expressions; deflating a noisy [20,360,640] uint8 map alone takes ~60 ms on one core. zlib and file I/O
+release the GIL, so writer threads overlap them with the next predictions. Jobs start in submission
+order; with one thread (the default, and on small machines) they also finish in it, with several a later
+job may finish first -- each job writes its own expression's probabilities before its preds entry (the
+resume marker), so a kill never leaves a marker without its data either way. At most ``max_pending`` jobs
+wait, which bounds the memory held by queued arrays. Closing drains every queued job, also when the
+evaluation itself failed, so nothing already computed is lost.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 logger = logging.getLogger("sasasa2va.eval")
 
+WRITER_THREADS_MAX = 4
+
+
+def writer_threads(cpus: int | None = None, local_processes: int = 1) -> int:
+    """Writer threads for one evaluation process: a quarter of the cores this process may use (shared
+    with the other processes of the node), at most WRITER_THREADS_MAX, at least 1 (a 2-core machine keeps
+    one writer beside the model's thread)."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, int(cpus) // max(1, int(local_processes)))
+    return max(1, min(WRITER_THREADS_MAX, per_process // 4))
+
 
 class BackgroundWriter:
-    """``submit(fn, *args)`` runs ``fn`` on the writer thread (with ``threads=0`` inline, for debugging).
+    """``submit(fn, *args)`` runs ``fn`` on a writer thread (``threads`` of them; with ``threads=0`` inline,
+    for debugging).
     A failed write (disk full, ...) is not a per-expression failure: it is raised by every later
     ``submit`` and by ``close``, so the run stops instead of recording predictions it cannot store."""
 
     def __init__(self, max_pending: int = 4, threads: int = 1):
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-writer") if threads else None
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="eval-writer") if threads else None
         self._slots = threading.BoundedSemaphore(max_pending)
         self._futures: list[Future] = []
         self._error: BaseException | None = None

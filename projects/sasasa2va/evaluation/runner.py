@@ -40,7 +40,7 @@ import numpy as np
 
 from projects.sasasa2va.evaluation import sharding
 from projects.sasasa2va.evaluation.averaging import ensemble_masks, load_probs, probs_path, quantize_probs, save_probs
-from projects.sasasa2va.evaluation.output_writer import BackgroundWriter
+from projects.sasasa2va.evaluation.output_writer import BackgroundWriter, writer_threads
 from projects.sasasa2va.evaluation.results_io import make_entry, write_results
 from projects.sasasa2va.evaluation.splits import ResolvedSplit, resolve_split
 from projects.sasasa2va.hf.models.frame_sampling import MODES
@@ -620,7 +620,10 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
     shared = supports_shared_path(model)
     budget = None if opts.feature_budget_mb is None else int(float(opts.feature_budget_mb) * 2**20)
     try:
-        with BackgroundWriter() as writer:  # drained also when the run fails: nothing computed is lost
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        threads = writer_threads(local_processes=int(local) if local.isdigit() else 1)
+        # drained also when the run fails: nothing computed is lost
+        with BackgroundWriter(max_pending=2 * threads + 2, threads=threads) as writer:
             for vid, todo in pending:
                 rec = records[vid]
                 try:
