@@ -7,6 +7,7 @@ on CPU float32. The multi-process check loads the same forced model through ``--
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -247,6 +248,21 @@ def test_multiprocess_shared_path_identical(forced, split, tiny_dir, tmp_path):
 
 
 # ================================================================================================ benchmark tool
+def _tool(name: str):
+    """A script of tools/ as a module (imported by its file name, as the scripts import each other)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def _bench_work(tiny_dir, work):
+    """A benchmark work dir holding a copy of the tiny model folder (no tokenizer training per test)."""
+    shutil.copytree(tiny_dir, work / "tiny_model")
+    return work
+
+
 def _bench_args(work_dir, *extra):
     return ["--work-dir", str(work_dir), "--num-videos", "1", "--exps-per-video", "2", "--min-frames", "4",
             "--max-frames", "5", "--frame-size", "64x48", "--device", "cpu", "--threads", "1", "--answer", ANSWER,
@@ -254,13 +270,8 @@ def _bench_args(work_dir, *extra):
 
 
 def test_benchmark_eval_quick(tiny_dir, one_thread, tmp_path, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import benchmark_eval
-    finally:
-        sys.path.pop(0)
-    work = tmp_path / "bench"
-    shutil.copytree(tiny_dir, work / "tiny_model")  # reuse the tiny folder (no tokenizer training)
+    benchmark_eval = _tool("benchmark_eval")
+    work = _bench_work(tiny_dir, tmp_path / "bench")
     out_json = tmp_path / "figures.json"
     assert benchmark_eval.main(_bench_args(work, "--modes", "uniform,q_frame,wrap_around", "--skip-train",
                                            "--no-warmup", "--json", str(out_json))) == 0
@@ -292,13 +303,8 @@ def test_benchmark_eval_context_options(tiny_dir, one_thread, tmp_path, capsys):
     """--decode-batch-prompts / --decode-batch-kv-mb / --pair-cache-mb / --plain-batched-decoding /
     --decode-attention reach the shared path's contexts: with the pair cache every distinct (frame, [SEG]) decode of an answer happens
     once (the lower bound)."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import benchmark_eval
-    finally:
-        sys.path.pop(0)
-    work = tmp_path / "bench"
-    shutil.copytree(tiny_dir, work / "tiny_model")
+    benchmark_eval = _tool("benchmark_eval")
+    work = _bench_work(tiny_dir, tmp_path / "bench")
     out_json = tmp_path / "figures.json"
     assert benchmark_eval.main(_bench_args(work, "--modes", "uniform,uniform_plus", "--skip-train", "--no-warmup",
                                            "--skip-scaling", "--decode-batch-prompts", "1", "--pair-cache-mb", "8",
@@ -319,13 +325,8 @@ def test_benchmark_eval_context_options(tiny_dir, one_thread, tmp_path, capsys):
 def test_benchmark_eval_skip_naive_and_scaling_rounds(tiny_dir, one_thread, tmp_path, capsys):
     """--skip-naive: shared path, work counts and scaling only, its own last line; --scaling-repeat 2: two
     runs of 2E alternating with a second run of E, the fastest of each compared."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import benchmark_eval
-    finally:
-        sys.path.pop(0)
-    work = tmp_path / "bench"
-    shutil.copytree(tiny_dir, work / "tiny_model")
+    benchmark_eval = _tool("benchmark_eval")
+    work = _bench_work(tiny_dir, tmp_path / "bench")
     out_json = tmp_path / "figures.json"
     assert benchmark_eval.main(_bench_args(work, "--modes", "uniform,q_frame", "--skip-train", "--no-warmup",
                                            "--skip-naive", "--scaling-repeat", "2", "--json", str(out_json))) == 0
@@ -346,11 +347,7 @@ def test_benchmark_eval_skip_naive_and_scaling_rounds(tiny_dir, one_thread, tmp_
 
 
 def test_proportional_growth_follows_the_lower_bound_counters():
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import benchmark_eval
-    finally:
-        sys.path.pop(0)
+    benchmark_eval = _tool("benchmark_eval")
     b1 = {"mllm_images_encoded": 10, "tokens_decoded": 100, "sam2_frames_encoded": 20}
     b2 = {"mllm_images_encoded": 15, "tokens_decoded": 200, "sam2_frames_encoded": 20}
     scaling = {"exps_per_video": [5, 10], "wall_s": [5.0, 0.0], "lower_bound": [b1, b2],
@@ -365,11 +362,7 @@ def test_proportional_growth_follows_the_lower_bound_counters():
 def test_benchmark_decode_attention_quick(one_thread, tmp_path, capsys):
     """tools/benchmark_decode_attention.py: both attentions on ragged decode batches agree, one row per
     batch size, the figures in JSON, and bad shapes are refused."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import benchmark_decode_attention as bda
-    finally:
-        sys.path.pop(0)
+    bda = _tool("benchmark_decode_attention")
     out_json = tmp_path / "attn.json"
     assert bda.main(["--device", "cpu", "--batches", "1,3", "--context", "40", "--heads", "4", "--kv-heads", "2",
                      "--head-dim", "8", "--layers", "2", "--iters", "2", "--json", str(out_json)]) == 0
@@ -391,13 +384,8 @@ def test_benchmark_decode_attention_quick(one_thread, tmp_path, capsys):
 def test_profile_eval_quick(tiny_dir, one_thread, tmp_path, capsys):
     """tools/profile_eval.py: the shared path profiled at E and 2E, the growth table led by work that grows
     with the expressions (more predict calls at 2E), and the torch.profiler operator table."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import profile_eval
-    finally:
-        sys.path.pop(0)
-    work, out = tmp_path / "prof", tmp_path / "out"
-    shutil.copytree(tiny_dir, work / "tiny_model")
+    profile_eval = _tool("profile_eval")
+    work, out = _bench_work(tiny_dir, tmp_path / "prof"), tmp_path / "out"
     assert profile_eval.main(_bench_args(work, "--modes", "uniform,q_frame", "--out", str(out), "--top", "400",
                                          "--torch-profiler", "--raw")) == 0
     files = sorted(os.listdir(out))
@@ -414,8 +402,7 @@ def test_profile_eval_quick(tiny_dir, one_thread, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_benchmark_eval_end_to_end_with_training(tiny_dir, tmp_path):
-    work = tmp_path / "bench"
-    shutil.copytree(tiny_dir, work / "tiny_model")
+    work = _bench_work(tiny_dir, tmp_path / "bench")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, BENCH] + _bench_args(work, "--train-steps", "1", "--train-warmup", "1",
                                                               "--json", str(tmp_path / "f.json")),
