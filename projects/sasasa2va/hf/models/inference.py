@@ -137,6 +137,13 @@ def token_id(tokenizer, token: str) -> Optional[int]:
 DECODE_ATTENTION_CHOICES = ("sdpa", "matmul")  # generate_answers(decode_attention=...) without exact passes
 
 
+def check_decode_attention(value: str) -> str:
+    """``value`` if it names a decode attention (generate_answers / VideoContext), else ValueError."""
+    if value not in DECODE_ATTENTION_CHOICES:
+        raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION_CHOICES}, got {value!r}")
+    return value
+
+
 # ============================================================================================ model bits
 def model_device(model) -> torch.device:
     return next(model.parameters()).device

@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_sasasa2va_chat import SaSaSa2VAChatConfig
-from .inference import DECODE_ATTENTION_CHOICES
+from .inference import check_decode_attention
 from .modeling_intern_vit import InternVisionModel
 from .modeling_internlm2 import InternLM2ForCausalLM
 from .sam2_grounding import SAM2Grounding
@@ -694,8 +694,7 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         matmuls, eager attention's arithmetic) instead of SDPA, which expands every row's cached keys and
         values to all query heads first.
         """
-        if decode_attention not in DECODE_ATTENTION_CHOICES:
-            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION_CHOICES}, got {decode_attention!r}")
+        check_decode_attention(decode_attention)
         if tokenizer is None:
             raise ValueError("generate_answers needs the tokenizer (stop words are checked on decoded text)")
         prompts = [ids.reshape(1, -1) if ids.dim() == 1 else ids for ids in input_ids_list]

@@ -53,10 +53,10 @@ from .frame_sampling import (
     split_clips,
 )
 from .inference import (
-    DECODE_ATTENTION_CHOICES,
     InferenceOptions,
     build_prompt_text,
     canonical_boundary,
+    check_decode_attention,
     eval_mode,
     empty_probs,
     logits_to_outputs,
@@ -288,9 +288,7 @@ class VideoContext:
             decode_batch_kv_bytes = default_decode_batch_kv_bytes(model, self.device)
         self.decode_batch_kv_bytes = int(decode_batch_kv_bytes)
         self.exact_rows = (self.device.type == "cpu") if exact_rows is None else bool(exact_rows)
-        if decode_attention not in DECODE_ATTENTION_CHOICES:
-            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION_CHOICES}, got {decode_attention!r}")
-        self.decode_attention = decode_attention
+        self.decode_attention = check_decode_attention(decode_attention)
         if pair_cache_bytes is None:
             pair_cache_bytes = PAIR_CACHE_BYTES
         self.pair_cache_bytes = max(0, int(pair_cache_bytes))
