@@ -127,12 +127,14 @@ fi
 
 # ---- 2. InternVL2.5-4B-shaped random model, bf16 ---------------------------------------------------------
 read -r B4_MIN B4_MAX <<<"${B4_FRAMES:-16 24}"
+# the model and data of steps 2 and 3 (benchmark_eval.py and profile_eval.py take the same arguments)
+B4_COMMON=(--preset 4b-shaped --device "$DEVICE" --dtype "$DTYPE" --num-videos "${B4_VIDEOS:-1}"
+           --exps-per-video "${B4_EXPS:-5}" --min-frames "$B4_MIN" --max-frames "$B4_MAX" --frame-size 640x360)
 rc2=skipped
 run_4b() {  # $1: file tag, $2: extra arguments
     # shellcheck disable=SC2086  # the extra arguments are split on purpose
-    timeout "${B4_TIMEOUT:-330}" $PY tools/benchmark_eval.py --preset 4b-shaped --device "$DEVICE" --dtype "$DTYPE" \
-        --num-videos "${B4_VIDEOS:-1}" --exps-per-video "${B4_EXPS:-5}" --min-frames "$B4_MIN" --max-frames "$B4_MAX" \
-        --frame-size 640x360 --skip-train --time-budget $(( ${B4_TIMEOUT:-330} - 30 )) $2 \
+    timeout "${B4_TIMEOUT:-330}" $PY tools/benchmark_eval.py "${B4_COMMON[@]}" \
+        --skip-train --time-budget $(( ${B4_TIMEOUT:-330} - 30 )) $2 \
         --work-dir "${BENCH_DIR:-/tmp/bench}/b4$1" --json "$OUT/bench_4b_$TAG$1.json" 2>&1 \
         | tee "$OUT/bench_4b_$TAG$1.log" | tee -a "$LOG"
     return "${PIPESTATUS[0]}"
@@ -153,9 +155,8 @@ fi
 if [ "${PROFILE:-0}" = "1" ] && [ "${SKIP_4B:-0}" != "1" ]; then
     say "step 3: profile_eval.py --preset 4b-shaped --torch-profiler"
     # shellcheck disable=SC2086
-    timeout "${PROFILE_TIMEOUT:-150}" $PY tools/profile_eval.py --preset 4b-shaped --device "$DEVICE" --dtype "$DTYPE" \
-        --num-videos "${B4_VIDEOS:-1}" --exps-per-video "${B4_EXPS:-5}" --min-frames "$B4_MIN" --max-frames "$B4_MAX" \
-        --frame-size 640x360 --torch-profiler ${B4_ARGS:-} --work-dir "${BENCH_DIR:-/tmp/bench}/prof" \
+    timeout "${PROFILE_TIMEOUT:-150}" $PY tools/profile_eval.py "${B4_COMMON[@]}" \
+        --torch-profiler ${B4_ARGS:-} --work-dir "${BENCH_DIR:-/tmp/bench}/prof" \
         --out "${BENCH_DIR:-/tmp/bench}/prof_out" 2>&1 | grep -v Warning | tee "$OUT/profile_eval.log" | tee -a "$LOG" | tail -40
     cp "${BENCH_DIR:-/tmp/bench}"/prof_out/profile_growth.txt "${BENCH_DIR:-/tmp/bench}"/prof_out/torch_profile_E*.txt \
         "$OUT"/ 2>/dev/null
