@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks of issues 4 and 6: the single prepared script for a lent GPU machine (H100/H200, Python
-# 3.12, torch preinstalled; our pinned packages travel as wheels in ./.whl). Run from the repo root:
+# 3.12, torch preinstalled; our pinned packages travel as wheels in ./.whl, made by
+# tools/fetch_device_wheels.sh). Run from the repo root:
 #
 #     bash tools/device_bench.sh            # writes $OUT/* (default work_dirs/device_bench/)
 #
