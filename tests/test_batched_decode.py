@@ -488,6 +488,8 @@ def test_default_decode_batch_kv_bytes(monkeypatch):
 
 
 def test_video_pair_cache_is_exact_and_dedupes(tiny):
+    from projects.sasasa2va.hf.models import video_context as vc
+
     """With the pair cache (on by default; RowExact SAM2 decodes on CPU), predict_video equals fresh
     per-(text, mode) contexts and contexts without the cache bit for bit, and decodes each (frame, [SEG])
     pair of an answer once."""
@@ -504,7 +506,7 @@ def test_video_pair_cache_is_exact_and_dedupes(tiny):
             for m in modes:
                 fresh = VideoContext(model, tok, frames).predict(text, m, return_probs=True)
                 assert _same(got[m][i], fresh) and _same(got[m][i], without[m][i]), (m, i)
-    assert ctx.pair_cache_bytes == 64 << 20
+    assert ctx.pair_cache_bytes == vc.PAIR_CACHE_BYTES
     plans = [ctx.plan_for(m, select_indices(11, m, 100), InferenceOptions()) for m in modes]
     pairs = [set(zip(p.decode_frames, p.prompt_index)) for p in plans]
     assert plain.counters.sam2_decodes == len(texts) * sum(len(p) for p in pairs)
@@ -643,3 +645,108 @@ def test_lru_helpers_keep_the_most_recently_used_entries():
     assert lru_get(cache, "zzz") is None and list(cache) == ["b", "d"]
     lru_put(cache, "e", "E", 0)               # limit 0: caching off
     assert "e" not in cache
+
+
+def _decode_calls(model, monkeypatch):
+    """Spy on the SAM2 mask decoder: the number of pairs of each call (a lone pair on CPU counts 2)."""
+    calls = []
+    real = model.grounding_encoder.decode
+
+    def spy(features, frame_ids, prompts, mode="train"):
+        calls.append(len(frame_ids))
+        return real(features, frame_ids, prompts, mode=mode)
+
+    monkeypatch.setattr(model.grounding_encoder, "decode", spy)
+    return calls
+
+
+def test_prefetch_decodes_batches_across_answers_and_changes_nothing(tiny, monkeypatch):
+    """predict_video decodes the SAM2 pairs of many answers together (prefetch_decodes): fewer, fuller
+    mask-decoder calls, each distinct (answer, frame, [SEG]) pair once, and results and counters
+    bit-identical to decoding per prediction -- also when the pair cache holds only part of a video's
+    pairs (windows of requests), or less than one prediction's (then predict decodes as before)."""
+    from projects.sasasa2va.hf.models import video_context as vc
+
+    model, tok = tiny
+    frames = _frames(13, seed=5)
+    texts = [eval_prompt(t) for t in TEXTS[:3]]
+    fids = {i: _qlist(13, 40 + i) for i in range(3)}
+    modes = list(vc.MODES)
+    answer = "Sure, " + " ".join(f"Clip_{k + 1} {SEG_TOKEN}" for k in range(10)) + "."
+    low = model.grounding_encoder.low_res_size
+    pair = low * low * 4
+    with bench.ForcedAnswer(model, tok, answer):
+        base_ctx = model.video_context(tok, frames)
+        monkeypatch.setattr(base_ctx, "prefetch_decodes", lambda requests, options=None: len(requests))
+        base_calls = _decode_calls(model, monkeypatch)
+        base = model.predict_video(frames, texts, tok, modes, selected_fids=fids, context=base_ctx)
+        monkeypatch.undo()
+        runs = {}
+        for name, cache in (("default", None), ("window", 90 * pair), ("tiny", 3 * pair)):
+            ctx = model.video_context(tok, frames, pair_cache_bytes=cache)
+            calls = _decode_calls(model, monkeypatch)
+            covered = []
+            real = ctx.prefetch_decodes
+
+            def prefetch(requests, options=None, real=real, covered=covered):
+                n = real(requests, options)
+                covered.append(n)
+                return n
+
+            monkeypatch.setattr(ctx, "prefetch_decodes", prefetch)
+            got = model.predict_video(frames, texts, tok, modes, selected_fids=fids, context=ctx)
+            monkeypatch.undo()
+            runs[name] = (ctx, calls, covered)
+            for m in modes:
+                for i in range(len(texts)):
+                    assert _same(got[m][i], base[m][i]), (name, m, i)
+            if name != "tiny":  # (a 3-pair cache evicts pairs that uniform_plus would reuse)
+                assert ctx.counters.as_dict() == base_ctx.counters.as_dict(), name
+    decodes = base_ctx.counters.sam2_decodes
+    assert sum(base_calls) == decodes > 0
+    ctx, calls, covered = runs["default"]
+    assert covered == [len(texts) * len(modes)]  # one window: every request's pairs fit the cache
+    assert sum(calls) == decodes and len(calls) == -(-decodes // ctx.decode_batch) < len(base_calls)
+    ctx, calls, covered = runs["window"]
+    assert len(covered) > 1 and sum(covered) == len(texts) * len(modes) and len(calls) < len(base_calls)
+    ctx, calls, covered = runs["tiny"]
+    assert set(covered) == {1} and ctx.counters.sam2_decodes >= decodes  # each prediction by predict
+
+
+def test_prefetch_decodes_leaves_unplannable_requests_to_predict(tiny, monkeypatch):
+    """Requests without a generated answer or with a Path C (memory propagation) plan are covered
+    without any SAM2 work; an empty request list covers nothing."""
+    from projects.sasasa2va.hf.models.frame_sampling import DecodePlan
+
+    model, tok = tiny
+    frames = _frames(9, seed=6)
+    ctx = model.video_context(tok, frames)
+    calls = _decode_calls(model, monkeypatch)
+    requests = [(eval_prompt(t), "uniform", None) for t in TEXTS[:2]]
+    assert ctx.prefetch_decodes([]) == 0
+    assert ctx.prefetch_decodes(requests) == 2 and calls == []  # nothing generated yet
+    with bench.ForcedAnswer(model, tok, "Sure, " + " ".join([SEG_TOKEN] * 10) + "."):
+        ctx.prefetch_generations(requests)
+    monkeypatch.setattr(ctx, "plan_for", lambda mode, indices, options: DecodePlan("C", [0, 4], [0, 1], 9, True))
+    assert ctx.prefetch_decodes(requests) == 2 and calls == [] and ctx.counters.sam2_decodes == 0
+    monkeypatch.undo()
+    calls = _decode_calls(model, monkeypatch)
+    assert ctx.prefetch_decodes(requests) == 2 and sum(calls) == ctx.counters.sam2_decodes > 0
+
+
+def test_exact_sam2_decodes_do_not_depend_on_the_chunk(tiny):
+    """With exact_rows each pair's low-res logits are the same bits whatever the chunk size, a chunk of
+    one pair included (a batch of one runs other CPU kernels; a lone pair is decoded in a batch of two)."""
+    from projects.sasasa2va.hf.models.inference import seg_prompts
+
+    model, tok = tiny
+    ctx = model.video_context(tok, _frames(7, seed=8))
+    gen = torch.Generator().manual_seed(0)
+    prompts = seg_prompts(model, torch.randn(9, model.language_model.config.hidden_size, generator=gen))
+    frames = [i % 7 for i in range(9)]
+    ctx.decode_batch = 4
+    ref = ctx.decode_rows(frames, prompts)  # chunks of 4, 4, 1
+    for size in (1, 2, 3, 9):
+        ctx.decode_batch = size
+        assert torch.equal(ctx.decode_rows(frames, prompts), ref), size
+    assert ctx.counters.sam2_decodes == 5 * 9

@@ -75,7 +75,9 @@ from .sam2_grounding import FrameFeatures
 from .templates import IMG_END_TOKEN, get_template, image_token_string
 
 logger = logging.getLogger(__name__)
-PAIR_CACHE_BYTES = 64 << 20  # default bound of VideoContext's single-decode cache
+DECODE_BATCH = 16  # (frame, [SEG]) pairs per SAM2 mask-decoder call on CPU (RowExact) and in the naive path
+GPU_DECODE_BATCH = 64  # the same for the shared path on a GPU
+PAIR_CACHE_BYTES = 256 << 20  # default bound of VideoContext's single-decode cache (1024 pairs at 256 px)
 CPU_DECODE_BATCH_KV_BYTES = 4 << 30  # default bound of a decode batch's KV caches on CPU
 IMAGE_WORKERS = min(8, os.cpu_count() or 1)  # threads building a prompt's missing KFC images
 VISION_BATCH = 16  # images per ViT call without exact_rows (GPU); with it, one at a time
@@ -223,7 +225,8 @@ class VideoContext:
     ``feature_budget_bytes``: bound on cached SAM2 features (None = keep every frame); while a block
     of ``encode_batch`` frames is being used the cache may exceed it by that block.
     ``naive``: no caching at all (reference-style batching), for benchmarks.
-    ``encode_batch`` / ``decode_batch``: SAM2 encoder / mask-decoder batch sizes; ``max_prefix_caches``,
+    ``encode_batch`` / ``decode_batch``: SAM2 encoder / mask-decoder batch sizes (decode_batch None:
+    ``DECODE_BATCH`` with ``exact_rows`` or ``naive``, else ``GPU_DECODE_BATCH``); ``max_prefix_caches``,
     ``max_cached_logits``, ``max_vision_images``: LRU sizes of the prompt-prefix KV caches, combined
     low-res logits and vision tokens (0 disables that cache). Answers are always kept (small).
     ``decode_batch_prompts``: most prompts greedy-decoded together by :meth:`prefetch_generations`
@@ -241,13 +244,14 @@ class VideoContext:
     batched decoding steps (without ``exact_rows``; see there).
     ``pair_cache_bytes``: bound on the cached low-res logits of single (frame, [SEG]) decodes, reused
     across the decode plans of one answer (e.g. uniform's Path A and uniform_plus's Path B), so each
-    distinct pair is decoded once; 0 disables it; None: 64 MiB. With ``exact_rows`` every decode runs
+    distinct pair is decoded once, and :meth:`prefetch_decodes` batches across answers within it; 0
+    disables both; None: 256 MiB. With ``exact_rows`` every decode runs
     under :class:`RowExact`, so a pair's logits do not depend on its chunk and a cached pair equals a
     fresh one (and the naive path's) bit for bit.
     """
 
     def __init__(self, model, tokenizer, frames, feature_budget_bytes: Optional[int] = None, *,
-                 naive: bool = False, encode_batch: int = 8, decode_batch: int = 16,
+                 naive: bool = False, encode_batch: int = 8, decode_batch: Optional[int] = None,
                  max_prefix_caches: int = 4, max_cached_logits: int = 8, max_vision_images: int = 512,
                  decode_batch_prompts: int = 64, decode_batch_kv_bytes: Optional[int] = None,
                  pair_cache_bytes: Optional[int] = None, exact_rows: Optional[bool] = None,
@@ -266,8 +270,9 @@ class VideoContext:
                                                   or decode_batch_kv_bytes < 0):
             raise ValueError(f"decode_batch_kv_bytes must be an int >= 0 (0: no bound) or None (default), "
                              f"got {decode_batch_kv_bytes!r}")
-        for name, value in (("encode_batch", encode_batch), ("decode_batch", decode_batch),
-                            ("decode_batch_prompts", decode_batch_prompts)):
+        sizes = (("encode_batch", encode_batch), ("decode_batch", decode_batch),
+                 ("decode_batch_prompts", decode_batch_prompts))
+        for name, value in (item for item in sizes if item[1] is not None or item[0] != "decode_batch"):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self._source = source
@@ -279,7 +284,6 @@ class VideoContext:
         self.naive = bool(naive)
         self.feature_budget_bytes = feature_budget_bytes
         self.encode_batch = encode_batch
-        self.decode_batch = decode_batch
         self.max_prefix_caches = max(0, int(max_prefix_caches))
         self.max_cached_logits = max(0, int(max_cached_logits))
         self.max_vision_images = max(0, int(max_vision_images))
@@ -288,6 +292,9 @@ class VideoContext:
             decode_batch_kv_bytes = default_decode_batch_kv_bytes(model, self.device)
         self.decode_batch_kv_bytes = int(decode_batch_kv_bytes)
         self.exact_rows = (self.device.type == "cpu") if exact_rows is None else bool(exact_rows)
+        if decode_batch is None:  # GPU: larger mask-decoder calls (their cost is mostly launches)
+            decode_batch = DECODE_BATCH if self.exact_rows or self.naive else GPU_DECODE_BATCH
+        self.decode_batch = decode_batch
         self.decode_attention = check_decode_attention(decode_attention)
         if pair_cache_bytes is None:
             pair_cache_bytes = PAIR_CACHE_BYTES
@@ -486,9 +493,8 @@ class VideoContext:
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, specs: Sequence[ImageSpec], max_new_tokens: int) -> Generation:
         """Greedy answer for prompt ``ids`` whose <IMG_CONTEXT> blocks show the images of ``specs``."""
-        keys = tuple(k for k, _ in specs)
         max_seg = self._max_seg(specs)
-        gkey = (tuple(ids[0].tolist()), keys, int(max_new_tokens), max_seg)
+        gkey = self.generation_key(ids, specs, max_new_tokens)
         if not self.naive and gkey in self._generations:
             if gkey in self._prefetched:  # computed ahead in a batch: its first use is not a reuse
                 self._prefetched.discard(gkey)
@@ -512,6 +518,10 @@ class VideoContext:
             vision = self.vision_tokens(specs) if specs else None
             answer = model.generate_answer(ids, vision_embeds=vision, **common)
         return self._store(gkey, answer, n)
+
+    def generation_key(self, ids: torch.Tensor, specs: Sequence[ImageSpec], max_new_tokens: int) -> tuple:
+        """Key of the generation cache: same tokens, images and decoding limits -> same greedy answer."""
+        return (tuple(ids[0].tolist()), tuple(k for k, _ in specs), int(max_new_tokens), self._max_seg(specs))
 
     def _max_seg(self, specs) -> Optional[int]:
         """Video prompts stop generating after ``num_clips`` [SEG] states (see ``generate_answer``)."""
@@ -553,7 +563,7 @@ class VideoContext:
             except Exception:
                 continue
             keys = tuple(k for k, _ in specs)
-            gkey = (tuple(ids[0].tolist()), keys, max_new, self._max_seg(specs))
+            gkey = self.generation_key(ids, specs, max_new)
             if gkey in self._generations or gkey in seen:
                 continue
             boundary = canonical_boundary(ids, self.img_end_id)
@@ -628,17 +638,28 @@ class VideoContext:
         sorted distinct pairs and the naive path's every decode call give the same bits; ``features``
         (all frames, naive mode) bypasses the cache.
         """
+        index = torch.as_tensor([int(k) for _, k in pairs], dtype=torch.long, device=prompts.device)
+        return self.decode_rows([int(f) for f, _ in pairs], prompts.index_select(0, index), features)
+
+    def decode_rows(self, frames: Sequence[int], rows: torch.Tensor,
+                    features: Optional[FrameFeatures] = None) -> torch.Tensor:
+        """Low-res logits [len(frames), h, w]: frames[m] decoded with the prompt vector rows[m] (see
+        :meth:`decode_pairs`; rows may come from different answers)."""
         out = []
-        for start in range(0, len(pairs), self.decode_batch):
-            chunk = pairs[start:start + self.decode_batch]
-            frames = [int(f) for f, _ in chunk]
-            index = torch.as_tensor([int(k) for _, k in chunk], dtype=torch.long, device=prompts.device)
+        for start in range(0, len(frames), self.decode_batch):
+            chunk = [int(f) for f in frames[start:start + self.decode_batch]]
+            prompts = rows[start:start + len(chunk)]
+            # RowExact: a batch of one runs other CPU kernels (other bits) than every larger batch, which
+            # all agree; a lone pair is decoded twice in one batch so that its bits do not depend on it
+            lone = self.exact_rows and len(chunk) == 1
+            batch = chunk * 2 if lone else chunk
             if features is None:
-                feats, ids = self.gather_features(frames), list(range(len(chunk)))
+                feats, ids = self.gather_features(batch), list(range(len(batch)))
             else:
-                feats, ids = features, frames
+                feats, ids = features, batch
             with RowExact() if self.exact_rows else contextlib.nullcontext():
-                out.append(self.grounding.decode(feats, ids, prompts.index_select(0, index), mode="infer"))
+                low = self.grounding.decode(feats, ids, prompts.expand(2, -1) if lone else prompts, mode="infer")
+            out.append(low[:1] if lone else low)
             self.counters.sam2_decodes += len(chunk)
         if not out:
             size = self.grounding.low_res_size
@@ -739,6 +760,82 @@ class VideoContext:
                 self._pair_bytes -= old.numel() * old.element_size()
         return torch.stack([rows[pair] for pair in unique])
 
+    @staticmethod
+    def _logits_key(gen: Generation, plan: DecodePlan, options: InferenceOptions) -> tuple:
+        """Key of the combined-logits cache: one answer decoded by one plan."""
+        return (gen.key, plan.path, tuple(plan.decode_frames), tuple(plan.prompt_index),
+                options.path_b_average if plan.path == "B" else None)
+
+    @torch.no_grad()
+    def prefetch_decodes(self, requests: Sequence[tuple], options: Optional[InferenceOptions] = None) -> int:
+        """Decode ahead, across answers, the (frame, [SEG]) pairs that the Path A/B plans of the leading
+        ``requests`` ((text, mode, selected_fids[, past_text]), in the order :meth:`predict` will take
+        them) need and the pair cache lacks, ``decode_batch`` pairs per SAM2 call. One answer's plan has
+        only ~10-20 distinct pairs, and on a GPU a small mask-decoder call costs mostly its launches.
+
+        Takes requests while their pairs (new and already cached) fit ``pair_cache_bytes``, so none is
+        evicted before ``predict`` reads it; returns how many requests it covered (>= 1 when there are
+        any). A request whose answer is not generated yet, has no [SEG] or uses Path C (memory
+        propagation) is covered without decoding: ``predict`` handles it as before. Same pairs, same
+        decodes and counters as ``predict`` alone would do; with ``exact_rows`` the same bits.
+        """
+        if not requests:
+            return 0
+        if self.naive or not self.pair_cache_bytes or not self.num_frames:
+            return len(requests)
+        options = options or InferenceOptions()
+        size = int(self.grounding.low_res_size)
+        capacity = self.pair_cache_bytes // max(size * size * 4, 1)  # float32 low-res logits per pair
+        needed: "OrderedDict[tuple, None]" = OrderedDict()  # (pair key, (frame, k)) in first-use order
+        answers = {}  # pair key -> (generation, prompt order)
+        covered = 0
+        for request in requests:
+            text, mode, fids = request[:3]
+            past = request[3] if len(request) > 3 else ""
+            mine = []
+            try:
+                indices, specs, ids = self._prompt(text, mode, fids, past)
+                gen = self._generations.get(self.generation_key(ids, specs, options.max_new_tokens))
+                order = None if gen is None else seg_prompt_indices(int(gen.seg_hidden_states.shape[0]),
+                                                                    self.config.num_clips)
+                plan = None if order is None else self.plan_for(mode, indices, options)
+            except Exception:  # predict reports it
+                plan = None
+            if plan is not None and plan.path != "C" and self._logits_key(gen, plan, options) not in self._logits:
+                pair_key = (gen.key, tuple(order))
+                answers[pair_key] = (gen, order)
+                mine = [(pair_key, (int(f), int(k))) for f, k in sorted(set(zip(plan.decode_frames,
+                                                                                 plan.prompt_index)))]
+            new = [key for key in dict.fromkeys(mine) if key not in needed]
+            if len(needed) + len(new) > capacity:
+                if not covered:  # alone beyond the cache: predict decodes it as before
+                    covered = 1
+                break
+            needed.update((key, None) for key in new)
+            covered += 1
+        missing = [key for key in needed if key not in self._pairs]
+        if missing:
+            prompts = {}
+            for pair_key, _ in missing:
+                if pair_key not in prompts:
+                    gen, order = answers[pair_key]
+                    index = torch.as_tensor(order, dtype=torch.long, device=self.device)
+                    prompts[pair_key] = seg_prompts(self.model, gen.seg_hidden_states).index_select(0, index)
+            missing.sort(key=lambda key: key[1][0])  # frame-major
+            rows = torch.stack([prompts[pair_key][k] for pair_key, (_, k) in missing])
+            fresh = self.decode_rows([f for _, (f, _) in missing], rows)
+            for key, low in zip(missing, fresh):
+                low = low.clone()  # own storage: evicting a pair frees it
+                self._pairs[key] = low
+                self._pair_bytes += low.numel() * low.element_size()
+        for key in needed:  # most recently used: the eviction below keeps every pair of the window
+            if key in self._pairs:
+                self._pairs.move_to_end(key)
+        while self._pair_bytes > self.pair_cache_bytes and self._pairs:
+            _, old = self._pairs.popitem(last=False)
+            self._pair_bytes -= old.numel() * old.element_size()
+        return covered
+
     # ------------------------------------------------------------------------------------ one prediction
     @torch.no_grad()
     def predict(self, text: str, mode: str = "uniform", selected_fids=None, return_probs: bool = False,
@@ -785,8 +882,7 @@ class VideoContext:
             probs = empty_probs((L, *size), return_probs)
             return make_result(answer, [masks], [probs] if return_probs else None, 0, "no_seg", return_probs)
         plan = self.plan_for(mode, indices, options)
-        lkey = (gen.key, plan.path, tuple(plan.decode_frames), tuple(plan.prompt_index),
-                options.path_b_average if plan.path == "B" else None)
+        lkey = self._logits_key(gen, plan, options)
         low = None if self.naive else lru_get(self._logits, lkey)
         if low is not None:
             self.counters.logits_reused += 1
@@ -865,31 +961,42 @@ def predict_video(model, frames, texts: Sequence[str], tokenizer, modes: Sequenc
             raise ValueError(f"predict_video: {sorted(ctx_opts)} are fixed when the context is built; "
                              f"pass them to VideoContext instead")
     results = {mode: [None] * len(texts) for mode in modes}
+    requests = [(text, mode, fids[i]) for i, text in enumerate(texts) for mode in modes]  # text-major
     with torch.no_grad(), eval_mode(model):
         # every answer the video needs, greedy-decoded in batches up front (the loop finds them cached)
         try:
-            context.prefetch_generations([(text, mode, fids[i]) for i, text in enumerate(texts) for mode in modes],
-                                         options=opts)
+            context.prefetch_generations(requests, options=opts)
         except Exception:
             if errors == "raise":
                 raise
             logger.warning("batched decoding failed; answers are computed one at a time", exc_info=True)
         held, context._eval_held = context._eval_held, True
+        window_end, decode_ahead = 0, True
         try:
-            for i, text in enumerate(texts):  # text-major: modes of one text share generations and logits
-                for mode in modes:
+            # text-major: the modes of one text share answers and logits
+            for r, (text, mode, selected) in enumerate(requests):
+                if decode_ahead and r >= window_end:  # the SAM2 decodes of the next requests, batched
                     try:
-                        out = context.predict(text, mode, selected_fids=fids[i], return_probs=return_probs,
-                                              options=opts)
-                    except Exception as exc:
+                        window_end = r + context.prefetch_decodes(requests[r:], options=opts)
+                    except Exception:
                         if errors == "raise":
                             raise
-                        out = {"prediction": "", "prediction_masks": [], "num_seg": 0, "status": "failed",
-                               "error": f"{type(exc).__name__}: {exc}"}
-                    if on_result is not None:
-                        on_result(mode, i, out)
-                    if keep_results:
-                        results[mode][i] = out
+                        logger.warning("batched SAM2 decoding failed; pairs are decoded per prediction",
+                                       exc_info=True)
+                        decode_ahead = False
+                try:
+                    out = context.predict(text, mode, selected_fids=selected, return_probs=return_probs,
+                                          options=opts)
+                except Exception as exc:
+                    if errors == "raise":
+                        raise
+                    out = {"prediction": "", "prediction_masks": [], "num_seg": 0, "status": "failed",
+                           "error": f"{type(exc).__name__}: {exc}"}
+                i = r // len(modes)
+                if on_result is not None:
+                    on_result(mode, i, out)
+                if keep_results:
+                    results[mode][i] = out
         finally:
             context._eval_held = held
     return results
