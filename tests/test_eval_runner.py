@@ -491,7 +491,7 @@ def test_runner_asks_models_for_uint8_probabilities(syn_root, split, fake_env, t
 def test_average_runs_in_threads_bounded_by_memory(syn_root, split, fake_env, tmp_path, monkeypatch):
     """average_runs averages expressions in worker threads -- as many as AVERAGE_MEMORY_BYTES allows for
     the largest video -- and writes the same results.json as one thread."""
-    from projects.sasasa2va.evaluation import runner, sharding
+    from projects.sasasa2va.evaluation import average_ahead, runner, sharding
 
     records = split.load_records()
     items = sharding.enumerate_items(records)
@@ -504,19 +504,108 @@ def test_average_runs_in_threads_bounded_by_memory(syn_root, split, fake_env, tm
     monkeypatch.setattr(runner, "AVERAGE_MEMORY_BYTES", 1 << 40)
     assert runner.average_workers(records, items, 3) == 4
     threads = []
-    ensemble = runner.ensemble_masks
+    ensemble = average_ahead.ensemble_masks
 
     def spy(*args, **kwargs):
         threads.append(threading.current_thread().name)
         return ensemble(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "ensemble_masks", spy)
+    monkeypatch.setattr(average_ahead, "ensemble_masks", spy)
+    monkeypatch.setattr(runner, "AVERAGE_AHEAD", False)  # every expression averaged at the end
     args = ("--mode", "uniform,q_frame,wrap_around", "--average")
     assert run_inproc(syn_root, tmp_path / "threads", *args) == 0
     assert threads and all(t.startswith("average") for t in threads)
     monkeypatch.setattr(runner, "AVERAGE_WORKERS", 1)
     assert run_inproc(syn_root, tmp_path / "one", *args) == 0
     assert read_bytes(tmp_path / "threads" / "results.json") == read_bytes(tmp_path / "one" / "results.json")
+
+
+def test_average_ahead_gives_the_same_results_and_is_used_only_by_its_run(syn_root, split, fake_env, tmp_path,
+                                                                           monkeypatch):
+    """Each expression is averaged on its rank once all member modes are in (writer threads, not the
+    end-of-run averaging), with results.json byte-identical to averaging everything at the end; the
+    end takes an averaged entry only when it carries this run's id, members and threshold."""
+    from projects.sasasa2va.evaluation import average_ahead, runner, sharding
+
+    threads = []
+    ensemble = average_ahead.ensemble_masks
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return ensemble(*args, **kwargs)
+
+    monkeypatch.setattr(average_ahead, "ensemble_masks", spy)
+    args = ("--mode", "uniform,q_frame,wrap_around", "--average")
+    ahead = tmp_path / "ahead"
+    assert run_inproc(syn_root, ahead, *args) == 0
+    records = split.load_records()
+    items = sharding.enumerate_items(records)
+    ahead_threads = list(threads)
+    monkeypatch.setattr(runner, "AVERAGE_AHEAD", False)
+    threads.clear()
+    assert run_inproc(syn_root, tmp_path / "end", *args) == 0
+    n = len(threads)  # the expressions with at least one member's probabilities
+    assert 0 < n == len(ahead_threads) and not (tmp_path / "end" / "average").exists()
+    assert not any(t.startswith("average") for t in ahead_threads)
+    assert read_bytes(ahead / "results.json") == read_bytes(tmp_path / "end" / "results.json")
+
+    # the end-of-run averaging reads this run's entries (a doctored one shows through) and no other run's
+    it = items[0]
+    path = average_ahead.ahead_path(str(ahead), it.video_id, it.exp_id)
+    entry = load(path)
+    tag = entry["average_ahead"]
+    assert tag["members"] == ["uniform", "q_frame", "wrap_around"] and tag["threshold"] == 0.5
+    entry["prediction_masks"] = [{"size": m["size"], "counts": "doctored"} for m in entry["prediction_masks"]]
+    runner.atomic_write_json(path, entry)
+    names = tag["members"]
+    dirs = [runner.run_dir_for(str(ahead), m, names, True) for m in names]
+    meta = load(ahead / "results.json")["__meta__"]
+
+    def averaged(run_id, threshold=0.5):
+        threads.clear()
+        out = str(tmp_path / f"avg_{run_id}_{threshold}.json")
+        runner.average_runs(dirs, names, records, items, out, dict(meta), threshold, ahead=(str(ahead), run_id))
+        return load(out)[it.video_id][it.exp_id], len(threads)
+
+    got, computed = averaged(tag["run"])
+    assert got["prediction_masks"][0]["counts"] == "doctored" and computed == 0  # all taken from there
+    for run_id, threshold in (("another-run", 0.5), (tag["run"], 0.6)):
+        got, computed = averaged(run_id, threshold)
+        assert got["prediction_masks"][0]["counts"] != "doctored" and computed == n, (run_id, threshold)
+
+
+def test_average_ahead_collects_expected_expressions_within_memory():
+    """AverageAhead returns an expression's job with its last member (maps in the members' order), only
+    for expected expressions, and drops one whose maps would exceed the memory bound."""
+    from projects.sasasa2va.evaluation.average_ahead import AverageAhead
+
+    members = ["uniform", "q_frame"]
+    maps = {m: np.full((2, 3, 4), v, dtype=np.uint8) for m, v in zip(members, (40, 250))}
+    av = AverageAhead("/nonexistent", members, 0.5, "run", memory_bytes=2 * 3 * 4)
+    av.expect([("v", "0"), ("v", "1")])
+    frames = ["a", "b"]
+    assert av.add("uniform", 0, "v", "9", frames, "x", maps["uniform"], True, (3, 4)) is None  # not expected
+    assert av.add("uniform", 0, "v", "0", frames, "x", maps["uniform"], True, (3, 4)) is None
+    assert av.held_bytes == 24
+    assert av.add("wrap_around", 0, "v", "0", frames, "x", maps["uniform"], True, (3, 4)) is None  # not a member
+    assert av.add("uniform", 1, "v", "1", frames, "x", maps["uniform"], True, (3, 4)) is None  # beyond: dropped
+    assert av.add("q_frame", 1, "v", "1", frames, "x", maps["q_frame"], True, (3, 4)) is None
+    written = []
+    import projects.sasasa2va.evaluation.average_ahead as mod
+
+    job = av.add("q_frame", 0, "v", "0", frames, "x", maps["q_frame"], False, (3, 4))
+    assert job is not None and av.held_bytes == 0
+    real = mod.atomic_write_json
+    try:
+        mod.atomic_write_json = lambda path, obj: written.append((path, obj))
+        job()
+    finally:
+        mod.atomic_write_json = real
+    (path, entry), = written
+    assert path.endswith(os.path.join("average", "preds", "v", "0.json")) and entry["status"] == "ok"
+    from projects.sasasa2va.evaluation.results_io import entry_masks
+
+    assert entry_masks(entry).all()  # the mean of 40/255 and 250/255 is above 0.5
 
 
 def test_blind_subset_and_corrupt_frame(syn_root, split, fake_env, tmp_path):

@@ -39,7 +39,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from projects.sasasa2va.evaluation import sharding
-from projects.sasasa2va.evaluation.averaging import ensemble_masks, load_probs, probs_path, quantize_probs, save_probs
+from projects.sasasa2va.evaluation.average_ahead import AverageAhead, ahead_dir, averaged_entry, read_ahead
+from projects.sasasa2va.evaluation.averaging import load_probs, probs_path, quantize_probs, save_probs
 from projects.sasasa2va.evaluation.output_writer import BackgroundWriter, writer_threads
 from projects.sasasa2va.evaluation.results_io import make_entry, write_results
 from projects.sasasa2va.evaluation.splits import ResolvedSplit, resolve_split
@@ -53,6 +54,7 @@ DIST_DIR = ".dist"
 MAX_LISTED_FAILURES = 20
 AVERAGE_WORKERS = min(8, os.cpu_count() or 1)  # threads averaging expressions (average_runs) ...
 AVERAGE_MEMORY_BYTES = 2 << 30  # ... holding at most about this much at once
+AVERAGE_AHEAD = True  # average an expression on its rank as soon as its member modes are in (AverageAhead)
 
 
 # ================================================================================================ options
@@ -557,8 +559,10 @@ def _entry_for(task: ExpressionTask, frame_names: list[str], out: ExpressionOutp
 
 
 def _write_output(run_dir: str, task: ExpressionTask, frame_names: list[str], out: ExpressionOutput,
-                  hw: tuple[int, int], stats: RankStats, writer: BackgroundWriter | None = None) -> None:
-    """Counts the output now and stores it (``_store_output``) on ``writer``'s thread when given."""
+                  hw: tuple[int, int], stats: RankStats, writer: BackgroundWriter | None = None,
+                  mode: str | None = None, averager: AverageAhead | None = None) -> None:
+    """Counts the output now and stores it (``_store_output``) on ``writer``'s thread when given; with
+    ``averager``, the expression's averaged entry follows once its last member mode is in."""
     probs = quantize_probs(out.probs) if out.status in ("ok", "no_seg") and out.probs is not None else None
     stats.processed += 1
     stats.model_seconds += out.seconds
@@ -569,6 +573,10 @@ def _write_output(run_dir: str, task: ExpressionTask, frame_names: list[str], ou
         _store_output(run_dir, task, frame_names, out, probs, hw)
     else:
         writer.submit(_store_output, run_dir, task, frame_names, out, probs, hw)
+    job = None if averager is None or mode is None else averager.add(
+        mode, task.index, task.video_id, task.exp_id, frame_names, task.prompt, probs, out.status == "ok", hw)
+    if job is not None:
+        job() if writer is None else writer.submit(job)
 
 
 def _store_output(run_dir: str, task: ExpressionTask, frame_names: list[str], out: ExpressionOutput,
@@ -592,10 +600,12 @@ def input_errors_for(records: dict, meta_file: str, blind_expression: str | None
 def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Item], indices: Sequence[int],
                    opts: EvalOptions, modes: Sequence[str], qframe: dict | None, progress: bool,
                    run_dirs: dict[str, str], options: PredictOptions | None = None,
-                   input_errors: dict[tuple[str, str], str] | None = None) -> RankStats:
+                   input_errors: dict[tuple[str, str], str] | None = None,
+                   averager: AverageAhead | None = None) -> RankStats:
     """Run this rank's items (video-major) for every mode, skipping finished expressions.
 
     ``input_errors``: {(video, exp): reason} of expressions recorded as failed without calling the model.
+    ``averager``: averages each expression whose member modes all run here as soon as they are in.
     """
     options = options or PredictOptions()
     options = dataclasses.replace(options, return_probs=probs_request(model, options.return_probs))
@@ -611,6 +621,9 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
         stats.skipped += len(group) * len(modes) - len(todo)
         if todo:
             pending.append((vid, todo))
+        if averager is not None:
+            pairs = set(todo)
+            averager.expect((vid, it.exp_id) for it in group if all((m, it) in pairs for m in averager.members))
     total = sum(len(t) for _, t in pending)
     bar = None
     if progress:
@@ -645,7 +658,7 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
                         reason = input_errors.get((vid, it.exp_id))
                         if reason is not None:  # nothing to run: recorded as failed, the others go on
                             _write_output(run_dirs[mode], task, rec.frame_names, failed_output(reason), hw, stats,
-                                          writer)
+                                          writer, mode, averager)
                             if bar is not None:
                                 bar.update(1)
                             continue
@@ -655,11 +668,12 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
                 if shared and frame_error is None and tasks_by_mode:
                     # one VideoContext for every expression and mode of the video (naive: one per pair)
                     _run_video_shared(model, tokenizer, frames, hw, rec.frame_names, tasks_by_mode, run_dirs,
-                                      options, stats, bar, naive=opts.naive, feature_budget_bytes=budget, writer=writer)
+                                      options, stats, bar, naive=opts.naive, feature_budget_bytes=budget, writer=writer,
+                                      averager=averager)
                 else:  # models without predict_video (or unreadable frames): per-expression predict_forward
                     for mode, tasks in tasks_by_mode.items():
                         _run_video_mode(model, tokenizer, frames, frame_error, hw, rec.frame_names, tasks, mode,
-                                        run_dirs[mode], options, stats, bar, writer)
+                                        run_dirs[mode], options, stats, bar, writer, averager)
                 del frames
     finally:
         if bar is not None:
@@ -668,13 +682,13 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
 
 
 def _run_video_mode(model, tokenizer, frames, frame_error, hw, frame_names, tasks, mode, run_dir, options,
-                    stats, bar, writer: BackgroundWriter | None = None) -> None:
+                    stats, bar, writer: BackgroundWriter | None = None, averager: AverageAhead | None = None) -> None:
     written: set[int] = set()
 
     def emit(i: int, out: ExpressionOutput) -> None:
         if i in written or not 0 <= i < len(tasks):
             return
-        _write_output(run_dir, tasks[i], frame_names, out, hw, stats, writer)
+        _write_output(run_dir, tasks[i], frame_names, out, hw, stats, writer, mode, averager)
         written.add(i)
         if bar is not None:
             bar.update(1)
@@ -702,7 +716,8 @@ def supports_shared_path(model) -> bool:
 
 def _run_video_shared(model, tokenizer, frames, hw, frame_names, tasks_by_mode: dict, run_dirs: dict,
                       options: PredictOptions, stats: RankStats, bar, naive: bool = False,
-                      feature_budget_bytes: int | None = None, writer: BackgroundWriter | None = None) -> None:
+                      feature_budget_bytes: int | None = None, writer: BackgroundWriter | None = None,
+                      averager: AverageAhead | None = None) -> None:
     """Every pending (mode, expression) of one video through ``model.predict_video``.
 
     Shared (default): ONE ``VideoContext`` for the whole video, so SAM2 features, vision tokens, prompt
@@ -731,7 +746,7 @@ def _run_video_shared(model, tokenizer, frames, hw, frame_names, tasks_by_mode: 
         if key in written:
             return
         out.seconds = time.perf_counter() - clock[0]  # model time since the previous output was written
-        _write_output(run_dirs[mode], task, frame_names, out, hw, stats, writer)
+        _write_output(run_dirs[mode], task, frame_names, out, hw, stats, writer, mode, averager)
         clock[0] = time.perf_counter()
         written.add(key)
         if bar is not None:
@@ -836,12 +851,14 @@ def average_workers(records: dict, items: Sequence[sharding.Item], num_members: 
 
 def average_runs(member_dirs: Sequence[str], member_names: Sequence[str], records: dict,
                  items: Sequence[sharding.Item], out_path: str, meta: dict, threshold: float = 0.5,
-                 blind_expression: str | None = None) -> dict:
+                 blind_expression: str | None = None, ahead: tuple[str, str] | None = None) -> dict:
     """Per-pixel mean of the members' stored probabilities > threshold (averaging.ensemble_masks).
 
     A member without probabilities for an expression (it raised there) is left out of that mean. The
     averaged expression is failed when no member succeeded on it (then its masks are the mean of the
-    no_seg members' empty probabilities, or empty).
+    no_seg members' empty probabilities, or empty). ``ahead``: (work dir, run id) -- an expression that
+    a rank of this run already averaged (``AverageAhead``, same members and threshold) is taken from
+    there instead of being recomputed (the same entry).
     """
     def member_ok(d: str, it, num_frames: int) -> bool:
         e = _read_pred(d, it.video_id, it.exp_id, num_frames)
@@ -849,6 +866,11 @@ def average_runs(member_dirs: Sequence[str], member_names: Sequence[str], record
 
     def entry(it):
         rec = records[it.video_id]
+        if ahead is not None:
+            done = read_ahead(ahead[0], it.video_id, it.exp_id, rec.num_frames, ahead[1], member_names, threshold)
+            if done is not None:
+                done["index"] = it.index
+                return done
         probs, ok = [], []
         for name, d in zip(member_names, member_dirs):
             if os.path.isfile(probs_path(d, it.video_id, it.exp_id)):
@@ -860,15 +882,9 @@ def average_runs(member_dirs: Sequence[str], member_names: Sequence[str], record
                 if member_ok(d, it, rec.num_frames):
                     ok.append(name)
         text = blind_expression or rec.expressions[it.exp_id].text
-        if probs:
-            masks = ensemble_masks(probs, threshold=threshold)
-        else:
-            masks = np.zeros((rec.num_frames,) + _fallback_hw(rec), dtype=bool)
-        status, error = "ok", None
-        if not ok:
-            status, error = "failed", f"every member failed on this expression ({', '.join(member_names)})"
-        return make_entry(it.index, it.video_id, it.exp_id, rec.frame_names, masks, text_prediction="",
-                          exp=eval_prompt(text), status=status, error=error)
+        hw = (0, 0) if probs else _fallback_hw(rec)
+        return averaged_entry(it.index, it.video_id, it.exp_id, rec.frame_names, eval_prompt(text), probs, ok,
+                              member_names, threshold, hw)
 
     # expressions in worker threads (decompression and the mean release the GIL), entries in item order
     workers = average_workers(records, items, len(member_dirs))
@@ -976,6 +992,7 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
     t_start = time.perf_counter()
     path = "per-expression"
     work_dir = opts.work_dir
+    run_id = ctx.nonce or uuid.uuid4().hex  # tags the averages computed ahead in this run (all ranks)
     os.makedirs(work_dir, exist_ok=True)
     if ctx.is_main:
         _clean_markers(work_dir, keep_nonce=ctx.nonce)
@@ -991,6 +1008,7 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
                 stale = [os.path.join(d, sub) for d in run_dirs.values()
                          for sub in ("preds", "probs", "Annotations", "results.json", "run_config.json")]
                 stale += [os.path.join(work_dir, sub) for sub in ("Annotations", "results.json", "eval_summary.json")]
+                stale.append(ahead_dir(work_dir))
                 for p in stale:
                     if os.path.isdir(p):
                         shutil.rmtree(p)
@@ -1006,13 +1024,18 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
         qframe = split.load_qframe(records) if "q_frame" in modes else None
         model, tokenizer = load_model(opts, ctx)
         path = ("naive" if opts.naive else "shared") if supports_shared_path(model) else "per-expression"
+        averager = None
+        if AVERAGE_AHEAD and members is not None and all(n in run_dirs and d == run_dirs[n]
+                                                         for n, d in zip(*members)):
+            averager = AverageAhead(work_dir, list(members[0]), opts.average_threshold, run_id)
         indices = sharding.shard_indices(items, ctx.world_size, ctx.rank, opts.shard_by, include_padding=False)
         logger.info("rank %d/%d: %d of %d expression(s), modes %s", ctx.rank, ctx.world_size, len(indices),
                     len(items), ",".join(modes))
         stats = evaluate_shard(model, tokenizer, records, items, indices, opts, modes, qframe,
                                progress=opts.progress and ctx.is_main, run_dirs=run_dirs,
                                options=PredictOptions(extra_kwargs=dict(opts.predict_options)),
-                               input_errors=input_errors_for(records, split.meta_file, opts.blind_expression))
+                               input_errors=input_errors_for(records, split.meta_file, opts.blind_expression),
+                               averager=averager)
         del model
     except BaseException as exc:
         _write_marker(work_dir, ctx, "failed", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
@@ -1032,7 +1055,7 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
     if members is not None:
         names, dirs = members
         runs["average"] = average_runs(dirs, names, records, items, os.path.join(work_dir, "results.json"), meta,
-                                       opts.average_threshold, opts.blind_expression)
+                                       opts.average_threshold, opts.blind_expression, ahead=(work_dir, run_id))
     submission = []
     if opts.submit:
         complete = len(records) == len(all_records)
