@@ -219,9 +219,9 @@ def test_gqa_decode_attention_equals_sdpa_with_repeated_kv():
 
 
 def test_fast_batch_with_matmul_decode_attention(scripted, monkeypatch):
-    """generate_answers(exact=False, decode_attention="matmul"): every one-token step attends through
-    _gqa_decode_attention; same answers as SDPA steps, [SEG] states up to rounding; the model's attention
-    setting restored; a bad value is refused."""
+    """generate_answers(exact=False) with decode_attention="matmul" (the default): every one-token step
+    attends through _gqa_decode_attention; same answers as SDPA steps (decode_attention="sdpa"), [SEG]
+    states up to rounding; the model's attention setting restored; a bad value is refused."""
     from projects.sasasa2va.hf.models import modeling_sasasa2va_chat as mc
 
     model, tok, script = scripted
@@ -236,17 +236,20 @@ def test_fast_batch_with_matmul_decode_attention(scripted, monkeypatch):
 
     monkeypatch.setattr(mc, "_gqa_decode_attention", spy)
     stop = get_template(model.config.template)["STOP_WORDS"]
-    ref = batched(model, tok, ids_list, prefix, exact=False)
+    ref = model.generate_answers(ids_list, prefix_cache=prefix, tokenizer=tok, stop_words=stop,
+                                 max_new_tokens=MAX_NEW, exact=False, decode_attention="sdpa")
     assert calls == []
-    got = model.generate_answers(ids_list, prefix_cache=prefix, tokenizer=tok, stop_words=stop,
-                                 max_new_tokens=MAX_NEW, exact=False, decode_attention="matmul")
+    got = batched(model, tok, ids_list, prefix, exact=False)  # the default
     assert calls and set(calls) == {1}
     assert model.config.llm_config._attn_implementation == "sdpa"
     for a, b in zip(ref, got):
         assert torch.equal(a.ids, b.ids) and a.text == b.text
         torch.testing.assert_close(b.seg_hidden_states, a.seg_hidden_states, rtol=1e-4, atol=1e-4)
     calls.clear()  # VideoContext passes its decode_attention to the batched decoding
-    ctx = model.video_context(tok, _frames(12), exact_rows=False, decode_attention="matmul")
+    ctx = model.video_context(tok, _frames(12), exact_rows=False, decode_attention="sdpa")
+    assert ctx.prefetch_generations([(eval_prompt(t), "uniform", None) for t in TEXTS[:3]]) == 3
+    assert calls == []
+    ctx = model.video_context(tok, _frames(12), exact_rows=False)
     assert ctx.prefetch_generations([(eval_prompt(t), "uniform", None) for t in TEXTS[:3]]) == 3
     assert calls and set(calls) == {1}
     with pytest.raises(ValueError, match="decode_attention must be one of"):

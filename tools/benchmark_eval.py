@@ -109,13 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "of what the model's weights leave of the GPU's memory, 4096 on CPU; 0 = no bound)")
     p.add_argument("--pair-cache-mb", type=float, default=None,
                    help="shared path: cache of single (frame, [SEG]) SAM2 decodes reused across the decode plans "
-                        "of an answer, MB (default: VideoContext's, 64; 0 = off)")
+                        "of an answer, MB (default: VideoContext's, 256; 0 = off)")
     p.add_argument("--plain-batched-decoding", action="store_true",
                    help="shared path: batched greedy decoding with plain batched kernels (VideoContext "
                         "exact_rows=False; the GPU default) instead of the row-exact ones used on CPU")
     p.add_argument("--decode-attention", choices=("sdpa", "matmul"), default=None,
                    help="shared path: attention of the plain batched decoding steps (VideoContext "
-                        "decode_attention; default: sdpa; matmul = GQA-folded batched matmuls)")
+                        "decode_attention; default: matmul = GQA-folded batched matmuls; sdpa = transformers' SDPA)")
     p.add_argument("--skip-scaling", action="store_true", help="no E -> 2E scaling run")
     p.add_argument("--scaling-repeat", type=int, default=1,
                    help="time the 2E run N times, alternating with N-1 more runs of E, and keep the fastest "

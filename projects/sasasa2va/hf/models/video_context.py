@@ -56,6 +56,7 @@ from .inference import (
     InferenceOptions,
     build_prompt_text,
     canonical_boundary,
+    DEFAULT_DECODE_ATTENTION,
     check_decode_attention,
     eval_mode,
     empty_probs,
@@ -240,7 +241,7 @@ class VideoContext:
     ``exact_rows`` (default: on CPU): batched greedy decoding runs ``generate_answers(exact=True)``, so
     every answer is bit for bit the one-prompt answer; otherwise plain batched kernels (GPU), equal up
     to rounding.
-    ``decode_attention``: "sdpa" (default) or "matmul", passed to ``generate_answers`` for the plain
+    ``decode_attention``: "matmul" (default) or "sdpa", passed to ``generate_answers`` for the plain
     batched decoding steps (without ``exact_rows``; see there).
     ``pair_cache_bytes``: bound on the cached low-res logits of single (frame, [SEG]) decodes, reused
     across the decode plans of one answer (e.g. uniform's Path A and uniform_plus's Path B), so each
@@ -255,7 +256,7 @@ class VideoContext:
                  max_prefix_caches: int = 4, max_cached_logits: int = 8, max_vision_images: int = 512,
                  decode_batch_prompts: int = 64, decode_batch_kv_bytes: Optional[int] = None,
                  pair_cache_bytes: Optional[int] = None, exact_rows: Optional[bool] = None,
-                 decode_attention: str = "sdpa"):
+                 decode_attention: str = DEFAULT_DECODE_ATTENTION):
         if tokenizer is None:
             raise ValueError("VideoContext needs the tokenizer")
         if frames is None or isinstance(frames, (str, bytes)):
@@ -604,7 +605,7 @@ class VideoContext:
                                                   max_new_tokens=max_new, exact=self.exact_rows,
                                                   max_seg_tokens=self._max_seg(chunk[0][2]),
                                                   **({"decode_attention": self.decode_attention}
-                                                     if self.decode_attention != "sdpa" else {}))
+                                                     if self.decode_attention != DEFAULT_DECODE_ATTENTION else {}))
             del prefixes
             for (gkey, ids, _, boundary), answer in zip(chunk, answers):
                 self._store(gkey, answer, int(ids.shape[1]) - boundary)
