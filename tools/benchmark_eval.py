@@ -459,11 +459,12 @@ def main(argv=None) -> int:
         + f", {e1} expressions per video -> {n_exp} expressions x {len(modes)} mode(s) = {n_exp * len(modes)} "
         f"predictions" + (" + selective averaging" if average else ""))
 
-    # ---- warm-up (lazy init, kernels, file cache), not timed
+    # ---- warm-up (lazy init, CUDA's lazily loaded kernels of every mode's shapes, file cache), not timed:
+    # with one mode only, the first timed run on a GPU still ran ~1 s slower than the next (2026-11-27)
     wd = args.work_dir
     if not args.no_warmup:
-        log("warm-up (1 video, shared path, uniform) ...")
-        run_eval(model, tok, name, sp, os.path.join(wd, "warmup"), ["uniform"], False, False, args, device, max_videos=1)
+        log("warm-up (1 video, shared path, every mode) ...")
+        run_eval(model, tok, name, sp, os.path.join(wd, "warmup"), modes, average, False, args, device, max_videos=1)
 
     # ---- naive vs shared
     naive = None
