@@ -322,6 +322,18 @@ def test_benchmark_eval_context_options(tiny_dir, one_thread, tmp_path, capsys):
     assert ev["naive"]["work"]["sam2_decodes"] > ev["shared"]["work"]["sam2_decodes"]
 
 
+def test_benchmark_eval_no_average_ahead(monkeypatch):
+    """--no-average-ahead turns the runner's averaging ahead off (end-of-run averaging only)."""
+    from projects.sasasa2va.evaluation import runner
+
+    benchmark_eval = _tool("benchmark_eval")
+    monkeypatch.setattr(runner, "AVERAGE_AHEAD", True)
+    benchmark_eval.run_settings(benchmark_eval.build_parser().parse_args(["--device", "cpu"]))
+    assert runner.AVERAGE_AHEAD is True
+    benchmark_eval.run_settings(benchmark_eval.build_parser().parse_args(["--device", "cpu", "--no-average-ahead"]))
+    assert runner.AVERAGE_AHEAD is False
+
+
 def test_benchmark_eval_skip_naive_and_scaling_rounds(tiny_dir, one_thread, tmp_path, capsys):
     """--skip-naive: shared path, work counts and scaling only, its own last line; --scaling-repeat 2: two
     runs of 2E alternating with a second run of E, the fastest of each compared."""

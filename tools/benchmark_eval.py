@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-attention", choices=("sdpa", "matmul"), default=None,
                    help="shared path: attention of the plain batched decoding steps (VideoContext "
                         "decode_attention; default: matmul = GQA-folded batched matmuls; sdpa = transformers' SDPA)")
+    p.add_argument("--no-average-ahead", action="store_true",
+                   help="average every expression at the end of the run (runner.AVERAGE_AHEAD off) instead of on "
+                        "the writer threads as soon as its modes are in")
     p.add_argument("--skip-scaling", action="store_true", help="no E -> 2E scaling run")
     p.add_argument("--scaling-repeat", type=int, default=1,
                    help="time the 2E run N times, alternating with N-1 more runs of E, and keep the fastest "
@@ -388,6 +391,10 @@ def run_settings(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "no_average_ahead", False):
+        from projects.sasasa2va.evaluation import runner
+
+        runner.AVERAGE_AHEAD = False
     if args.exps_per_video < 1 or args.num_videos < 1:
         raise SystemExit("error: --num-videos and --exps-per-video must be >= 1")
     if getattr(args, "scaling_repeat", 1) < 1 or args.repeat < 1:
