@@ -271,9 +271,10 @@ class VideoContext:
                                                   or decode_batch_kv_bytes < 0):
             raise ValueError(f"decode_batch_kv_bytes must be an int >= 0 (0: no bound) or None (default), "
                              f"got {decode_batch_kv_bytes!r}")
-        sizes = (("encode_batch", encode_batch), ("decode_batch", decode_batch),
-                 ("decode_batch_prompts", decode_batch_prompts))
-        for name, value in (item for item in sizes if item[1] is not None or item[0] != "decode_batch"):
+        for name, value in (("encode_batch", encode_batch), ("decode_batch", decode_batch),
+                            ("decode_batch_prompts", decode_batch_prompts)):
+            if value is None and name == "decode_batch":  # the device's default, chosen below
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self._source = source
@@ -761,6 +762,11 @@ class VideoContext:
                 self._pair_bytes -= old.numel() * old.element_size()
         return torch.stack([rows[pair] for pair in unique])
 
+    def _clip_prompts(self, gen: Generation, order: Sequence[int]) -> torch.Tensor:
+        """SAM2 prompt vectors of an answer's [SEG] states, one per clip in ``order`` (seg_prompt_indices)."""
+        index = torch.as_tensor(order, dtype=torch.long, device=self.device)
+        return seg_prompts(self.model, gen.seg_hidden_states).index_select(0, index)
+
     @staticmethod
     def _logits_key(gen: Generation, plan: DecodePlan, options: InferenceOptions) -> tuple:
         """Key of the combined-logits cache: one answer decoded by one plan."""
@@ -819,9 +825,7 @@ class VideoContext:
             prompts = {}
             for pair_key, _ in missing:
                 if pair_key not in prompts:
-                    gen, order = answers[pair_key]
-                    index = torch.as_tensor(order, dtype=torch.long, device=self.device)
-                    prompts[pair_key] = seg_prompts(self.model, gen.seg_hidden_states).index_select(0, index)
+                    prompts[pair_key] = self._clip_prompts(*answers[pair_key])
             missing.sort(key=lambda key: key[1][0])  # frame-major
             rows = torch.stack([prompts[pair_key][k] for pair_key, (_, k) in missing])
             fresh = self.decode_rows([f for _, (f, _) in missing], rows)
@@ -888,8 +892,7 @@ class VideoContext:
         if low is not None:
             self.counters.logits_reused += 1
         else:
-            index = torch.as_tensor(order, dtype=torch.long, device=self.device)
-            prompts = seg_prompts(self.model, gen.seg_hidden_states).index_select(0, index)
+            prompts = self._clip_prompts(gen, order)
             features = self._encode_frames(list(range(L))) if self.naive else None
             low = self.plan_logits(plan, prompts, options, features, pair_key=(gen.key, tuple(order)))
             if not self.naive:
