@@ -753,3 +753,20 @@ def test_exact_sam2_decodes_do_not_depend_on_the_chunk(tiny):
         ctx.decode_batch = size
         assert torch.equal(ctx.decode_rows(frames, prompts), ref), size
     assert ctx.counters.sam2_decodes == 5 * 9
+
+
+def test_decode_batch_defaults_and_checks(tiny):
+    """decode_batch None: DECODE_BATCH with exact rows (CPU) or naive, GPU_DECODE_BATCH for plain batched
+    kernels; an explicit size is kept; sizes below 1 or not ints are refused."""
+    from projects.sasasa2va.hf.models import video_context as vc
+
+    model, tok = tiny
+    frames = _frames(3)
+    assert model.video_context(tok, frames).decode_batch == vc.DECODE_BATCH
+    assert model.video_context(tok, frames, exact_rows=False).decode_batch == vc.GPU_DECODE_BATCH
+    assert model.video_context(tok, frames, exact_rows=False, naive=True).decode_batch == vc.DECODE_BATCH
+    assert model.video_context(tok, frames, decode_batch=5).decode_batch == 5
+    for name in ("decode_batch", "encode_batch", "decode_batch_prompts"):
+        for bad in (0, "4"):
+            with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+                model.video_context(tok, frames, **{name: bad})
