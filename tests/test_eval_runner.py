@@ -347,6 +347,31 @@ def test_resume_byte_identical(syn_root, fake_env, tmp_path, monkeypatch):
     assert load(part / "results.json")["__meta__"]["blind_expression"] == "the object"
 
 
+def test_average_ahead_resume_recomputes_from_files(syn_root, fake_env, tmp_path, monkeypatch):
+    """A resumed run averages from the stored probabilities (earlier runs' averaged entries are not used,
+    even for expressions it does not recompute), with results.json identical to one uninterrupted run."""
+    from projects.sasasa2va.evaluation import average_ahead
+
+    args = ("--mode", "uniform,q_frame", "--average")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_inproc(syn_root, full, *args) == 0
+    monkeypatch.setenv("FAKE_EVAL_ABORT_AFTER", "7")
+    with pytest.raises(BaseException, match="abort after 7 calls"):
+        run_inproc(syn_root, part, *args)
+    monkeypatch.delenv("FAKE_EVAL_ABORT_AFTER")
+    earlier = sorted(os.path.relpath(os.path.join(d, f), part / "average")
+                     for d, _, fs in os.walk(part / "average") for f in fs if f.endswith(".json"))
+    assert earlier  # the interrupted run averaged some expressions ahead
+    for rel in earlier:  # doctored: used by mistake, they would change results.json
+        path = part / "average" / rel
+        entry = load(path)
+        entry["prediction_masks"] = [{"size": m["size"], "counts": "doctored"} for m in entry["prediction_masks"]]
+        average_ahead.atomic_write_json(str(path), entry)
+    assert run_inproc(syn_root, part, *args) == 0
+    assert read_bytes(part / "results.json") == read_bytes(full / "results.json")
+    assert load(part / "eval_summary.json")["this_run"]["skipped"] > 0
+
+
 def test_predict_video_replacement(syn_root, split, fake_env, tmp_path, monkeypatch):
     """A shared per-video path may return all outputs at once (no callback) or raise for the video."""
     from projects.sasasa2va.evaluation import runner
