@@ -513,10 +513,25 @@ def test_runner_asks_models_for_uint8_probabilities(syn_root, split, fake_env, t
     assert np.array_equal(out.probs, quantize_probs(ref.probs)) and len(np.unique(out.probs)) > 2
 
 
+def _ensemble_threads(monkeypatch) -> list:
+    """The names of the threads that average expressions (every ensemble_masks call), in call order."""
+    from projects.sasasa2va.evaluation import average_ahead
+
+    threads = []
+    ensemble = average_ahead.ensemble_masks
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return ensemble(*args, **kwargs)
+
+    monkeypatch.setattr(average_ahead, "ensemble_masks", spy)
+    return threads
+
+
 def test_average_runs_in_threads_bounded_by_memory(syn_root, split, fake_env, tmp_path, monkeypatch):
     """average_runs averages expressions in worker threads -- as many as AVERAGE_MEMORY_BYTES allows for
     the largest video -- and writes the same results.json as one thread."""
-    from projects.sasasa2va.evaluation import average_ahead, runner, sharding
+    from projects.sasasa2va.evaluation import runner, sharding
 
     records = split.load_records()
     items = sharding.enumerate_items(records)
@@ -528,14 +543,7 @@ def test_average_runs_in_threads_bounded_by_memory(syn_root, split, fake_env, tm
     assert runner.average_workers(records, items[:1], 3) == 1
     monkeypatch.setattr(runner, "AVERAGE_MEMORY_BYTES", 1 << 40)
     assert runner.average_workers(records, items, 3) == 4
-    threads = []
-    ensemble = average_ahead.ensemble_masks
-
-    def spy(*args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return ensemble(*args, **kwargs)
-
-    monkeypatch.setattr(average_ahead, "ensemble_masks", spy)
+    threads = _ensemble_threads(monkeypatch)
     monkeypatch.setattr(runner, "AVERAGE_AHEAD", False)  # every expression averaged at the end
     args = ("--mode", "uniform,q_frame,wrap_around", "--average")
     assert run_inproc(syn_root, tmp_path / "threads", *args) == 0
@@ -552,14 +560,7 @@ def test_average_ahead_gives_the_same_results_and_is_used_only_by_its_run(syn_ro
     end takes an averaged entry only when it carries this run's id, members and threshold."""
     from projects.sasasa2va.evaluation import average_ahead, runner, sharding
 
-    threads = []
-    ensemble = average_ahead.ensemble_masks
-
-    def spy(*args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return ensemble(*args, **kwargs)
-
-    monkeypatch.setattr(average_ahead, "ensemble_masks", spy)
+    threads = _ensemble_threads(monkeypatch)
     args = ("--mode", "uniform,q_frame,wrap_around", "--average")
     ahead = tmp_path / "ahead"
     assert run_inproc(syn_root, ahead, *args) == 0

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from projects.sasasa2va.evaluation.averaging import ensemble_masks
-from projects.sasasa2va.evaluation.results_io import make_entry
+from projects.sasasa2va.evaluation.results_io import make_entry, read_entry
 from projects.sasasa2va.utils.io import atomic_write_json
 
 AHEAD_KEY = "average_ahead"  # extra key of a stored entry: {"run", "members", "threshold"}
@@ -59,20 +59,10 @@ def read_ahead(work_dir: str, video_id: str, exp_id: str, num_frames: int, run_i
                members: Sequence[str], threshold: float) -> Optional[dict]:
     """This run's averaged entry of the expression, without the tag; None if absent, unreadable or
     written by another run, for other members or another threshold."""
-    import json
-
-    path = ahead_path(work_dir, video_id, exp_id)
-    if not run_id or not os.path.isfile(path):
-        return None
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            e = json.load(f)
-    except (OSError, ValueError):
-        return None
-    tag = e.pop(AHEAD_KEY, None) if isinstance(e, dict) else None
+    e = read_entry(ahead_path(work_dir, video_id, exp_id), video_id, exp_id, num_frames) if run_id else None
+    tag = e.pop(AHEAD_KEY, None) if e is not None else None
     if (not isinstance(tag, dict) or tag.get("run") != run_id or tag.get("members") != list(members)
-            or tag.get("threshold") != float(threshold) or e.get("video_id") != video_id
-            or e.get("exp_id") != exp_id or len(e.get("prediction_masks") or []) != num_frames):
+            or tag.get("threshold") != float(threshold)):
         return None
     return e
 
@@ -115,8 +105,7 @@ class AverageAhead:
             self._bytes += size
             if len(got) < len(self.members):
                 return None
-            del self._pending[key]
-            self._bytes -= sum(int(p.nbytes) for p, _ in got.values() if p is not None)
+            self._release(key)
         maps = [got[m][0] for m in self.members if got[m][0] is not None]
         ok_members = [m for m in self.members if got[m][1]]
 
@@ -134,9 +123,13 @@ class AverageAhead:
         with self._lock:
             self._expected.update(keys)
 
-    def _drop(self, key) -> None:
+    def _release(self, key) -> None:
+        """Stop holding the maps of ``key`` (lock held)."""
         got = self._pending.pop(key, {})
         self._bytes -= sum(int(p.nbytes) for p, _ in got.values() if p is not None)
+
+    def _drop(self, key) -> None:
+        self._release(key)
         self._dropped.add(key)
 
     @property

@@ -40,6 +40,22 @@ def make_entry(index: int, video_id: str, exp_id: str, frames: list[str], masks,
             "prediction_masks": rles, "status": status, "error": error}
 
 
+def read_entry(path: str, video_id: str, exp_id: str, num_frames: int) -> dict | None:
+    """The per-expression entry stored at ``path`` (written by make_entry + atomic_write_json), or None
+    when absent, unreadable, or not this expression's with one mask per frame (then it is recomputed)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            e = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(e, dict) or e.get("video_id") != video_id or e.get("exp_id") != exp_id
+            or len(e.get("prediction_masks") or []) != num_frames):
+        return None
+    return e
+
+
 def nest_entries(entries: Iterable[dict]) -> dict:
     """{video: {exp: entry}} in arrival order; a duplicate (video, exp) is an error (spec §4.4)."""
     out: dict[str, dict[str, dict]] = {}

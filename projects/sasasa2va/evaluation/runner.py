@@ -42,7 +42,7 @@ from projects.sasasa2va.evaluation import sharding
 from projects.sasasa2va.evaluation.average_ahead import AverageAhead, ahead_dir, averaged_entry, read_ahead
 from projects.sasasa2va.evaluation.averaging import load_probs, probs_path, quantize_probs, save_probs
 from projects.sasasa2va.evaluation.output_writer import BackgroundWriter, writer_threads
-from projects.sasasa2va.evaluation.results_io import make_entry, write_results
+from projects.sasasa2va.evaluation.results_io import make_entry, read_entry, write_results
 from projects.sasasa2va.evaluation.splits import ResolvedSplit, resolve_split
 from projects.sasasa2va.hf.models.frame_sampling import MODES
 from projects.sasasa2va.hf.models.templates import eval_prompt
@@ -479,18 +479,7 @@ def preds_path(run_dir: str, video_id: str, exp_id: str) -> str:
 
 def _read_pred(run_dir: str, video_id: str, exp_id: str, num_frames: int) -> dict | None:
     """A finished expression's entry, or None when absent/unusable (then it is recomputed)."""
-    path = preds_path(run_dir, video_id, exp_id)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            e = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if (not isinstance(e, dict) or e.get("video_id") != video_id or e.get("exp_id") != exp_id
-            or len(e.get("prediction_masks") or []) != num_frames):
-        return None
-    return e
+    return read_entry(preds_path(run_dir, video_id, exp_id), video_id, exp_id, num_frames)
 
 
 def _is_done(run_dir: str, video_id: str, exp_id: str, num_frames: int, retry_failed: bool) -> bool:
