@@ -316,6 +316,35 @@ def test_feature_budget_evicts_and_recomputes(scripted):
     assert same(out["wrap_around"][0], fresh("wrap_around"))
 
 
+def test_coinciding_modes_share_read_only_outputs(scripted):
+    """Below 100 frames wrap_around == wrap_around_plus (spec 1.5): the second gets the first's arrays."""
+    model, tok, head = scripted
+    set_answer(head, tok, 10)
+    frames = make_frames(23, seed=4)  # 23: uniform's frame multiplicities differ from wrap_around's
+    texts = [eval_prompt("the red car"), eval_prompt("a cat")]
+    modes = ["uniform", "wrap_around", "wrap_around_plus"]
+    ctx = model.video_context(tok, frames)
+    out = model.predict_video(frames, texts, tok, modes, context=ctx, return_probs="uint8")
+    assert ctx.counters.outputs_reused == 2 and ctx.counters.logits_reused >= 2
+    for i in range(2):
+        a, b = out["wrap_around"][i], out["wrap_around_plus"][i]
+        for field in ("prediction_masks", "probabilities"):
+            assert a[field][0] is b[field][0] and not a[field][0].flags.writeable
+        assert out["uniform"][i]["prediction_masks"][0] is not a["prediction_masks"][0]
+    off = model.video_context(tok, frames, output_cache_bytes=0)
+    again = model.predict_video(frames, texts, tok, modes, context=off, return_probs="uint8")
+    assert off.counters.outputs_reused == 0
+    for m in modes:
+        for x, y in zip(out[m], again[m]):
+            assert x["probabilities"][0] is not y["probabilities"][0] and y["probabilities"][0].flags.writeable
+            assert np.array_equal(x["prediction_masks"][0], y["prediction_masks"][0])
+            assert np.array_equal(x["probabilities"][0], y["probabilities"][0])
+    one = out["uniform"][0]["prediction_masks"][0].nbytes + out["uniform"][0]["probabilities"][0].nbytes
+    small = model.video_context(tok, frames, output_cache_bytes=one)  # room for one prediction's outputs
+    model.predict_video(frames, texts, tok, modes, context=small, return_probs="uint8")
+    assert small.counters.outputs_reused == 2 and len(small._outputs) == 1 and small._output_bytes == one
+
+
 def test_naive_switch_disables_caches(scripted):
     model, tok, head = scripted
     set_answer(head, tok, 10)
@@ -325,7 +354,7 @@ def test_naive_switch_disables_caches(scripted):
     naive = model.predict_video(frames, texts, tok, ["uniform", "uniform_plus"], context=ctx)
     work = ctx.counters
     assert work.sam2_frames_encoded == 4 * 7 and work.mllm_images_encoded == 4 * 20
-    assert work.generations_reused == work.logits_reused == work.prefix_tokens_reused == 0
+    assert work.generations_reused == work.logits_reused == work.prefix_tokens_reused == work.outputs_reused == 0
     assert work.sam2_decodes == 2 * 7 + 2 * 100  # Path B decodes the 100 virtual frames
     cached = model.predict_video(frames, texts, tok, ["uniform", "uniform_plus"])
     for m in ("uniform", "uniform_plus"):

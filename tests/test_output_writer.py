@@ -172,11 +172,11 @@ def test_failed_write_leaves_no_marker_and_a_rerun_completes(syn_root, fake_env,
     assert run_inproc(syn_root, full) == 0
     real, calls = runner.save_probs, []
 
-    def flaky(run_dir, video_id, exp_id, probs):
+    def flaky(run_dir, video_id, exp_id, probs, encoded=None):
         calls.append((video_id, exp_id))
         if len(calls) == 4:
             raise OSError(f"no space left writing {video_id}/{exp_id}")
-        return real(run_dir, video_id, exp_id, probs)
+        return real(run_dir, video_id, exp_id, probs, encoded)
 
     monkeypatch.setattr(runner, "save_probs", flaky)
     with pytest.raises(OSError, match="no space left"):
@@ -188,3 +188,90 @@ def test_failed_write_leaves_no_marker_and_a_rerun_completes(syn_root, fake_env,
         assert os.path.isfile(runner.preds_path(str(part), v, e))
     assert run_inproc(syn_root, part) == 0
     assert read_bytes(part / "results.json") == read_bytes(full / "results.json")
+
+
+# ============================================================================ outputs shared by several modes
+def test_encode_once_per_live_read_only_array_across_threads():
+    from projects.sasasa2va.evaluation import shared_encodings as se
+
+    calls, gate = [], threading.Event()
+
+    def slow(a):
+        calls.append(1)
+        gate.wait(5)
+        return a.sum()
+
+    shared = np.arange(12, dtype=np.uint8).reshape(1, 3, 4)
+    shared.flags.writeable = False
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(se.encode_once("t", shared, slow))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    gate.set()
+    for t in threads:
+        t.join()
+    assert got == [66] * 4 and len(calls) == 1
+    assert se.encode_once("other kind", shared, slow) == 66 and len(calls) == 2
+    writable = shared.copy()
+    assert se.encode_once("t", writable, slow) == se.encode_once("t", writable, slow) and len(calls) == 4
+    before = se.cached_count()
+    del shared, got
+    assert se.cached_count() == before - 2  # the array's two encodings went with it
+
+
+def test_encode_once_does_not_keep_a_failure():
+    from projects.sasasa2va.evaluation import shared_encodings as se
+
+    a = np.zeros((1, 2, 2), np.uint8)
+    a.flags.writeable = False
+    attempts = []
+
+    def flaky(x):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError("transient")
+        return "ok"
+
+    with pytest.raises(OSError, match="transient"):
+        se.encode_once("f", a, flaky)
+    assert se.encode_once("f", a, flaky) == "ok" and se.encode_once("f", a, flaky) == "ok" and len(attempts) == 2
+
+
+def test_store_output_encodes_shared_outputs_once(tmp_path, monkeypatch):
+    """Two modes handed the same read-only arrays: one deflate and one RLE pass, the same bytes stored."""
+    from projects.sasasa2va.evaluation import results_io
+
+    rng = np.random.default_rng(0)
+    probs = rng.integers(0, 256, (3, 8, 10), dtype=np.uint8)
+    masks = probs > 127
+    counts = {"npz": 0, "rle": 0}
+
+    def counted(name, fn):
+        def wrapper(x):
+            counts[name] += 1
+            return fn(x)
+        return wrapper
+
+    monkeypatch.setattr(runner, "encode_probs", counted("npz", averaging.encode_probs))
+    monkeypatch.setattr(runner, "encode_masks", counted("rle", results_io.encode_masks))
+    task = runner.ExpressionTask(index=0, video_id="v", exp_id="0", text="x", prompt="<image>\nx")
+    frames = ["00000", "00001", "00002"]
+
+    def store(run_dir, m, p):
+        out = runner.ExpressionOutput("ok", "Sure [SEG]", m, p, 1)
+        runner._store_output(str(tmp_path / run_dir), task, frames, out, p, (8, 10))
+
+    store("writable_a", masks, probs)
+    store("writable_b", masks, probs)
+    assert counts == {"npz": 2, "rle": 2}
+    for a in (masks, probs):
+        a.flags.writeable = False
+    store("shared_a", masks, probs)
+    store("shared_b", masks, probs)
+    assert counts == {"npz": 3, "rle": 3}
+    stored = {d: (read_bytes(averaging.probs_path(str(tmp_path / d), "v", "0")),
+                  read_bytes(runner.preds_path(str(tmp_path / d), "v", "0")))
+              for d in ("writable_a", "writable_b", "shared_a", "shared_b")}
+    assert len(set(stored.values())) == 1
+    assert np.array_equal(averaging.load_probs(str(tmp_path / "shared_b"), "v", "0"), probs)

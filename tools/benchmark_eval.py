@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair-cache-mb", type=float, default=None,
                    help="shared path: cache of single (frame, [SEG]) SAM2 decodes reused across the decode plans "
                         "of an answer, MB (default: VideoContext's, 256; 0 = off)")
+    p.add_argument("--output-cache-mb", type=float, default=None,
+                   help="shared path: cache of full-size outputs handed again to the modes whose outputs coincide "
+                        "(and encoded once by the writer), MB (default: VideoContext's, 1024; 0 = off)")
     p.add_argument("--plain-batched-decoding", action="store_true",
                    help="shared path: batched greedy decoding with plain batched kernels (VideoContext "
                         "exact_rows=False; the GPU default) instead of the row-exact ones used on CPU")
@@ -212,6 +215,8 @@ def shared_context_options(args) -> dict:
         kw["decode_batch_kv_bytes"] = int(args.decode_batch_kv_mb * 2**20)
     if args.pair_cache_mb is not None:
         kw["pair_cache_bytes"] = int(args.pair_cache_mb * 2**20)
+    if args.output_cache_mb is not None:
+        kw["output_cache_bytes"] = int(args.output_cache_mb * 2**20)
     if args.plain_batched_decoding:
         kw["exact_rows"] = False
     if args.decode_attention is not None:
@@ -405,6 +410,8 @@ def run_settings(args):
         raise SystemExit("error: --decode-batch-kv-mb must be >= 0")
     if args.pair_cache_mb is not None and args.pair_cache_mb < 0:
         raise SystemExit("error: --pair-cache-mb must be >= 0")
+    if args.output_cache_mb is not None and args.output_cache_mb < 0:
+        raise SystemExit("error: --output-cache-mb must be >= 0")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
         device = "cuda:0"

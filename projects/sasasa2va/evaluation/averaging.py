@@ -49,19 +49,30 @@ def quantize_probs(probs: np.ndarray) -> np.ndarray:
     return q.astype(np.uint8)
 
 
-def save_probs(run_dir: str, video_id: str, exp_id: str, probs: np.ndarray) -> str:
-    """Store one expression's probabilities ([T,H,W], float in [0,1] or uint8) atomically, as an .npz
-    deflated at level 1 (np.savez_compressed uses 6: ~4.5x slower for ~1.6x smaller files on noisy
-    probabilities; mostly-empty masks compress well either way)."""
+def encode_probs(probs: np.ndarray) -> bytes:
+    """The .npz bytes that ``save_probs`` stores for ``probs`` ([T,H,W], float in [0,1] or uint8):
+    uint8, deflated at level 1 (np.savez_compressed uses 6: ~4.5x slower for ~1.6x smaller files on
+    noisy probabilities; mostly-empty masks compress well either way)."""
     q = quantize_probs(probs)
     if q.ndim != 3:
-        raise ValueError(f"{video_id}/{exp_id}: probs must be [T,H,W], got shape {q.shape}")
+        raise ValueError(f"probs must be [T,H,W], got shape {q.shape}")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=PROBS_COMPRESSLEVEL) as z:
         with z.open("probs.npy", "w", force_zip64=True) as member:
             np.lib.format.write_array(member, q, allow_pickle=False)
+    return buf.getvalue()
+
+
+def save_probs(run_dir: str, video_id: str, exp_id: str, probs: np.ndarray, encoded: bytes | None = None) -> str:
+    """Store one expression's probabilities atomically (``encode_probs``; ``encoded``: its bytes, when
+    already made for an output shared with another run)."""
+    if encoded is None:
+        try:
+            encoded = encode_probs(probs)
+        except ValueError as err:
+            raise ValueError(f"{video_id}/{exp_id}: {err}") from None
     path = probs_path(run_dir, video_id, exp_id)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, encoded)
     return path
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from projects.sasasa2va.utils.io import atomic_write_json
 
 
-def _encode_masks(masks) -> list[dict]:
+def encode_masks(masks) -> list[dict]:
     """Bool [T,H,W] (or a list of [H,W] arrays / RLE dicts) -> list of RLE dicts."""
     from projects.sasasa2va.datasets.rle import encode_mask
 
@@ -30,7 +30,7 @@ def make_entry(index: int, video_id: str, exp_id: str, frames: list[str], masks,
                text_prediction: str = "", exp: str = "", status: str = "ok",
                error: str | None = None) -> dict:
     """One results.json entry; masks (bool [T,H,W] or per-frame RLEs) must match the frame list."""
-    rles = _encode_masks(masks)
+    rles = encode_masks(masks)
     if len(rles) != len(frames):
         raise ValueError(f"{video_id}/{exp_id}: {len(rles)} masks for {len(frames)} frames")
     if status not in ("ok", "failed"):

@@ -40,9 +40,10 @@ import numpy as np
 
 from projects.sasasa2va.evaluation import sharding
 from projects.sasasa2va.evaluation.average_ahead import AverageAhead, ahead_dir, averaged_entry, read_ahead
-from projects.sasasa2va.evaluation.averaging import load_probs, probs_path, quantize_probs, save_probs
+from projects.sasasa2va.evaluation.averaging import encode_probs, load_probs, probs_path, quantize_probs, save_probs
 from projects.sasasa2va.evaluation.output_writer import BackgroundWriter, writer_threads
-from projects.sasasa2va.evaluation.results_io import make_entry, read_entry, write_results
+from projects.sasasa2va.evaluation.results_io import encode_masks, make_entry, read_entry, write_results
+from projects.sasasa2va.evaluation.shared_encodings import encode_once
 from projects.sasasa2va.evaluation.splits import ResolvedSplit, resolve_split
 from projects.sasasa2va.hf.models.frame_sampling import MODES
 from projects.sasasa2va.hf.models.templates import eval_prompt
@@ -542,6 +543,7 @@ class RankStats:
 
 def _entry_for(task: ExpressionTask, frame_names: list[str], out: ExpressionOutput, hw: tuple[int, int]) -> dict:
     masks = out.masks if out.masks is not None else np.zeros((len(frame_names),) + tuple(hw), dtype=bool)
+    masks = encode_once("rle", masks, encode_masks)  # per-frame RLEs, once per array shared by several modes
     status = "ok" if out.status == "ok" else "failed"
     return make_entry(task.index, task.video_id, task.exp_id, frame_names, masks, text_prediction=out.prediction,
                       exp=task.prompt, status=status, error=out.error if status == "failed" else None)
@@ -572,7 +574,7 @@ def _store_output(run_dir: str, task: ExpressionTask, frame_names: list[str], ou
                   probs: np.ndarray | None, hw: tuple[int, int]) -> None:
     """probs first, then the preds entry (its presence marks the expression as done)."""
     if probs is not None:
-        save_probs(run_dir, task.video_id, task.exp_id, probs)
+        save_probs(run_dir, task.video_id, task.exp_id, probs, encoded=encode_once("npz", probs, encode_probs))
     atomic_write_json(preds_path(run_dir, task.video_id, task.exp_id), _entry_for(task, frame_names, out, hw))
 
 

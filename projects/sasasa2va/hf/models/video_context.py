@@ -79,6 +79,7 @@ logger = logging.getLogger(__name__)
 DECODE_BATCH = 16  # (frame, [SEG]) pairs per SAM2 mask-decoder call on CPU (RowExact) and in the naive path
 GPU_DECODE_BATCH = 64  # the same for the shared path on a GPU
 PAIR_CACHE_BYTES = 256 << 20  # default bound of VideoContext's single-decode cache (1024 pairs at 256 px)
+OUTPUT_CACHE_BYTES = 1 << 30  # default bound of VideoContext's full-size outputs cache (host memory)
 CPU_DECODE_BATCH_KV_BYTES = 4 << 30  # default bound of a decode batch's KV caches on CPU
 IMAGE_WORKERS = min(8, os.cpu_count() or 1)  # threads building a prompt's missing KFC images
 VISION_BATCH = 16  # images per ViT call without exact_rows (GPU); with it, one at a time
@@ -205,7 +206,8 @@ class WorkCounters:
     sam2_frames_tracked: int = 0      # frames tracked from memory (Path C)
     prefix_tokens_reused: int = 0     # prompt tokens served from a cached prefix
     generations_reused: int = 0       # answers served from the generation cache
-    logits_reused: int = 0            # decode plans served from the logits cache
+    logits_reused: int = 0            # decode plans served from the logits (or outputs) cache
+    outputs_reused: int = 0           # full-size masks/probabilities served from the outputs cache
     sam2_features_evicted: int = 0    # frames dropped from the feature cache by the budget
 
     def as_dict(self) -> dict:
@@ -249,6 +251,10 @@ class VideoContext:
     disables both; None: 256 MiB. With ``exact_rows`` every decode runs
     under :class:`RowExact`, so a pair's logits do not depend on its chunk and a cached pair equals a
     fresh one (and the naive path's) bit for bit.
+    ``output_cache_bytes``: bound on the cached full-size outputs (masks and probabilities, host memory)
+    of recent predictions; a prediction whose answer and decode plan equal a cached one's (modes that
+    coincide, e.g. wrap_around and wrap_around_plus below 100 frames) returns the SAME arrays, read-only,
+    so neither the upsampling nor the consumer's encoding of them is repeated. 0 disables it; None: 1 GiB.
     """
 
     def __init__(self, model, tokenizer, frames, feature_budget_bytes: Optional[int] = None, *,
@@ -256,7 +262,7 @@ class VideoContext:
                  max_prefix_caches: int = 4, max_cached_logits: int = 8, max_vision_images: int = 512,
                  decode_batch_prompts: int = 64, decode_batch_kv_bytes: Optional[int] = None,
                  pair_cache_bytes: Optional[int] = None, exact_rows: Optional[bool] = None,
-                 decode_attention: str = DEFAULT_DECODE_ATTENTION):
+                 decode_attention: str = DEFAULT_DECODE_ATTENTION, output_cache_bytes: Optional[int] = None):
         if tokenizer is None:
             raise ValueError("VideoContext needs the tokenizer")
         if frames is None or isinstance(frames, (str, bytes)):
@@ -301,6 +307,9 @@ class VideoContext:
         if pair_cache_bytes is None:
             pair_cache_bytes = PAIR_CACHE_BYTES
         self.pair_cache_bytes = max(0, int(pair_cache_bytes))
+        if output_cache_bytes is None:
+            output_cache_bytes = OUTPUT_CACHE_BYTES
+        self.output_cache_bytes = max(0, int(output_cache_bytes))
         self.num_frames = len(self.frames)
         self.width, self.height = self.frames[0].size if self.frames else (0, 0)
         self.stop_words = list(get_template(self.config.template)["STOP_WORDS"])
@@ -316,6 +325,8 @@ class VideoContext:
         self._logits: OrderedDict = OrderedDict()
         self._pairs: OrderedDict = OrderedDict()  # (generation key, frame, prompt row) -> low-res logits [h, w]
         self._pair_bytes = 0
+        self._outputs: OrderedDict = OrderedDict()  # (logits key, probs format) -> read-only (masks, probs)
+        self._output_bytes = 0
         self._eval_held = False  # set by predict_video while it keeps the model in eval mode
         self._frames_loaded = False  # frames decoded before images are built in threads (build_images)
         self._image_jobs: dict = {}  # key -> Future of the pixels of an image built ahead (schedule_images)
@@ -888,6 +899,13 @@ class VideoContext:
             return make_result(answer, [masks], [probs] if return_probs else None, 0, "no_seg", return_probs)
         plan = self.plan_for(mode, indices, options)
         lkey = self._logits_key(gen, plan, options)
+        okey = (lkey, probs_format(return_probs))
+        outputs = None if self.naive else lru_get(self._outputs, okey)
+        if outputs is not None:
+            self.counters.logits_reused += 1
+            self.counters.outputs_reused += 1
+            masks, probs = outputs
+            return make_result(answer, [masks], [probs] if return_probs else None, num_seg, "ok", return_probs)
         low = None if self.naive else lru_get(self._logits, lkey)
         if low is not None:
             self.counters.logits_reused += 1
@@ -898,7 +916,24 @@ class VideoContext:
             if not self.naive:
                 lru_put(self._logits, lkey, low, self.max_cached_logits)
         masks, probs = logits_to_outputs(self.grounding, low, size, return_probs)
+        if not self.naive:
+            self._keep_outputs(okey, masks, probs)
         return make_result(answer, [masks], [probs] if return_probs else None, num_seg, "ok", return_probs)
+
+    def _keep_outputs(self, key: tuple, masks: np.ndarray, probs: Optional[np.ndarray]) -> None:
+        """Cache one prediction's full-size outputs within ``output_cache_bytes`` (oldest dropped first),
+        made read-only: they are handed out again, as they are, for every prediction that coincides."""
+        size = masks.nbytes + (0 if probs is None else probs.nbytes)
+        if size > self.output_cache_bytes:
+            return
+        for array in (masks, probs):
+            if array is not None:
+                array.flags.writeable = False
+        self._outputs[key] = (masks, probs)
+        self._output_bytes += size
+        while self._output_bytes > self.output_cache_bytes:
+            _, (m, p) = self._outputs.popitem(last=False)
+            self._output_bytes -= m.nbytes + (0 if p is None else p.nbytes)
 
 
 # ============================================================================================ entry points
