@@ -47,6 +47,35 @@ def test_submit_blocks_while_max_pending_jobs_wait():
     w.close()
 
 
+def test_submit_sized_waits_for_room_in_bytes():
+    gate, returned = threading.Event(), []
+    w = BackgroundWriter(max_pending=100, max_pending_bytes=10)
+
+    def producer():
+        w.submit_sized(6, gate.wait)  # holds 6 bytes until the gate opens
+        w.submit_sized(4, lambda: None)  # fits: 10 bytes pending
+        returned.append("fits")
+        w.submit_sized(1, lambda: None)  # 11 > 10: waits for the first job
+        returned.append("waited")
+
+    t = threading.Thread(target=producer)
+    t.start()
+    for _ in range(1000):
+        if returned:
+            break
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert t.is_alive() and returned == ["fits"]
+    gate.set()
+    t.join(timeout=10)
+    assert not t.is_alive() and returned == ["fits", "waited"]
+    w.submit_sized(50, lambda: returned.append("alone"))  # larger than the bound: runs once nothing waits
+    w.close()
+    assert returned[-1] == "alone"
+    with pytest.raises(ValueError, match="max_pending_bytes"):
+        BackgroundWriter(max_pending_bytes=-1)
+
+
 def test_first_error_is_raised_later_jobs_still_run():
     ran, gate = [], threading.Event()
 

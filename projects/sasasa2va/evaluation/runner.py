@@ -41,7 +41,9 @@ import numpy as np
 from projects.sasasa2va.evaluation import sharding
 from projects.sasasa2va.evaluation.average_ahead import AverageAhead, ahead_dir, averaged_entry, read_ahead
 from projects.sasasa2va.evaluation.averaging import encode_probs, load_probs, probs_path, quantize_probs, save_probs
-from projects.sasasa2va.evaluation.output_writer import BackgroundWriter, writer_threads
+from projects.sasasa2va.evaluation.output_writer import (
+    WRITER_MAX_PENDING, WRITER_PENDING_BYTES, BackgroundWriter, writer_threads,
+)
 from projects.sasasa2va.evaluation.results_io import encode_masks, make_entry, read_entry, write_results
 from projects.sasasa2va.evaluation.shared_encodings import encode_once
 from projects.sasasa2va.evaluation.splits import ResolvedSplit, resolve_split
@@ -563,7 +565,8 @@ def _write_output(run_dir: str, task: ExpressionTask, frame_names: list[str], ou
     if writer is None:
         _store_output(run_dir, task, frame_names, out, probs, hw)
     else:
-        writer.submit(_store_output, run_dir, task, frame_names, out, probs, hw)
+        held = sum(a.nbytes for a in (out.masks, probs) if a is not None)
+        writer.submit_sized(held, _store_output, run_dir, task, frame_names, out, probs, hw)
     job = None if averager is None or mode is None else averager.add(
         mode, task.index, task.video_id, task.exp_id, frame_names, task.prompt, probs, out.status == "ok", hw)
     if job is not None:
@@ -627,7 +630,8 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
         local = os.environ.get("LOCAL_WORLD_SIZE", "1")
         threads = writer_threads(local_processes=int(local) if local.isdigit() else 1)
         # drained also when the run fails: nothing computed is lost
-        with BackgroundWriter(max_pending=2 * threads + 2, threads=threads) as writer:
+        with BackgroundWriter(max_pending=WRITER_MAX_PENDING, threads=threads,
+                              max_pending_bytes=WRITER_PENDING_BYTES) as writer:
             for vid, todo in pending:
                 rec = records[vid]
                 try:
