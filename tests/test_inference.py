@@ -343,6 +343,10 @@ def test_coinciding_modes_share_read_only_outputs(scripted):
     small = model.video_context(tok, frames, output_cache_bytes=one)  # room for one prediction's outputs
     model.predict_video(frames, texts, tok, modes, context=small, return_probs="uint8")
     assert small.counters.outputs_reused == 2 and len(small._outputs) == 1 and small._output_bytes == one
+    single = model.predict_forward(video=frames, text=texts[0], tokenizer=tok, mode="wrap_around",
+                                   return_probs="uint8")  # one prediction: the caller's own, writable arrays
+    assert single["prediction_masks"][0].flags.writeable and single["probabilities"][0].flags.writeable
+    assert np.array_equal(single["probabilities"][0], out["wrap_around"][0]["probabilities"][0])
 
 
 def test_naive_switch_disables_caches(scripted):

@@ -892,7 +892,9 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         Results equal a fresh ``predict_forward`` per (text, mode) bit for bit (on CPU float32), but
         frames are SAM2-encoded once, MLLM images encoded once, prompt prefixes, answers and decode
         results are reused, and the video's distinct answers are greedy-decoded in batches
-        (``generate_answers``). ``selected_fids`` (q_frame): dict keyed by text index (or text) or a list of
+        (``generate_answers``). (text, mode) pairs whose outputs coincide (same answer and decode plan,
+        e.g. wrap_around and wrap_around_plus below 100 frames) share the same read-only arrays: copy
+        before writing into them. ``selected_fids`` (q_frame): dict keyed by text index (or text) or a list of
         lists. Extra keywords: ``on_result(mode, text_index, result)`` callback, ``keep_results``
         (False: only the callback sees results), ``errors='raise'|'record'`` (record: a failing item
         gets status "failed" and "error"), plus the predict_forward options. Pass ``context`` (a

@@ -952,7 +952,8 @@ def predict_forward(model, image=None, video=None, text=None, tokenizer=None, mo
     opts, ctx_opts = split_options(options)
     with torch.no_grad(), eval_mode(model):
         if video is not None:
-            ctx = VideoContext(model, tokenizer, video, **ctx_opts)
+            # one prediction: nothing to hand out twice, so the arrays stay the caller's (writable)
+            ctx = VideoContext(model, tokenizer, video, output_cache_bytes=0, **ctx_opts)
             out = ctx.predict(text, mode, selected_fids=selected_fids, return_probs=return_probs,
                               past_text=past_text, options=opts)
         else:
