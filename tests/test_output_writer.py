@@ -17,10 +17,36 @@ def test_jobs_run_in_order_on_one_other_thread():
     with BackgroundWriter(max_pending=2) as w:
         for i in range(20):
             w.submit(lambda i=i: seen.append((i, threading.current_thread().name)))
-    assert [i for i, _ in seen] == list(range(20))
-    names = {n for _, n in seen}
-    assert len(names) == 1 and names != {threading.current_thread().name}
+        w.wait_idle()
+        assert [i for i, _ in seen] == list(range(20))
+        names = {n for _, n in seen}
+        assert len(names) == 1 and names != {threading.current_thread().name}
     assert w.jobs == 20
+    with pytest.raises(RuntimeError, match="after close"):
+        w.submit(lambda: None)
+
+
+def test_the_closing_thread_helps_drain_the_queue():
+    """One writer thread busy with a job that waits for the next one: only a second runner (the thread
+    calling close) can start that next job."""
+    started, seen = threading.Event(), {}
+
+    def first():
+        seen["first"] = threading.current_thread().name, started.wait(10)
+
+    def second():
+        seen["second"] = threading.current_thread().name
+        started.set()
+
+    w = BackgroundWriter(max_pending=4, threads=1)
+    w.submit(first)
+    w.submit(second)
+    t0 = time.perf_counter()
+    w.close()
+    (first_thread, waited), second_thread = seen["first"], seen["second"]
+    assert waited and first_thread != second_thread
+    assert threading.current_thread().name in (first_thread, second_thread)
+    assert time.perf_counter() - t0 < 5
 
 
 def test_submit_blocks_while_max_pending_jobs_wait():
@@ -93,7 +119,8 @@ def test_first_error_is_raised_later_jobs_still_run():
 
     w = BackgroundWriter()
     w.submit(boom)
-    w._pool.shutdown(wait=True)  # the failed job has finished: every later submit reports it
+    gate.set()
+    w.wait_idle()  # the failed job has finished: every later submit reports it
     for _ in range(2):
         with pytest.raises(OSError, match="disk full"):
             w.submit(lambda: None)
@@ -127,9 +154,11 @@ def test_several_writer_threads_run_jobs_concurrently():
     assert sorted(i for i, _ in seen) == [0, 1, 2] and len({n for _, n in seen}) == 3
     with pytest.raises(threading.BrokenBarrierError):
         barrier = threading.Barrier(2, timeout=0.5)
-        with BackgroundWriter(max_pending=2, threads=1) as w:
-            w.submit(barrier.wait)
-            w.submit(barrier.wait)
+        w = BackgroundWriter(max_pending=2, threads=1)
+        w.submit(barrier.wait)
+        w.submit(barrier.wait)
+        w.wait_idle()  # one writer thread: the jobs ran one after the other, the barrier broke
+        w.close()
     with pytest.raises(ValueError, match="threads"):
         BackgroundWriter(threads=-1)
 

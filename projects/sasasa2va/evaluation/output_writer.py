@@ -4,20 +4,21 @@ Storing one (mode, expression) costs a zlib pass over its probabilities plus two
 4B-shaped H100 benchmark this "rest" was 4.6 s of the shared path's 7.2 s and grew with the number of
 expressions; deflating a noisy [20,360,640] uint8 map alone takes ~60 ms on one core. zlib and file I/O
 release the GIL, so writer threads overlap them with the next predictions. Jobs start in submission
-order; with one thread (the default, and on small machines) they also finish in it, with several a later
-job may finish first -- each job writes its own expression's probabilities before its preds entry (the
-resume marker), so a kill never leaves a marker without its data either way. At most ``max_pending`` jobs,
-holding at most ``max_pending_bytes`` of arrays, wait: a video's outputs come in a burst once its answers
-are decoded, and a queue sized in bytes rather than a few jobs lets the model start on the next video
-while they are written. Closing drains every queued job, also when the evaluation itself failed, so
-nothing already computed is lost.
+order; a later job may finish first (several threads, or the closing thread helping) -- each job writes
+its own expression's probabilities before its preds entry (the resume marker), so a kill never leaves a
+marker without its data either way. At most ``max_pending`` jobs, holding at most ``max_pending_bytes``
+of arrays, wait: a video's outputs come in a burst once its answers are decoded, and a queue sized in
+bytes rather than a few jobs lets the model start on the next video while they are written. Closing
+drains every queued job, also when the evaluation itself failed, so nothing already computed is lost;
+the closing thread (the model's, idle by then) runs queued jobs too, so the last video's burst is written
+by one more thread.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
 from typing import Callable
 
 logger = logging.getLogger("sasasa2va.eval")
@@ -51,23 +52,27 @@ class BackgroundWriter:
             raise ValueError(f"threads must be >= 0, got {threads}")
         if max_pending_bytes is not None and max_pending_bytes < 0:
             raise ValueError(f"max_pending_bytes must be >= 0 or None, got {max_pending_bytes}")
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="eval-writer") if threads else None
         self.max_pending = int(max_pending)
         self.max_pending_bytes = max_pending_bytes
-        self._room = threading.Condition()
-        self._pending = 0  # jobs submitted and not done, and the bytes they hold
+        self._cv = threading.Condition()
+        self._queue: deque = deque()  # (fn, args, kwargs, nbytes) not started yet
+        self._pending = 0  # jobs submitted and not done (queued or running), and the bytes they hold
         self._pending_bytes = 0
-        self._futures: list[Future] = []
+        self._closing = False
         self._error: BaseException | None = None
         self.jobs = 0
+        self._threads = [threading.Thread(target=self._work, name=f"eval-writer-{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
 
     def submit(self, fn: Callable, *args, **kwargs) -> None:
         self.submit_sized(0, fn, *args, **kwargs)
 
     def submit_sized(self, nbytes: int, fn: Callable, *args, **kwargs) -> None:
-        self._raise_finished_errors()
+        self._raise_error()
         self.jobs += 1
-        if self._pool is None:
+        if not self._threads:
             try:
                 fn(*args, **kwargs)
             except BaseException as err:
@@ -75,51 +80,72 @@ class BackgroundWriter:
                 raise
             return
         nbytes = max(0, int(nbytes))
-        with self._room:
+        with self._cv:
+            if self._closing:
+                raise RuntimeError("BackgroundWriter: submit after close")
             while self._pending and (self._pending >= self.max_pending or (
                     self.max_pending_bytes is not None and self._pending_bytes + nbytes > self.max_pending_bytes)):
-                self._room.wait()
+                self._cv.wait()
             self._pending += 1
             self._pending_bytes += nbytes
+            self._queue.append((fn, args, kwargs, nbytes))
+            self._cv.notify_all()
+
+    def _next(self, wait: bool):
+        """The oldest queued job, or None when there is none (``wait``: until one comes or closing)."""
+        with self._cv:
+            while wait and not self._queue and not self._closing:
+                self._cv.wait()
+            return self._queue.popleft() if self._queue else None
+
+    def _work(self) -> None:
+        while True:
+            job = self._next(wait=True)
+            if job is None:
+                return
+            self._run(job)
+
+    def _run(self, job) -> None:
+        fn, args, kwargs, nbytes = job
         try:
-            fut = self._pool.submit(fn, *args, **kwargs)
-        except BaseException:
-            self._done(nbytes)
-            raise
-        fut.add_done_callback(lambda _f: self._done(nbytes))
-        self._futures.append(fut)
-
-    def _done(self, nbytes: int) -> None:
-        with self._room:
-            self._pending -= 1
-            self._pending_bytes -= nbytes
-            self._room.notify_all()
-
-    def _collect(self, futures) -> None:
-        for f in futures:
-            err = f.exception()
-            if err is None:
-                continue
-            if self._error is None:
-                self._error = err
-            else:
+            fn(*args, **kwargs)
+        except BaseException as err:
+            with self._cv:
+                first = self._error is None
+                if first:
+                    self._error = err
+            if not first:
                 logger.error("output writer: another write failed too: %s: %s", type(err).__name__, err)
+        finally:
+            with self._cv:
+                self._pending -= 1
+                self._pending_bytes -= nbytes
+                self._cv.notify_all()
 
-    def _raise_finished_errors(self) -> None:
-        done = [f for f in self._futures if f.done()]
-        self._futures = [f for f in self._futures if not f.done()]
-        self._collect(done)
+    def _raise_error(self) -> None:
         if self._error is not None:
             raise self._error
+
+    def wait_idle(self) -> None:
+        """Block until every submitted job is done (the writer stays open)."""
+        with self._cv:
+            while self._pending:
+                self._cv.wait()
 
     def close(self) -> None:
-        """Wait for every queued job, then raise the first failure (if any)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        futures, self._futures = self._futures, []
-        self._collect(futures)
-        if self._error is not None:
-            raise self._error
+        """Run what is queued (on the writer threads and on this one), wait for it, then raise the first
+        failure (if any)."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        while True:  # this thread is idle now: it takes queued jobs too
+            job = self._next(wait=False)
+            if job is None:
+                break
+            self._run(job)
+        for t in self._threads:
+            t.join()
+        self._raise_error()
 
     def __enter__(self) -> "BackgroundWriter":
         return self
