@@ -301,7 +301,7 @@ def test_benchmark_eval_quick(tiny_dir, one_thread, tmp_path, capsys):
 
 def test_benchmark_eval_context_options(tiny_dir, one_thread, tmp_path, capsys):
     """--decode-batch-prompts / --decode-batch-kv-mb / --pair-cache-mb / --plain-batched-decoding /
-    --decode-attention reach the shared path's contexts: with the pair cache every distinct (frame, [SEG]) decode of an answer happens
+    --decode-attention / --output-cache-mb reach the shared path's contexts: with the pair cache every distinct (frame, [SEG]) decode of an answer happens
     once (the lower bound)."""
     benchmark_eval = _tool("benchmark_eval")
     work = _bench_work(tiny_dir, tmp_path / "bench")
@@ -309,12 +309,13 @@ def test_benchmark_eval_context_options(tiny_dir, one_thread, tmp_path, capsys):
     assert benchmark_eval.main(_bench_args(work, "--modes", "uniform,uniform_plus", "--skip-train", "--no-warmup",
                                            "--skip-scaling", "--decode-batch-prompts", "1", "--pair-cache-mb", "8",
                                            "--decode-batch-kv-mb", "0", "--plain-batched-decoding",
-                                           "--decode-attention", "matmul", "--json", str(out_json))) == 0
+                                           "--decode-attention", "matmul", "--output-cache-mb", "0",
+                                           "--json", str(out_json))) == 0
     assert LAST_LINE.match(capsys.readouterr().out.strip().splitlines()[-1])
     fig = json.loads(out_json.read_text())
     assert fig["shared_context_options"] == {"decode_batch_prompts": 1, "decode_batch_kv_bytes": 0,
                                              "pair_cache_bytes": 8 << 20, "exact_rows": False,
-                                             "decode_attention": "matmul"}
+                                             "decode_attention": "matmul", "output_cache_bytes": 0}
     assert benchmark_eval.shared_context_options(benchmark_eval.build_parser().parse_args(
         ["--decode-batch-kv-mb", "1.5"])) == {"decode_batch_kv_bytes": 3 << 19}
     ev = fig["eval"]
@@ -350,10 +351,12 @@ def test_benchmark_eval_skip_naive_and_scaling_rounds(tiny_dir, one_thread, tmp_
     assert sc["wall_s"] == [min(sc["wall_s_runs"][0]), min(sc["wall_s_runs"][1])]
     assert sc["wall_s_runs"][0][0] == fig["eval"]["shared"]["wall_s"]
     assert sc["proportional_increase_pct"] > 0
+    assert all(set(w) == {"wait", "close"} and min(w.values()) >= 0 for w in sc["writer_s"])
     assert lines[-1] == (f"scaling_pct {sc['increase_pct']:.1f} work_over_lower_bound "
                          f"{fig['eval']['work_over_lower_bound']:.2f}")
     text = "\n".join(lines)
     assert "outputs identical" not in text and "scaling runs (s, fastest kept): 2 exps " in text
+    assert "of which writer (model's thread waiting, s): wait " in text
     with pytest.raises(SystemExit):
         benchmark_eval.main(_bench_args(work, "--scaling-repeat", "0"))
 

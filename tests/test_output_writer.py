@@ -70,7 +70,9 @@ def test_submit_blocks_while_max_pending_jobs_wait():
     gate.set()
     t.join(timeout=10)
     assert not t.is_alive() and returned == [0, 1, 2]
+    assert w.wait_seconds >= 0.2  # the producer's wait for room is counted
     w.close()
+    assert 0 <= w.close_seconds < 5
 
 
 def test_submit_sized_waits_for_room_in_bytes():

@@ -203,7 +203,9 @@ def run_eval(model, tok, name: str, split, work_dir: str, modes, average: bool, 
         log(f"warning: {this['failed']} failed prediction(s) in {work_dir} (see eval_summary.json)")
     return {"wall_s": wall, "model_s": this["model_seconds"], "predictions": this["processed"],
             "failed": this["failed"], "work": this.get("work", {}), "path": this.get("path"), "work_dir": work_dir,
-            "phases_s": phase_s, "cuda_peak_mb": peak}
+            "phases_s": phase_s, "cuda_peak_mb": peak,
+            # in "rest": the model's thread waiting for room in the writer's queue / for its last jobs
+            "writer_s": {"wait": this.get("writer_wait_seconds", 0.0), "close": this.get("writer_close_seconds", 0.0)}}
 
 
 def shared_context_options(args) -> dict:
@@ -289,6 +291,10 @@ def phase_table(naive: dict, shared: dict) -> list[str]:
         vals = [r["phases_s"][n] for n in names]
         vals.append(r["wall_s"] - sum(vals))
         rows.append(f"{label:15}" + "".join(f"{v:>15.2f}" for v in vals))
+    if any("writer_s" in r for _, r in runs):
+        rows.append("of rest, the model's thread waiting for the output writer (queue full / last jobs): " + ", ".join(
+            f"{label} {r.get('writer_s', {}).get('wait', 0.0):.2f} / {r.get('writer_s', {}).get('close', 0.0):.2f} s"
+            for label, r in runs))
     return rows
 
 
@@ -326,6 +332,10 @@ def scaling_lines(scaling: dict) -> list[str]:
     rest = [w - sum(p.values()) for w, p in zip(scaling["wall_s"], (p1, p2))]
     out.append("scaling by phase (s, shared path): " + ", ".join(
         f"{n} {p1.get(n, 0.0):.2f} -> {p2.get(n, 0.0):.2f}" for n in names) + f", rest {rest[0]:.2f} -> {rest[1]:.2f}")
+    w1, w2 = scaling.get("writer_s") or ({}, {})
+    if w1 or w2:
+        out.append("of which writer (model's thread waiting, s): " + ", ".join(
+            f"{k} {w1.get(k, 0.0):.2f} -> {w2.get(k, 0.0):.2f}" for k in ("wait", "close")))
     prop = scaling.get("proportional_increase_pct")
     if prop is not None:
         out.append(f"scaling if every phase grew with its lower-bound counter (no economy of scale; rest with the "
@@ -382,7 +392,8 @@ def measure_scaling(model, tok, name, splits, e1: int, shared: dict, bound: dict
                "rounds": rounds, "wall_s_runs": [[x["wall_s"] for x in runs[e1]], [x["wall_s"] for x in runs[2 * e1]]],
                "work_2x": double["work"], "lower_bound": [bound, bound2],
                "lower_bound_increase_pct": {k: growth_pct(bound[k], bound2[k]) for k, _ in COUNTER_LABELS},
-               "phases_s": [base["phases_s"], double["phases_s"]]}
+               "phases_s": [base["phases_s"], double["phases_s"]],
+               "writer_s": [base.get("writer_s", {}), double.get("writer_s", {})]}
     scaling["proportional_increase_pct"] = proportional_growth(scaling)
     log(f"scaling: {base['wall_s']:.2f} s -> {double['wall_s']:.2f} s (+{inc:.1f}%)")
     return scaling

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from typing import Callable
 
@@ -61,6 +62,8 @@ class BackgroundWriter:
         self._closing = False
         self._error: BaseException | None = None
         self.jobs = 0
+        self.wait_seconds = 0.0  # time submitters waited for room in the queue
+        self.close_seconds = 0.0  # time close() took (draining what was left)
         self._threads = [threading.Thread(target=self._work, name=f"eval-writer-{i}", daemon=True)
                          for i in range(threads)]
         for t in self._threads:
@@ -83,9 +86,13 @@ class BackgroundWriter:
         with self._cv:
             if self._closing:
                 raise RuntimeError("BackgroundWriter: submit after close")
+            t0 = None
             while self._pending and (self._pending >= self.max_pending or (
                     self.max_pending_bytes is not None and self._pending_bytes + nbytes > self.max_pending_bytes)):
+                t0 = time.perf_counter() if t0 is None else t0
                 self._cv.wait()
+            if t0 is not None:
+                self.wait_seconds += time.perf_counter() - t0
             self._pending += 1
             self._pending_bytes += nbytes
             self._queue.append((fn, args, kwargs, nbytes))
@@ -135,6 +142,7 @@ class BackgroundWriter:
     def close(self) -> None:
         """Run what is queued (on the writer threads and on this one), wait for it, then raise the first
         failure (if any)."""
+        t0 = time.perf_counter()
         with self._cv:
             self._closing = True
             self._cv.notify_all()
@@ -145,6 +153,7 @@ class BackgroundWriter:
             self._run(job)
         for t in self._threads:
             t.join()
+        self.close_seconds += time.perf_counter() - t0
         self._raise_error()
 
     def __enter__(self) -> "BackgroundWriter":

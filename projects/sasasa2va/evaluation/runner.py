@@ -537,6 +537,8 @@ class RankStats:
     skipped: int = 0
     model_seconds: float = 0.0
     work: dict = field(default_factory=dict)  # summed VideoContext work counters (shared/naive paths)
+    writer_wait_seconds: float = 0.0  # the model's thread waiting for room in the output writer's queue
+    writer_close_seconds: float = 0.0  # ... and for the writer to finish after the last prediction
 
     def add_work(self, counters: dict) -> None:
         for k, v in counters.items():
@@ -670,6 +672,7 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
                         _run_video_mode(model, tokenizer, frames, frame_error, hw, rec.frame_names, tasks, mode,
                                         run_dirs[mode], options, stats, bar, writer, averager)
                 del frames
+        stats.writer_wait_seconds, stats.writer_close_seconds = writer.wait_seconds, writer.close_seconds
     finally:
         if bar is not None:
             bar.close()
@@ -1036,7 +1039,8 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
         _write_marker(work_dir, ctx, "failed", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         raise
     own = {"rank": ctx.rank, "status": "done", "processed": stats.processed, "failed": stats.failed,
-           "skipped": stats.skipped, "model_seconds": stats.model_seconds, "work": dict(stats.work)}
+           "skipped": stats.skipped, "model_seconds": stats.model_seconds, "work": dict(stats.work),
+           "writer_wait_seconds": stats.writer_wait_seconds, "writer_close_seconds": stats.writer_close_seconds}
     _write_marker(work_dir, ctx, "done", **{k: v for k, v in own.items() if k not in ("rank", "status")})
     if not ctx.is_main:
         return None
@@ -1071,7 +1075,10 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
         "this_run": {"processed": processed, "failed": sum(mk.get("failed", 0) for mk in markers),
                      "skipped": sum(mk.get("skipped", 0) for mk in markers), "model_seconds": model_s,
                      "model_seconds_per_expression": model_s / processed if processed else 0.0,
-                     "wall_seconds": time.perf_counter() - t_start, "path": path, "work": work},
+                     "wall_seconds": time.perf_counter() - t_start, "path": path, "work": work,
+                     # summed over ranks: time the model's threads waited for the output writer
+                     "writer_wait_seconds": sum(mk.get("writer_wait_seconds", 0.0) for mk in markers),
+                     "writer_close_seconds": sum(mk.get("writer_close_seconds", 0.0) for mk in markers)},
     }
     atomic_write_json(os.path.join(work_dir, "eval_summary.json"), summary, indent=1)
     print(format_summary(summary), flush=True)
