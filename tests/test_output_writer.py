@@ -335,3 +335,19 @@ def test_store_output_encodes_shared_outputs_once(tmp_path, monkeypatch):
               for d in ("writable_a", "writable_b", "shared_a", "shared_b")}
     assert len(set(stored.values())) == 1
     assert np.array_equal(averaging.load_probs(str(tmp_path / "shared_b"), "v", "0"), probs)
+
+
+def test_a_finished_job_releases_its_arrays_while_the_writer_waits():
+    import gc
+    import weakref
+
+    w = BackgroundWriter(threads=1)
+    a = np.zeros(1000)
+    ref = weakref.ref(a)
+    w.submit_sized(a.nbytes, lambda x: x.sum(), a)
+    w.wait_idle()
+    del a
+    gc.collect()
+    time.sleep(0.05)
+    assert ref() is None  # the idle writer thread holds no reference to the last job's arguments
+    w.close()

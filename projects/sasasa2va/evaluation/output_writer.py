@@ -111,6 +111,7 @@ class BackgroundWriter:
             if job is None:
                 return
             self._run(job)
+            job = None  # do not hold the finished job's arrays while waiting for the next one
 
     def _run(self, job) -> None:
         fn, args, kwargs, nbytes = job
