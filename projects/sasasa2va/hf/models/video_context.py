@@ -575,7 +575,6 @@ class VideoContext:
                 _, specs, ids = self._prompt(text, mode, fids, past)
             except Exception:
                 continue
-            keys = tuple(k for k, _ in specs)
             gkey = self.generation_key(ids, specs, max_new)
             if gkey in self._generations or gkey in seen:
                 continue
@@ -583,7 +582,8 @@ class VideoContext:
             if not boundary:
                 continue  # no image prefix: left to generate()
             seen.add(gkey)
-            groups.setdefault((gkey[0][:boundary], keys), []).append((gkey, ids, specs, boundary))
+            # grouped by prompt prefix and images (gkey: ids, image keys, ...)
+            groups.setdefault((gkey[0][:boundary], gkey[1]), []).append((gkey, ids, specs, boundary))
         todo = [item for group in groups.values() for item in group]
         group_specs = [items[0][2] for items in groups.values()]
         group_of = {gkey: g for g, items in enumerate(groups.values()) for gkey, _, _, _ in items}
@@ -749,8 +749,7 @@ class VideoContext:
 
     def _decode_unique(self, unique: list, prompts: torch.Tensor, pair_key) -> torch.Tensor:
         """decode_pairs over distinct pairs, through the per-video pair cache when ``pair_key`` is given."""
-        budget = self.pair_cache_bytes
-        if pair_key is None or not budget:
+        if pair_key is None or not self.pair_cache_bytes:
             return self.decode_pairs(unique, prompts)
         rows = {}
         missing = []
@@ -762,16 +761,26 @@ class VideoContext:
                 self._pairs.move_to_end((pair_key, pair))
                 rows[pair] = hit
         if missing:
-            fresh = self.decode_pairs(missing, prompts)
-            for pair, low in zip(missing, fresh):
-                low = low.clone()  # own storage: evicting a pair frees it
-                rows[pair] = low
-                self._pairs[(pair_key, pair)] = low
-                self._pair_bytes += low.numel() * low.element_size()
-            while self._pair_bytes > budget and self._pairs:
-                _, old = self._pairs.popitem(last=False)
-                self._pair_bytes -= old.numel() * old.element_size()
+            stored = self._put_pairs([(pair_key, pair) for pair in missing], self.decode_pairs(missing, prompts))
+            rows.update(zip(missing, stored))
+            self._trim_pairs()
         return torch.stack([rows[pair] for pair in unique])
+
+    def _put_pairs(self, keys: Sequence[tuple], fresh: torch.Tensor) -> list:
+        """Cache freshly decoded pairs (each in its own storage, so evicting a pair frees it)."""
+        stored = []
+        for key, low in zip(keys, fresh):
+            low = low.clone()
+            self._pairs[key] = low
+            self._pair_bytes += low.numel() * low.element_size()
+            stored.append(low)
+        return stored
+
+    def _trim_pairs(self) -> None:
+        """Drop the least recently used pairs beyond ``pair_cache_bytes``."""
+        while self._pair_bytes > self.pair_cache_bytes and self._pairs:
+            _, old = self._pairs.popitem(last=False)
+            self._pair_bytes -= old.numel() * old.element_size()
 
     def _clip_prompts(self, gen: Generation, order: Sequence[int]) -> torch.Tensor:
         """SAM2 prompt vectors of an answer's [SEG] states, one per clip in ``order`` (seg_prompt_indices)."""
@@ -839,17 +848,11 @@ class VideoContext:
                     prompts[pair_key] = self._clip_prompts(*answers[pair_key])
             missing.sort(key=lambda key: key[1][0])  # frame-major
             rows = torch.stack([prompts[pair_key][k] for pair_key, (_, k) in missing])
-            fresh = self.decode_rows([f for _, (f, _) in missing], rows)
-            for key, low in zip(missing, fresh):
-                low = low.clone()  # own storage: evicting a pair frees it
-                self._pairs[key] = low
-                self._pair_bytes += low.numel() * low.element_size()
+            self._put_pairs(missing, self.decode_rows([f for _, (f, _) in missing], rows))
         for key in needed:  # most recently used: the eviction below keeps every pair of the window
             if key in self._pairs:
                 self._pairs.move_to_end(key)
-        while self._pair_bytes > self.pair_cache_bytes and self._pairs:
-            _, old = self._pairs.popitem(last=False)
-            self._pair_bytes -= old.numel() * old.element_size()
+        self._trim_pairs()
         return covered
 
     # ------------------------------------------------------------------------------------ one prediction
