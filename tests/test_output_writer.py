@@ -41,12 +41,22 @@ def test_the_closing_thread_helps_drain_the_queue():
     w = BackgroundWriter(max_pending=4, threads=1)
     w.submit(first)
     w.submit(second)
-    t0 = time.perf_counter()
     w.close()
     (first_thread, waited), second_thread = seen["first"], seen["second"]
-    assert waited and first_thread != second_thread
+    assert waited and first_thread != second_thread  # waited: the first job saw the second run, no timeout
     assert threading.current_thread().name in (first_thread, second_thread)
-    assert time.perf_counter() - t0 < 5
+
+
+def _start_until_first_return(producer, returned: list) -> threading.Thread:
+    """Start ``producer`` on a thread; return once it has appended to ``returned`` and had time to block."""
+    t = threading.Thread(target=producer)
+    t.start()
+    for _ in range(1000):
+        if returned:
+            break
+        time.sleep(0.01)
+    time.sleep(0.2)
+    return t
 
 
 def test_submit_blocks_while_max_pending_jobs_wait():
@@ -59,20 +69,14 @@ def test_submit_blocks_while_max_pending_jobs_wait():
             w.submit(lambda: None)
             returned.append(i)
 
-    t = threading.Thread(target=producer)
-    t.start()
-    for _ in range(1000):
-        if returned:
-            break
-        time.sleep(0.01)
-    time.sleep(0.2)
+    t = _start_until_first_return(producer, returned)
     assert t.is_alive() and returned == [0]  # 2 pending (the blocked job + one), the third submit waits
     gate.set()
     t.join(timeout=10)
     assert not t.is_alive() and returned == [0, 1, 2]
-    assert w.wait_seconds >= 0.2  # the producer's wait for room is counted
+    assert w.wait_seconds > 0  # the producer's wait for room is counted
     w.close()
-    assert 0 <= w.close_seconds < 5
+    assert w.close_seconds > 0
 
 
 def test_submit_sized_waits_for_room_in_bytes():
@@ -86,13 +90,7 @@ def test_submit_sized_waits_for_room_in_bytes():
         w.submit_sized(1, lambda: None)  # 11 > 10: waits for the first job
         returned.append("waited")
 
-    t = threading.Thread(target=producer)
-    t.start()
-    for _ in range(1000):
-        if returned:
-            break
-        time.sleep(0.01)
-    time.sleep(0.2)
+    t = _start_until_first_return(producer, returned)
     assert t.is_alive() and returned == ["fits"]
     gate.set()
     t.join(timeout=10)
