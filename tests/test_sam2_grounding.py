@@ -303,3 +303,70 @@ def test_propagate_matches_sam2_video_predictor(tmp_path):
     with torch.no_grad():
         mine = g.propagate(g.encode(images), 6, prompts)
     assert torch.allclose(mine, ref, atol=1e-5), (mine - ref).abs().max()
+
+
+def test_propagate_masks_matches_sam2_video_predictor_add_new_mask(tmp_path):
+    """Sa2VA-i Path C == SAM2VideoPredictor with the original weights: the fine-tuned model's
+    conditioning masks added with add_new_mask, then propagate_in_video; conditioning frames keep
+    the fine-tuned logits."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from projects.sasasa2va.hf.models.sam2_grounding import propagate_masks_with_memory
+
+    tuned, original = _tiny(seed=21), _tiny(seed=22)
+    _force_object_score(tuned, 5.0)
+    _force_object_score(original, 5.0)
+    cfg = dict(original.sam2_config, _target_="sam2.sam2_video_predictor.SAM2VideoPredictor")
+    predictor = instantiate(OmegaConf.create(cfg), _recursive_=True)
+    predictor.load_state_dict(official_sam2_state_dict(original.sam2_model), strict=True)
+    predictor.eval()
+    for i, frame in enumerate(_frames(6, seed=23)):
+        Image.fromarray(frame.permute(1, 2, 0).numpy()).save(tmp_path / f"{i:05d}.jpg")
+    with torch.inference_mode():
+        state = predictor.init_state(str(tmp_path))
+        images = state["images"].clone()
+    with torch.no_grad():
+        prompts = torch.randn(2, 64)
+        cond = dict(zip((1, 3), tuned.decode(tuned.encode(images), [1, 3], prompts, mode="infer")))
+        mine = propagate_masks_with_memory(original.sam2_model, original.encode(images), 6, cond)
+    assert all((low > 0).any() and (low <= 0).any() for low in cond.values())  # real masks, not empty/full
+    with torch.inference_mode():
+        for t, low in cond.items():
+            mask = torch.nn.functional.interpolate(low[None, None], size=(256, 256), mode="bilinear",
+                                                   align_corners=False)[0, 0] > 0
+            predictor.add_new_mask(state, t, 1, mask)
+        for _ in predictor.propagate_in_video(state):
+            pass
+        outputs = state["output_dict_per_obj"][0]
+        ref = {t: out["pred_masks"][0, 0] for t, out in outputs["non_cond_frame_outputs"].items()}
+    assert sorted(ref) == [2, 4, 5]
+    for t in (1, 3):
+        assert torch.equal(mine[t], cond[t])
+    for t, r in ref.items():
+        assert torch.allclose(mine[t], r, atol=1e-5), (t, (mine[t] - r).abs().max())
+    assert torch.all(mine[0] == NO_OBJ_SCORE)  # before the first conditioning frame: never visited
+    with pytest.raises(ValueError, match="no conditioning frame"):
+        propagate_masks_with_memory(original.sam2_model, original.encode(images[:1]), 1, {})
+
+
+def test_with_original_weights_loads_an_official_checkpoint(tmp_path):
+    tuned, original = _tiny(seed=31), _tiny(seed=32)
+    path = tmp_path / "sam2_tiny.pt"
+    torch.save({"model": official_sam2_state_dict(original.sam2_model)}, path)
+    twin = tuned.with_original_weights(str(path))
+    assert twin is not tuned and not twin.training
+    assert not any(p.requires_grad for p in twin.parameters())
+    for (name, a), (_, b) in zip(twin.sam2_model.state_dict().items(), original.sam2_model.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(FileNotFoundError, match="not found"):
+        tuned.with_original_weights(str(tmp_path / "missing.pt"))
+    torch.save({"weights": {}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="under the key 'model'"):
+        tuned.with_original_weights(str(tmp_path / "bad.pt"))
+    sd = official_sam2_state_dict(original.sam2_model)
+    sd.pop(next(iter(sd)))
+    torch.save({"model": sd}, tmp_path / "short.pt")
+    with pytest.raises(ValueError, match="do not match"):
+        tuned.with_original_weights(str(tmp_path / "short.pt"))

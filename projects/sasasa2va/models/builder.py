@@ -22,6 +22,7 @@ from transformers.modeling_utils import no_init_weights
 from projects.sasasa2va.hf.models.configuration_sasasa2va_chat import SaSaSa2VAChatConfig
 from projects.sasasa2va.hf.models.modeling_intern_vit import InternVisionModel
 from projects.sasasa2va.hf.models.modeling_sasasa2va_chat import SaSaSa2VAChatModel, build_language_model
+from projects.sasasa2va.hf.models.sam2_grounding import load_official_sam2_weights
 from projects.sasasa2va.hf.models.templates import IMG_CONTEXT_TOKEN, SEG_TOKEN, SPECIAL_TOKENS
 
 SA2VA_PREFIX = "mllm.model."
@@ -268,16 +269,7 @@ def _grounding_target(model: torch.nn.Module) -> torch.nn.Module:
 
 def load_sam2_checkpoint(model: torch.nn.Module, path: str) -> None:
     """Official SAM2 checkpoint ``{'model': state_dict}`` -> grounding_encoder.sam2_model, strict."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"SAM2 checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"{path}: expected a dict with the SAM2 weights under the key 'model'")
-    target = _grounding_target(model)
-    try:
-        target.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: SAM2 weights do not match the grounding encoder: {err}") from err
+    load_official_sam2_weights(_grounding_target(model), path)
 
 
 def _is_peft_wrapped(model: torch.nn.Module) -> bool:

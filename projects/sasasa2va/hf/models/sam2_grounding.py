@@ -10,7 +10,8 @@ glue that Sa2VA/SaSaSa2VA adds around them (spec model_training_reference.md §1
 * ``mode='train'`` keeps every mask (no NO_OBJ veto) and float32 logits; ``mode='infer'`` applies SAM2's
   inference behaviour (object-score logit <= 0 -> whole mask = -1024);
 * Path C: conditioning frames are decoded as in ``infer`` and memory-encoded, the other frames are
-  tracked with ``SAM2Base.track_step`` exactly as ``SAM2VideoPredictor.propagate_in_video`` does.
+  tracked with ``SAM2Base.track_step`` exactly as ``SAM2VideoPredictor.propagate_in_video`` does;
+  Sa2VA-i's variant enters the decoded masks into the original SAM2 weights and tracks with those.
 
 Exported verbatim into every HF folder: imports only torch, sam2, hydra/omegaconf and siblings.
 """
@@ -404,23 +405,39 @@ def _compact(maskmem, maskmem_pos, pred_masks, obj_ptr, obj_logits, memory_dtype
             "pred_masks": pred_masks.float(), "obj_ptr": obj_ptr, "object_score_logits": obj_logits}
 
 
-def condition_frame(sam2_model: SAM2Base, feat: FrameFeatures, prompt, memory_dtype) -> dict:
-    """Decode a frame with its prompt (= decode 'infer') and memory-encode the result.
-
-    As the predictor's preflight does for prompted frames: the low-res (vetoed) logits are upsampled
-    bilinearly to image_size and encoded with ``is_mask_from_pts=True`` (binarised when
-    ``binarize_mask_from_pts_for_mem_enc`` is set, as in SAM2's inference build).
-    """
-    heads = decode_heads(sam2_model, feat, [0], prompt.reshape(1, -1), veto=True)
-    low = heads["low_res_masks"][:, None]
+def _encode_condition(sam2_model: SAM2Base, feat: FrameFeatures, low, object_score_logits, ptr,
+                      memory_dtype) -> dict:
+    """Memory-encode a conditioning frame's low-res logits [1,1,h,w] as the predictor's preflight does for
+    prompted frames: upsampled bilinearly to image_size and encoded with ``is_mask_from_pts=True``
+    (binarised when ``binarize_mask_from_pts_for_mem_enc`` is set, as in SAM2's inference build)."""
     size = (sam2_model.image_size, sam2_model.image_size)
     high = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
     feats, _, sizes = feat.flat()
     maskmem, maskmem_pos = sam2_model._encode_new_memory(
         current_vision_feats=feats, feat_sizes=sizes, pred_masks_high_res=high.to(feats[-1].dtype),
-        object_score_logits=heads["object_score_logits"], is_mask_from_pts=True)
-    ptr = object_pointer(sam2_model, heads)
-    return _compact(maskmem, maskmem_pos, low, ptr, heads["object_score_logits"], memory_dtype)
+        object_score_logits=object_score_logits, is_mask_from_pts=True)
+    return _compact(maskmem, maskmem_pos, low, ptr, object_score_logits, memory_dtype)
+
+
+def condition_frame(sam2_model: SAM2Base, feat: FrameFeatures, prompt, memory_dtype) -> dict:
+    """Decode a frame with its prompt (= decode 'infer') and memory-encode the result."""
+    heads = decode_heads(sam2_model, feat, [0], prompt.reshape(1, -1), veto=True)
+    return _encode_condition(sam2_model, feat, heads["low_res_masks"][:, None], heads["object_score_logits"],
+                             object_pointer(sam2_model, heads), memory_dtype)
+
+
+def condition_frame_with_mask(sam2_model: SAM2Base, feat: FrameFeatures, frame_idx: int, mask: torch.Tensor,
+                              output_dict: dict, num_frames: int, memory_dtype) -> dict:
+    """Enter a binary mask [image_size, image_size] as ``SAM2VideoPredictor.add_new_mask`` does (an initial
+    conditioning frame; with ``use_mask_input_as_output_without_sam`` the mask is the output and the
+    decoder only gives the object pointer), then memory-encode it as the preflight does."""
+    feats, pos, sizes = feat.flat()
+    out = sam2_model.track_step(
+        frame_idx=frame_idx, is_init_cond_frame=True, current_vision_feats=feats, current_vision_pos_embeds=pos,
+        feat_sizes=sizes, point_inputs=None, mask_inputs=mask.reshape(1, 1, *mask.shape[-2:]).to(feats[-1].dtype),
+        output_dict=output_dict, num_frames=num_frames, track_in_reverse=False, run_mem_encoder=False)
+    return _encode_condition(sam2_model, feat, out["pred_masks"], out["object_score_logits"], out["obj_ptr"],
+                             memory_dtype)
 
 
 def track_frame(sam2_model: SAM2Base, feat: FrameFeatures, frame_idx, output_dict, num_frames,
@@ -435,6 +452,33 @@ def track_frame(sam2_model: SAM2Base, feat: FrameFeatures, frame_idx, output_dic
                     out["object_score_logits"], memory_dtype)
 
 
+def _check_cond_ids(cond_ids, num_frames: int) -> None:
+    if not cond_ids:
+        raise ValueError("propagate: no conditioning frame (need at least one prompted frame)")
+    if min(cond_ids) < 0 or max(cond_ids) >= num_frames:
+        raise ValueError(f"propagate: conditioning frame ids {sorted(cond_ids)} outside 0..{num_frames - 1}")
+
+
+def _track_forward(sam2_model: SAM2Base, fetch, num_frames: int, condition: Callable[[int, dict], dict],
+                   cond_ids, memory_dtype) -> torch.Tensor:
+    """The predictor's loop: every conditioning frame first (``condition(t, state)`` -> its entry), then
+    frames from the first conditioning frame forward, the others tracked from memory."""
+    size = sam2_model.sam_image_embedding_size * 4
+    out = torch.full((num_frames, size, size), NO_OBJ_SCORE, dtype=torch.float32,
+                     device=sam2_model.no_mem_embed.device)
+    state = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    with torch.no_grad(), _eval_mode(sam2_model), _half_autocast(sam2_model):
+        for t in sorted(cond_ids):
+            state["cond_frame_outputs"][t] = condition(t, state)
+        for t in range(min(cond_ids), num_frames):
+            entry = state["cond_frame_outputs"].get(t)
+            if entry is None:
+                entry = track_frame(sam2_model, fetch(t), t, state, num_frames, memory_dtype)
+                state["non_cond_frame_outputs"][t] = entry
+            out[t] = entry["pred_masks"][0, 0]
+    return out
+
+
 def propagate_with_memory(sam2_model: SAM2Base, features, num_frames: int, cond_frames: PromptMap,
                           memory_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Path C: low-res logits [num_frames, h, w] (float32) for every frame.
@@ -446,27 +490,48 @@ def propagate_with_memory(sam2_model: SAM2Base, features, num_frames: int, cond_
     logits, the others are tracked from memory (all conditioning memories when
     ``max_cond_frames_in_attn == -1``, the ``num_maskmem-1`` latest tracked frames, object pointers).
     Frames before the first conditioning frame are never visited (forward only): they get -1024.
-    ``sam2_model`` is a parameter so a caller can propagate with other (e.g. original) weights.
     """
-    if not cond_frames:
-        raise ValueError("propagate: cond_frames is empty (need at least one prompted frame)")
-    if min(cond_frames) < 0 or max(cond_frames) >= num_frames:
-        raise ValueError(f"propagate: conditioning frame ids {sorted(cond_frames)} outside 0..{num_frames - 1}")
+    _check_cond_ids(cond_frames, num_frames)
     fetch = _frame_getter(features)
-    size = sam2_model.sam_image_embedding_size * 4
-    out = torch.full((num_frames, size, size), NO_OBJ_SCORE, dtype=torch.float32,
-                     device=sam2_model.no_mem_embed.device)
-    state = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-    with torch.no_grad(), _eval_mode(sam2_model), _half_autocast(sam2_model):
-        for t in sorted(cond_frames):
-            state["cond_frame_outputs"][t] = condition_frame(sam2_model, fetch(t), cond_frames[t], memory_dtype)
-        for t in range(min(cond_frames), num_frames):
-            entry = state["cond_frame_outputs"].get(t)
-            if entry is None:
-                entry = track_frame(sam2_model, fetch(t), t, state, num_frames, memory_dtype)
-                state["non_cond_frame_outputs"][t] = entry
-            out[t] = entry["pred_masks"][0, 0]
+    return _track_forward(sam2_model, fetch, num_frames,
+                          lambda t, state: condition_frame(sam2_model, fetch(t), cond_frames[t], memory_dtype),
+                          cond_frames, memory_dtype)
+
+
+def propagate_masks_with_memory(sam2_model: SAM2Base, features, num_frames: int, cond_logits: PromptMap,
+                                memory_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Sa2VA-i style Path C: the conditioning frames' masks, decoded beforehand (low-res logits [h, w] by
+    another model: the fine-tuned decoder), enter ``sam2_model`` (the original SAM2 weights) as mask
+    inputs -- the logits upsampled bilinearly to image_size and thresholded at 0, as add_new_mask
+    thresholds a resized mask -- and every later frame is tracked from memory with ``sam2_model``.
+    Conditioning frames return their given logits; ``features`` are ``sam2_model``'s own."""
+    _check_cond_ids(cond_logits, num_frames)
+    fetch = _frame_getter(features)
+    size = (sam2_model.image_size, sam2_model.image_size)
+
+    def condition(t: int, state: dict) -> dict:
+        low = cond_logits[t].float().reshape(1, 1, *cond_logits[t].shape[-2:])
+        mask = (F.interpolate(low, size=size, mode="bilinear", align_corners=False) > 0).float()
+        return condition_frame_with_mask(sam2_model, fetch(t), t, mask[0, 0], state, num_frames, memory_dtype)
+
+    out = _track_forward(sam2_model, fetch, num_frames, condition, cond_logits, memory_dtype)
+    for t, low in cond_logits.items():
+        out[t] = low.to(out)
     return out
+
+
+def load_official_sam2_weights(sam2_model: nn.Module, path: str) -> None:
+    """Official SAM2 checkpoint ``{'model': state_dict}`` (``.gamma`` layer scales accepted) -> ``sam2_model``,
+    strict. Read with ``weights_only=True``: tensors and plain containers only."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SAM2 checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path}: expected a dict with the SAM2 weights under the key 'model'")
+    try:
+        sam2_model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: SAM2 weights do not match the grounding encoder: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------ module
@@ -578,6 +643,14 @@ class SAM2Grounding(nn.Module):
         if not parts:
             return low_res.new_zeros((0, *size), dtype=torch.float32)
         return parts[0] if len(parts) == 1 else torch.cat(parts)  # (one chunk: no full-size copy)
+
+    def with_original_weights(self, path: str) -> "SAM2Grounding":
+        """A twin of this module (same config, so the same inference build) holding the original SAM2
+        weights of ``path``, on this module's device and dtype, frozen, in eval mode."""
+        twin = SAM2Grounding(self.sam2_config)
+        load_official_sam2_weights(twin.sam2_model, path)
+        ref = self._param()
+        return twin.to(device=ref.device, dtype=ref.dtype).eval().requires_grad_(False)
 
     def propagate(self, features, num_frames: int, cond_frames: PromptMap, sam2_model: SAM2Base | None = None,
                   memory_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
