@@ -13,6 +13,7 @@ from PIL import Image
 
 from projects.sasasa2va.hf.models import frame_sampling as fs
 from projects.sasasa2va.hf.models.inference import InferenceOptions
+from projects.sasasa2va.hf.models.sam2_grounding import official_sam2_state_dict
 from projects.sasasa2va.hf.models.templates import IMG_CONTEXT_TOKEN, eval_prompt
 from projects.sasasa2va.hf.models.video_context import VideoContext
 from projects.sasasa2va.models import tiny
@@ -443,6 +444,63 @@ def test_propagation_none_and_anchor_fix(scripted):
     assert xm[:20].any()  # reached by the backward pass (a forward-only pass leaves them empty)
     assert ctx2.counters.sam2_frames_tracked == (L - 20 - 100) + (120 - 100)
     assert not np.array_equal(fm, xm)
+
+
+def test_propagation_memory_original_sam2(scripted, tmp_path):
+    """Sa2VA-i (spec §7, §11.1): conditioning frames from the fine-tuned decoder, tracking by the original
+    SAM2 weights of a .pt file; shared path == naive path, original features encoded once per video."""
+    model, tok, head = scripted
+    set_answer(head, tok, 10)
+    L = 112
+    frames = make_frames(L, seed=21)
+    texts = [eval_prompt("the red car"), eval_prompt("a cat")]
+    sd = official_sam2_state_dict(model.grounding_encoder.sam2_model)
+    same_path = str(tmp_path / "same.pt")
+    torch.save({"model": sd}, same_path)
+    gen = torch.Generator().manual_seed(0)
+    other = {k: (v + 0.5 * torch.randn(v.shape, generator=gen) if k.startswith("memory_attention.")
+                 and v.is_floating_point() else v) for k, v in sd.items()}
+    other_path = str(tmp_path / "other.pt")
+    torch.save({"model": other}, other_path)
+
+    faithful = model.predict_video(frames, texts, tok, ["wrap_around"])["wrap_around"]
+    ctx = VideoContext(model, tok, frames)
+    orig = model.predict_video(frames, texts, tok, ["wrap_around"], context=ctx,
+                               propagation="memory_original_sam2",
+                               sam2_original_checkpoint=other_path)["wrap_around"]
+    assert ctx.counters.sam2_frames_encoded_original == L  # once for both expressions
+    assert ctx.counters.sam2_frames_tracked == 2 * (L - 100)
+    naive_ctx = VideoContext(model, tok, frames, naive=True)
+    naive = model.predict_video(frames, texts, tok, ["wrap_around"], context=naive_ctx,
+                                propagation="memory_original_sam2",
+                                sam2_original_checkpoint=other_path)["wrap_around"]
+    assert naive_ctx.counters.sam2_frames_encoded_original == 2 * L
+    for i in range(2):
+        fm, fp = check_result(faithful[i], L)
+        om, op = check_result(orig[i], L)
+        assert same(orig[i], naive[i])
+        # conditioning frames: the fine-tuned decoder's masks (decoded in batches, so up to rounding)
+        np.testing.assert_allclose(fp[:100], op[:100], atol=1e-5)
+        assert np.abs(fp[100:] - op[100:]).max() > 1e-3  # tracked by other weights
+    # the model's own weights as the "original" ones: conditioning by mask input, not by prompt, so the
+    # tracked frames still differ from the faithful path, the conditioning ones do not
+    mine = run(model, tok, frames, "wrap_around", text="the red car", propagation="memory_original_sam2",
+               sam2_original_checkpoint=same_path)
+    _, mp = check_result(mine, L)
+    _, op0 = check_result(orig[0], L)
+    assert np.array_equal(mp[:100], op0[:100]) and np.abs(mp[100:] - op0[100:]).max() > 1e-3
+    _, fp0 = check_result(faithful[0], L)
+    assert np.abs(mp[100:] - fp0[100:]).max() > 1e-4  # (well above rounding: the tiny model sits near 0.5)
+    # Path A/B modes do not depend on the option
+    a = run(model, tok, frames, "uniform", propagation="memory_original_sam2", sam2_original_checkpoint=other_path)
+    assert same(a, run(model, tok, frames, "uniform"))
+    with pytest.raises(ValueError, match="needs sam2_original_checkpoint"):
+        run(model, tok, frames, "wrap_around", propagation="memory_original_sam2")
+    with pytest.raises(ValueError, match="only used with"):
+        run(model, tok, frames, "wrap_around", sam2_original_checkpoint=other_path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        run(model, tok, frames, "wrap_around", propagation="memory_original_sam2",
+            sam2_original_checkpoint=str(tmp_path / "missing.pt"))
 
 
 # ================================================================================== image / text

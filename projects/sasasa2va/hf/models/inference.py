@@ -18,7 +18,7 @@ from PIL import Image
 from .templates import IMG_END_TOKEN, get_template
 
 IMAGE_PLACEHOLDER = "<image>"
-PROPAGATION = ("memory", "none")
+PROPAGATION = ("memory", "none", "memory_original_sam2")
 PATH_B_AVERAGE = ("logits", "probs")
 
 
@@ -31,8 +31,12 @@ class InferenceOptions:
         forward and backward, instead of real frames 0..N-1.
     uncovered_fix: Q3 (q_frame, L < N) decode frames absent from the list with the nearest copy's clip.
     path_b_average: Q4 'logits' (faithful, a -1024 'no object' copy dominates) or 'probs'.
-    propagation: 'memory' (faithful Path C) or 'none' (decode every frame on its own with a Path A
-        mapping, Sa2VA-i style; see VideoContext.plan_for).
+    propagation: 'memory' (faithful Path C: the fine-tuned SAM2 tracks from memory), 'none' (decode every
+        frame on its own with a Path A mapping; see VideoContext.plan_for) or 'memory_original_sam2'
+        (Sa2VA-i: the fine-tuned decoder's conditioning masks enter the original SAM2 weights of
+        ``sam2_original_checkpoint``, which track the other frames). Only Path C depends on it.
+    sam2_original_checkpoint: official SAM2 ``.pt`` (e.g. sam2_hiera_large.pt) for
+        'memory_original_sam2'; required there and refused elsewhere.
     max_new_tokens: generation limit (spec §2.2: 2048).
     """
 
@@ -40,6 +44,7 @@ class InferenceOptions:
     uncovered_fix: bool = False
     path_b_average: str = "logits"
     propagation: str = "memory"
+    sam2_original_checkpoint: Optional[str] = None
     max_new_tokens: int = 2048
 
     def __post_init__(self):
@@ -50,6 +55,14 @@ class InferenceOptions:
             raise ValueError(f"option path_b_average must be one of {PATH_B_AVERAGE}, got {self.path_b_average!r}")
         if self.propagation not in PROPAGATION:
             raise ValueError(f"option propagation must be one of {PROPAGATION}, got {self.propagation!r}")
+        ckpt = self.sam2_original_checkpoint
+        if self.propagation == "memory_original_sam2":
+            if not isinstance(ckpt, str) or not ckpt:
+                raise ValueError("option propagation='memory_original_sam2' needs sam2_original_checkpoint "
+                                 "(the path of an official SAM2 .pt file)")
+        elif ckpt is not None:
+            raise ValueError(f"option sam2_original_checkpoint is only used with "
+                             f"propagation='memory_original_sam2', got propagation={self.propagation!r}")
         m = self.max_new_tokens
         if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
             raise ValueError(f"option max_new_tokens must be an int >= 1, got {m!r}")

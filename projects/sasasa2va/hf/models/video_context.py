@@ -72,7 +72,7 @@ from .inference import (
     tokenize_prompt,
 )
 from .preprocessing import check_same_size, dynamic_preprocess, kfc_image, kfc_image_key, mllm_transform, sam2_resize
-from .sam2_grounding import FrameFeatures
+from .sam2_grounding import FrameFeatures, propagate_masks_with_memory
 from .templates import IMG_END_TOKEN, get_template, image_token_string
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,24 @@ def image_pool(workers: int) -> ThreadPoolExecutor:
     if pool is None:
         pool = _IMAGE_POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kfc-images")
     return pool
+
+
+def original_sam2_grounding(model, checkpoint: str):
+    """``model``'s grounding encoder with the original SAM2 weights of ``checkpoint`` (Sa2VA-i
+    propagation), loaded once per model and checkpoint and kept beside the model's modules (not one of
+    them: never saved with it); moved again if the model moved to another device or dtype."""
+    grounding = model.grounding_encoder
+    ref = grounding.sam2_model.no_mem_embed
+    key = os.path.abspath(checkpoint)
+    held = model.__dict__.get("_original_sam2")
+    if held is None or held[0] != key:
+        held = (key, grounding.with_original_weights(checkpoint))
+        model.__dict__["_original_sam2"] = held
+    twin = held[1]
+    twin_ref = twin.sam2_model.no_mem_embed
+    if twin_ref.device != ref.device or twin_ref.dtype != ref.dtype:
+        twin.to(device=ref.device, dtype=ref.dtype)
+    return twin
 
 
 def lru_get(cache: OrderedDict, key):
@@ -204,6 +222,7 @@ class WorkCounters:
     tokens_decoded: int = 0           # generated tokens fed back through the LLM
     sam2_decodes: int = 0             # (frame, prompt) mask-decoder evaluations, conditioning frames included
     sam2_frames_tracked: int = 0      # frames tracked from memory (Path C)
+    sam2_frames_encoded_original: int = 0  # frames encoded by the original SAM2 weights (Sa2VA-i Path C)
     prefix_tokens_reused: int = 0     # prompt tokens served from a cached prefix
     generations_reused: int = 0       # answers served from the generation cache
     logits_reused: int = 0            # decode plans served from the logits (or outputs) cache
@@ -315,7 +334,8 @@ class VideoContext:
         self.stop_words = list(get_template(self.config.template)["STOP_WORDS"])
         self.img_end_id = token_id(tokenizer, IMG_END_TOKEN)
         self.counters = WorkCounters()
-        self._features: "OrderedDict[int, FrameFeatures]" = OrderedDict()
+        # frame -> features; ("original", checkpoint, frame) -> the original SAM2 weights' features
+        self._features: OrderedDict = OrderedDict()
         self._feature_bytes = 0
         self._vision: OrderedDict = OrderedDict()
         self._prefix: OrderedDict = OrderedDict()
@@ -343,21 +363,27 @@ class VideoContext:
 
     @property
     def cached_frames(self) -> list:
-        return list(self._features)
+        """Frames whose (fine-tuned) SAM2 features are cached, least recently used first."""
+        return [k for k in self._features if isinstance(k, int)]
 
     # ------------------------------------------------------------------------------------ (a) SAM2 features
-    def _encode_frames(self, frame_ids: Sequence[int]) -> FrameFeatures:
-        g = self.grounding
+    def _encode_frames(self, frame_ids: Sequence[int], original: Optional[str] = None) -> FrameFeatures:
+        """SAM2 features of ``frame_ids``; ``original``: with the original SAM2 weights of that checkpoint
+        (propagation='memory_original_sam2') instead of the model's fine-tuned ones."""
+        g = self.grounding if original is None else original_sam2_grounding(self.model, original)
         images = torch.stack([sam2_resize(self.frames[t], g.image_size) for t in frame_ids]).to(self.device)
         feats = g.encode(g.preprocess(images, dtype=module_dtype(g)), chunk_size=self.encode_batch)
-        self.counters.sam2_frames_encoded += len(frame_ids)
+        if original is None:
+            self.counters.sam2_frames_encoded += len(frame_ids)
+        else:
+            self.counters.sam2_frames_encoded_original += len(frame_ids)
         return feats
 
-    def _encode_block(self, frame: int) -> dict:
+    def _encode_block(self, frame: int, original: Optional[str] = None) -> dict:
         """Encode the aligned block holding ``frame``: the batch composition never depends on the cache."""
         start = frame - frame % self.encode_batch
         ids = list(range(start, min(start + self.encode_batch, self.num_frames)))
-        feats = self._encode_frames(ids)
+        feats = self._encode_frames(ids, original)
         out = {}
         for i, t in enumerate(ids):  # own storage per frame, so evicting a frame frees its memory
             one = feats[i]
@@ -365,21 +391,25 @@ class VideoContext:
         return out
 
     @torch.no_grad()
-    def frame_features(self, t: int) -> FrameFeatures:
-        """1-frame SAM2 features of frame ``t`` (computed with its block on a miss)."""
+    def frame_features(self, t: int, original: Optional[str] = None) -> FrameFeatures:
+        """1-frame SAM2 features of frame ``t`` (computed with its block on a miss); ``original``: of the
+        original SAM2 weights of that checkpoint (cached beside the others, under the same budget)."""
         if not 0 <= t < self.num_frames:
             raise ValueError(f"frame index {t} outside 0..{self.num_frames - 1}")
-        hit = self._features.get(t)
+        key = t if original is None else ("original", original, t)
+        hit = self._features.get(key)
         if hit is not None:
-            self._features.move_to_end(t)
+            self._features.move_to_end(key)
             return hit
-        block = self._encode_block(t)
+        block = self._encode_block(t, original)
+        keys = {}
         for k, v in block.items():
-            if k not in self._features:
-                self._features[k] = v
+            keys[k] = k if original is None else ("original", original, k)
+            if keys[k] not in self._features:
+                self._features[keys[k]] = v
                 self._feature_bytes += v.nbytes
-        self._features.move_to_end(t)
-        self._evict(protect=set(block))
+        self._features.move_to_end(key)
+        self._evict(protect=set(keys.values()))
         return block[t]
 
     def _evict(self, protect=()) -> None:
@@ -690,7 +720,7 @@ class VideoContext:
         cfg = self.config
         plan = decode_plan(self.num_frames, mode, list(indices), cfg.num_clips,
                            q_frame_anchor_fix=options.q_frame_anchor_fix, uncovered_fix=options.uncovered_fix)
-        if plan.path != "C" or options.propagation == "memory":
+        if plan.path != "C" or options.propagation != "none":
             return plan
         cond = dict(zip(plan.decode_frames, plan.prompt_index))
         anchors = np.asarray(sorted(cond))
@@ -704,21 +734,45 @@ class VideoContext:
             mapping.append(cond[nearest])
         return DecodePlan("A", list(range(self.num_frames)), mapping, self.num_frames, False)
 
-    def _propagate(self, cond: dict, features: Optional[FrameFeatures]) -> torch.Tensor:
+    def _propagate(self, cond: dict, features: Optional[FrameFeatures],
+                   options: Optional[InferenceOptions] = None) -> torch.Tensor:
         """Path C; frames before the first conditioning frame (only with q_frame_anchor_fix) are
-        tracked backward by running the same forward tracker on the time-reversed video."""
+        tracked backward by running the same forward tracker on the time-reversed video.
+
+        propagation='memory_original_sam2' (Sa2VA-i): the conditioning frames are decoded with the
+        fine-tuned decoder as Path A decodes them, and their masks are propagated by the original SAM2
+        weights of ``options.sam2_original_checkpoint`` on that model's own frame features.
+        """
         L = self.num_frames
-        fetch: Callable[[int], FrameFeatures] = (lambda t: features[t]) if features is not None \
-            else self.frame_features
+        original = None
+        if options is not None and options.propagation == "memory_original_sam2":
+            original = options.sam2_original_checkpoint
+        if original is None:
+            fetch: Callable[[int], FrameFeatures] = (lambda t: features[t]) if features is not None \
+                else self.frame_features
+
+            def propagate(conditions, frame_of):
+                return self.grounding.propagate(lambda r: fetch(frame_of(r)), L, conditions)
+        else:
+            frames = sorted(cond)
+            low = self.decode_rows(frames, torch.stack([cond[f] for f in frames]), features)
+            cond = dict(zip(frames, low))
+            twin = original_sam2_grounding(self.model, original).sam2_model
+            own = self._encode_frames(list(range(L)), original) if features is not None else None
+            fetch = (lambda t: own[t]) if own is not None else (lambda t: self.frame_features(t, original))
+
+            def propagate(conditions, frame_of):
+                return propagate_masks_with_memory(twin, lambda r: fetch(frame_of(r)), L, conditions)
         first = min(cond)
-        out = self.grounding.propagate(fetch, L, cond)
-        self.counters.sam2_decodes += len(cond)
+        out = propagate(cond, lambda t: t)
+        if original is None:
+            self.counters.sam2_decodes += len(cond)
         self.counters.sam2_frames_tracked += (L - first) - sum(1 for f in cond if f >= first)
         if first > 0:
-            rev_cond = {L - 1 - f: p for f, p in cond.items()}
-            rev = self.grounding.propagate(lambda r: fetch(L - 1 - r), L, rev_cond)
+            rev = propagate({L - 1 - f: p for f, p in cond.items()}, lambda r: L - 1 - r)
             out[:first] = rev.flip(0)[:first]
-            self.counters.sam2_decodes += len(cond)
+            if original is None:
+                self.counters.sam2_decodes += len(cond)
             self.counters.sam2_frames_tracked += (max(cond) + 1) - len(cond)
         return out
 
@@ -734,7 +788,7 @@ class VideoContext:
         """
         if plan.path == "C":
             cond = {f: prompts[k] for f, k in zip(plan.decode_frames, plan.prompt_index)}
-            return self._propagate(cond, features)
+            return self._propagate(cond, features, options)
         calls = list(zip(plan.decode_frames, plan.prompt_index))
         if features is not None:  # naive: every decode call, as the reference does
             low = self.decode_pairs(calls, prompts, features)
@@ -791,7 +845,8 @@ class VideoContext:
     def _logits_key(gen: Generation, plan: DecodePlan, options: InferenceOptions) -> tuple:
         """Key of the combined-logits cache: one answer decoded by one plan."""
         return (gen.key, plan.path, tuple(plan.decode_frames), tuple(plan.prompt_index),
-                options.path_b_average if plan.path == "B" else None)
+                options.path_b_average if plan.path == "B" else
+                (options.propagation, options.sam2_original_checkpoint) if plan.path == "C" else None)
 
     @torch.no_grad()
     def prefetch_decodes(self, requests: Sequence[tuple], options: Optional[InferenceOptions] = None) -> int:
