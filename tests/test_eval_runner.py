@@ -59,8 +59,10 @@ class FakeModel:
         self.sleep = sleep
         self.calls = 0
 
-    def predict_forward(self, video, text, tokenizer, mode, selected_fids=None, return_probs=True):
+    def predict_forward(self, video, text, tokenizer, mode, selected_fids=None, return_probs=True, **options):
         out = self._predict(video, text, mode, selected_fids)
+        if options:  # the model options a run passes on (ref_vos_eval's inference flags), visible in the answer
+            out["prediction"] += " " + ",".join(f"{k}={v}" for k, v in sorted(options.items()))
         if hasattr(self, "probs_formats"):
             if return_probs != "uint8":
                 raise RuntimeError(f"asked for return_probs={return_probs!r}, uint8 is offered")
@@ -661,6 +663,21 @@ def test_blind_subset_and_corrupt_frame(syn_root, split, fake_env, tmp_path):
     assert any(e["status"] == "ok" for e in res[vids[0]].values())
 
 
+def test_inference_flags_reach_the_model_and_the_run_config(syn_root, fake_env, tmp_path):
+    out = tmp_path / "fixes"
+    assert run_inproc(syn_root, out, "--path-b-average", "probs", "--uncovered-fix") == 0
+    res = load(out / "results.json")
+    answers = [e["text_prediction"] for v, es in res.items() if v != "__meta__" for e in es.values()
+               if e["status"] == "ok"]
+    assert answers and all(a.endswith(" path_b_average=probs,uncovered_fix=True") for a in answers)
+    assert load(out / "run_config.json")["predict_options"] == {"path_b_average": "probs", "uncovered_fix": True}
+    with pytest.raises(ValueError, match="different run.*predict_options"):
+        run_inproc(syn_root, out)  # the same work dir without the fixes: not a resume of this run
+    default = tmp_path / "default"
+    assert run_inproc(syn_root, default) == 0
+    assert "predict_options" not in load(default / "run_config.json")  # defaults record nothing
+
+
 def test_cli_options(tmp_path):
     from projects.sasasa2va.evaluation import ref_vos_eval
     from projects.sasasa2va.evaluation.runner import default_work_dir, parse_modes
@@ -675,4 +692,17 @@ def test_cli_options(tmp_path):
         parse_modes("bogus")
     assert default_work_dir("MEVIS_U", ["uniform"]) == os.path.join("work_dirs", "eval", "MEVIS_U_uniform")
     assert ref_vos_eval.main(["hf", "--mode", "bogus"]) == 2
+    opts = ref_vos_eval.options_from_args(p.parse_args(["hf", "--q-frame-anchor-fix", "--propagation", "none",
+                                                        "--max-new-tokens", "9"]))
+    assert opts.predict_options == {"q_frame_anchor_fix": True, "propagation": "none", "max_new_tokens": 9}
+    assert ref_vos_eval.options_from_args(p.parse_args(["hf"])).predict_options == {}
+    ckpt = tmp_path / "sam2.pt"
+    ckpt.write_bytes(b"x")
+    opts = ref_vos_eval.options_from_args(p.parse_args(["hf", "--propagation", "memory_original_sam2",
+                                                        "--sam2-original", str(ckpt)]))
+    assert opts.predict_options == {"propagation": "memory_original_sam2", "sam2_original_checkpoint": str(ckpt)}
+    assert ref_vos_eval.main(["hf", "--propagation", "memory_original_sam2"]) == 2
+    assert ref_vos_eval.main(["hf", "--propagation", "memory_original_sam2", "--sam2-original",
+                              str(tmp_path / "missing.pt")]) == 2
+    assert ref_vos_eval.main(["hf", "--sam2-original", str(ckpt)]) == 2
     assert os.access(DIST_TEST, os.X_OK)

@@ -27,6 +27,8 @@ if ROOT not in sys.path:
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MODES = ("uniform", "uniform_plus", "q_frame", "wrap_around", "wrap_around_plus")
 
+from projects.sasasa2va.evaluation.inference_flags import add_inference_flags, predict_options  # noqa: E402
+
 
 def load_video(path: str, step: int = 1) -> tuple[list, list[str]]:
     """(RGB PIL frames, frame names) from a video file or a folder of frames; ValueError if unusable."""
@@ -125,12 +127,15 @@ def main(argv=None) -> int:
     p.add_argument("--selected-fids", default=None, help="q_frame: JSON list of 100 frame indices, or a file")
     p.add_argument("--video-step", type=int, default=1, help="keep every N-th frame (default: 1)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="model dtype; auto = bf16 on CUDA, float32 on CPU (default: auto)")
     p.add_argument("--no-remote-code", action="store_true",
-                   help="load with this repository's classes instead of the folder's modeling code")
+                   help="load with this repository's classes instead of the folder's modeling code (by default "
+                        "the folder's *.py files run: use folders you exported or reviewed)")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="answer length limit (default: 2048)")
     p.add_argument("--fps", type=float, default=8.0, help="GIF frame rate (default: 8)")
     p.add_argument("--max-side", type=int, default=480, help="GIF frame size limit (default: 480 px)")
+    add_inference_flags(p)
     args = p.parse_args(argv)
     if not args.text.strip():
         p.error("--text is empty; give the sentence that refers to the object")
@@ -143,6 +148,10 @@ def main(argv=None) -> int:
         p.error(str(exc))
     if args.mode == "q_frame" and fids is None:
         p.error("--mode q_frame needs --selected-fids (the 100 frame indices chosen for this expression)")
+    try:
+        options = predict_options(args)
+    except (ValueError, FileNotFoundError) as exc:
+        p.error(str(exc))
 
     import torch
 
@@ -157,7 +166,7 @@ def main(argv=None) -> int:
     print(f"[demo] model {args.model} on {device}; video {args.video}: {len(frames)} frames "
           f"{frames[0].size[0]}x{frames[0].size[1]}; mode {args.mode}", flush=True)
     out = model.predict_forward(video=frames, text=eval_prompt(args.text), tokenizer=tokenizer, mode=args.mode,
-                                selected_fids=fids, max_new_tokens=args.max_new_tokens)
+                                selected_fids=fids, max_new_tokens=args.max_new_tokens, **options)
     masks = out["prediction_masks"][0]
     masks_dir = (args.masks_dir or os.path.splitext(args.out)[0] + "_masks") if args.save_masks else None
     write_outputs(frames, names, masks, args.out, args.text, masks_dir, args.fps, args.max_side)

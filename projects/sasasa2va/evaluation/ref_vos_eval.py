@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from projects.sasasa2va.evaluation.inference_flags import add_inference_flags, predict_options  # noqa: E402
 from projects.sasasa2va.evaluation.runner import EvalOptions, parse_modes, run_evaluation  # noqa: E402
 from projects.sasasa2va.evaluation.sharding import SCHEMES  # noqa: E402
 from projects.sasasa2va.evaluation.splits import split_names  # noqa: E402
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap on generated answer tokens (default: the model's 2048; smoke runs of barely trained models)")
     p.add_argument("--model-factory", default=None, help=argparse.SUPPRESS)  # tests: module:function
+    add_inference_flags(p)
     return p
 
 
@@ -87,7 +89,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         model_factory=args.model_factory, retry_failed=args.retry_failed, overwrite=args.overwrite,
         dist_timeout=args.dist_timeout, progress=args.progress, naive=args.naive,
         feature_budget_mb=args.feature_budget_mb,
-        predict_options={"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {})
+        predict_options={**predict_options(args),
+                         **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {})})
 
 
 def main(argv=None) -> int:
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     try:
         opts = options_from_args(args)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run_evaluation(opts)

@@ -523,6 +523,8 @@ def _check_run_config(run_dir: str, cfg: dict) -> None:
     with open(path, "r", encoding="utf-8") as f:
         old = json.load(f)
     diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
+    if old.get("predict_options", {}) != cfg.get("predict_options", {}):  # recorded only when given
+        diff["predict_options"] = (old.get("predict_options", {}), cfg.get("predict_options", {}))
     if diff:
         lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{run_dir} holds predictions of a different run ({lines}); use another --work-dir "
