@@ -9,10 +9,10 @@ A decode batch of the shared path holds every (expression, mode) prompt's ~5k-to
 of such a step (ragged row lengths around ``--context``, the cache views ``RaggedKVCache.update`` returns,
 the additive ``ragged_attention_mask``):
 
-* sdpa   -- transformers' ``sdpa_attention_forward`` (the default, ``decode_attention="sdpa"``): with a
+* sdpa   -- transformers' ``sdpa_attention_forward`` (``decode_attention="sdpa"``): with a
   padding mask it first expands every row's cached keys and values to all query heads (``repeat_kv``,
   heads / kv_heads copies), then runs masked SDPA;
-* matmul -- ``_gqa_decode_attention`` (``decode_attention="matmul"``): the query heads of a KV head
+* matmul -- ``_gqa_decode_attention`` (``decode_attention="matmul"``, the default): the query heads of a KV head
   folded into its rows, two batched matmuls on the cache as it is, float32 softmax.
 
 Printed per batch size: milliseconds per call, per decode step (x ``--layers``), the KV bytes a call

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--full-mask-loss", action="store_true",
                    help="BCE + Dice on every low-res pixel instead of the reference's sampled points")
     p.add_argument("--sam2-hidden", type=int, default=None,
-                   help="SAM2 width (random init; default: the tiny checkpoint's, 64)")
+                   help="SAM2 width (random init; default: the tiny config's sam2_hidden_dim, 128)")
     p.add_argument("--accumulate", type=int, default=1,
                    help="samples per optimizer step (gradient accumulation; --iters counts steps)")
     p.add_argument("--prompt-scale", type=float, default=1.0,

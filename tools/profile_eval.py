@@ -4,8 +4,10 @@
     python tools/profile_eval.py --preset 4b-shaped --device cuda --num-videos 1 --min-frames 20 --max-frames 20 \\
         --frame-size 640x360 --out $OUT
 
-Runs the shared path of ``tools/benchmark_eval.py`` (same model, synthetic split and options; its
-arguments apply) with E and 2E expressions per video, each under cProfile after an untimed warm-up, and
+Runs the shared path of ``tools/benchmark_eval.py`` (same model, synthetic split and shared-path options:
+its model, data-size and VideoContext arguments apply; its run-control ones -- --split-dir, --qframe-file,
+--json, --repeat, --scaling-repeat, --skip-*, --no-warmup, --time-budget, --train-* -- are refused) with
+E and 2E expressions per video, each under cProfile after an untimed warm-up, and
 writes to ``--out``: ``profile_E<n>.txt`` (functions by own time and by cumulative time),
 ``profile_growth.txt`` (the functions whose cumulative time grew most from E to 2E: the per-expression
 costs) and, with ``--raw``, the cProfile files ``profile_E<n>.prof`` (``python -m pstats``). The phase times of each run are
@@ -87,6 +89,11 @@ def torch_profile(model, tok, name: str, split, modes, average: bool, args, devi
     return path
 
 
+# benchmark_eval's run-control options, which have no meaning here
+IGNORED_BENCHMARK_ARGS = ("split_dir", "qframe_file", "json", "repeat", "scaling_repeat", "skip_naive", "skip_train",
+                          "skip_scaling", "no_warmup", "time_budget", "train_steps", "train_warmup")
+
+
 def main(argv=None) -> int:
     parser = be.build_parser()
     parser.description = __doc__
@@ -96,6 +103,11 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-profiler", action="store_true",
                         help="also run the E split under torch.profiler (operators by device and CPU time)")
     args = parser.parse_args(argv)
+    ignored = [f"--{name.replace('_', '-')}" for name in IGNORED_BENCHMARK_ARGS
+               if getattr(args, name) != parser.get_default(name)]
+    if ignored:
+        parser.error(f"{', '.join(ignored)}: benchmark_eval options that profile_eval does not use (it profiles the "
+                     f"shared path on synthetic splits of E and 2E expressions per video)")
     from projects.sasasa2va.evaluation import bench
 
     device, dtype, modes, average = be.run_settings(args)

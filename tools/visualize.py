@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Overlay GIFs (prediction | ground truth) per expression and an index.html page.
 
-    python tools/visualize.py --split-dir DATA/mevis/valid_u --results OUT/results.json --out OUT/vis \
+    python tools/visualize.py --split-dir DATA/mevis/valid_u --results OUT/results.json --out OUT/vis \\
         [--max-expressions 50] [--csv OUT/mevis_valu_per_expression.csv]
 """
 from __future__ import annotations

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="MEVIS",
                    help=f"split name: {', '.join(split_names())}, or any name with --split-dir (default: %(default)s)")
     p.add_argument("--work-dir", "--work_dir", dest="work_dir", default=None,
-                   help="output folder (default: work_dirs/eval/<dataset>_<mode>)")
+                   help="output folder (default: work_dirs/eval/<dataset>_<mode>; several modes: <dataset>_<m1>+<m2>..., all five: <dataset>_all)")
     p.add_argument("--mode", default="uniform",
                    help="inference mode, comma list of modes, or 'all' (default: %(default)s)")
     p.add_argument("--average", action="store_true", help="average the modes' probabilities into OUT/results.json")

@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pth-model", "--pth_model", dest="pth_model", default=None,
                    help="training checkpoint: mmengine .pth, plain state dict, or a DeepSpeed folder")
     p.add_argument("--save-path", "--save_path", dest="save_path", default=None,
-                   help="output folder (default ./<dirname(pth)>_<stem>_hf)")
+                   help="output folder (default: <dirname(pth)>_<stem>_hf beside the checkpoint's folder, e.g. work_dirs/x/iter_3.pth -> work_dirs/x_iter_3_hf)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config entries, key=value")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--allow-partial", action="store_true",
