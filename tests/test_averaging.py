@@ -250,3 +250,14 @@ def test_cli_select_then_apply(world, tmp_path):
                           "--members-json", chosen, "--write-results", res], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert read_results(res)[1]["members"] == ["uniform", "q_frame"]
+    # --members takes comma lists too; explicit --voting / --threshold win over the chosen set's
+    res2 = str(tmp_path / "apply2" / "results.json")
+    out = subprocess.run([sys.executable, tool, "--runs", world["root"], "--split-dir", world["split"],
+                          "--members", "uniform,q_frame", "--write-results", res2], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert read_results(res2)[1]["members"] == ["uniform", "q_frame"] and "probs voting, threshold 0.5" in out.stdout
+    out = subprocess.run([sys.executable, tool, "--runs", world["root"], "--split-dir", world["split"],
+                          "--members-json", chosen, "--voting", "binary", "--threshold", "0.6",
+                          "--write-results", str(tmp_path / "apply3" / "results.json")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "binary voting, threshold 0.6" in out.stdout

@@ -4,7 +4,7 @@
 Select (greedy forward selection on J&F, prints every step, writes the chosen set):
     python tools/select_modes.py --runs work_dirs/valid_u_runs --split-dir DATA/mevis/valid_u --out chosen.json
 Apply a chosen set (or, without --members-json/--members, all five modes present) to another split:
-    python tools/select_modes.py --runs work_dirs/valid_runs --split-dir DATA/mevis/valid \
+    python tools/select_modes.py --runs work_dirs/valid_runs --split-dir DATA/mevis/valid \\
         --members-json chosen.json --write-results work_dirs/ensemble_valid/results.json
 
 --runs takes run dirs (with probs/ or results.json) or folders of them; runs are named by folder name.
@@ -42,32 +42,38 @@ def parse_weights(specs, names):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", required=True)
-    p.add_argument("--split-dir", required=True)
+    p.add_argument("--runs", nargs="+", required=True,
+                   help="run dirs (with probs/ or results.json) or folders of them; a run is named by its folder")
+    p.add_argument("--split-dir", required=True, help="the split the runs were made on (selection: with ground truth)")
     p.add_argument("--out", help="chosen set JSON to write (selection)")
-    p.add_argument("--voting", choices=("probs", "binary"), default="probs")
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--weights", nargs="+", help="one weight per run, or NAME=W pairs")
-    p.add_argument("--max-members", type=int, default=None)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--voting", choices=("probs", "binary"), default=None,
+                   help="mean of probabilities or of binary masks (default: the --members-json's, else probs)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="threshold of the mean (default: the --members-json's, else 0.5)")
+    p.add_argument("--weights", nargs="+", help="one weight per run, or NAME=W pairs (default: equal weights)")
+    p.add_argument("--max-members", type=int, default=None, help="largest member set tried (default: all runs)")
+    p.add_argument("--workers", type=int, default=1, help="processes scoring candidate sets (default: 1)")
     p.add_argument("--write-results", help="apply mode: write the ensemble's results.json here")
-    p.add_argument("--members-json", help="apply mode: chosen set written by a selection")
-    p.add_argument("--members", nargs="+", help="apply mode: member run names")
+    p.add_argument("--members-json", help="apply mode: chosen set written by a selection (its names, weights, "
+                                          "voting and threshold; explicit --voting/--threshold/--weights win)")
+    p.add_argument("--members", nargs="+",
+                   help="apply mode: member run names, space- or comma-separated (default: the five modes' runs)")
     args = p.parse_args(argv)
     try:
         runs = discover_runs(args.runs)
         names = [run_name(r) for r in runs]
         if args.write_results:
             weights_by_name = {}
-            voting, threshold = args.voting, args.threshold
+            voting, threshold = args.voting or "probs", 0.5 if args.threshold is None else args.threshold
             if args.members_json:
                 with open(args.members_json, "r", encoding="utf-8") as f:
                     chosen = json.load(f)
                 member_names = chosen["names"]
                 weights_by_name = dict(zip(member_names, chosen.get("weights") or [1.0] * len(member_names)))
-                voting, threshold = chosen.get("voting", voting), chosen.get("threshold", threshold)
+                voting = args.voting or chosen.get("voting", voting)
+                threshold = args.threshold if args.threshold is not None else chosen.get("threshold", threshold)
             elif args.members:
-                member_names = args.members
+                member_names = [n.strip() for item in args.members for n in item.split(",") if n.strip()]
             else:
                 member_names = [run_name(r) for r in default_members(runs)]
                 if not member_names:
@@ -86,7 +92,8 @@ def main(argv=None) -> int:
         if not args.out:
             raise ValueError("selection needs --out (or use --write-results to apply a set)")
         res = greedy_select(runs, args.split_dir, weights=parse_weights(args.weights, names),
-                            threshold=args.threshold, voting=args.voting, max_members=args.max_members,
+                            threshold=0.5 if args.threshold is None else args.threshold,
+                            voting=args.voting or "probs", max_members=args.max_members,
                             workers=args.workers, log=lambda s: print(s, flush=True))
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
