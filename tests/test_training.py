@@ -323,6 +323,35 @@ def test_train_py_helpers():
     assert cfg.model_wrapper_cfg.find_unused_parameters is True
 
 
+def test_tiny_checkpoints_are_checked_against_the_config(tmp_path):
+    import json
+
+    from projects.sasasa2va.models.tiny import check_tiny_manifest, tiny_cli_args
+
+    spec = dict(Config.fromfile(TINY_CONFIG).auto_prepare.tiny_pretrained)
+    spec.pop("out_dir")
+    cmd = "python tools/make_tiny_pretrained.py --out X " + " ".join(tiny_cli_args(spec))
+    manifest = {"arch": "qwen2", "image_size": 56, "seed": 3, "sam2_config": {"name": "tiny", "hidden_dim": 128}}
+    (tmp_path / "tiny_manifest.json").write_text(json.dumps(manifest))
+    check_tiny_manifest(str(tmp_path), spec, cmd)  # another seed: same shapes, accepted
+    manifest.update(image_size=112, sam2_config={"name": "tiny"})  # the generator's plain defaults
+    (tmp_path / "tiny_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"image_size 112 \(config: 56\), sam2_hidden_dim None \(config: 128\)"
+                       r".*--image-size 56 --seed 0 --sam2-hidden-dim 128"):
+        check_tiny_manifest(str(tmp_path), spec, cmd)
+
+
+def test_make_tiny_pretrained_cli_defaults_follow_the_tiny_config(tmp_path):
+    import json
+
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tiny_pretrained.py"), "--out",
+                          str(tmp_path / "t"), "--no-sa2va-pth"], cwd=str(tmp_path), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    made = json.loads((tmp_path / "t" / "tiny_manifest.json").read_text())
+    assert made["image_size"] == 56 and made["sam2_config"] == {"name": "tiny", "hidden_dim": 128}
+
+
 # ----------------------------------------------------------------------------------------- launcher
 def run_dist(cwd, nproc, *args, timeout=600):
     env = dict(os.environ)

@@ -204,11 +204,12 @@ def auto_prepare(cfg) -> None:
         _ensure(root, "synthetic_info.json", lambda: generate_all(root, seed=seed, **syn), cmd)
     tiny = dict(spec.get("tiny_pretrained") or {})
     if tiny:
-        from projects.sasasa2va.models.tiny import make_tiny_pretrained, tiny_cli_args
+        from projects.sasasa2va.models.tiny import check_tiny_manifest, make_tiny_pretrained, tiny_cli_args
 
         out_dir = tiny.pop("out_dir")
         cmd = " ".join(["python tools/make_tiny_pretrained.py --out", out_dir] + tiny_cli_args(tiny))
         _ensure(out_dir, "tiny_manifest.json", lambda: make_tiny_pretrained(out_dir, **tiny), cmd)
+        check_tiny_manifest(out_dir, tiny, cmd)
     stand_in = dict(spec.get("stand_in_pretraining") or {})
     if stand_in:
         from projects.sasasa2va.models.stand_in_pretraining import marker_path, run_stand_in_pretraining

@@ -10,6 +10,7 @@ tokens per image after pixel shuffle; LLM hidden 256, 4 layers.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 from typing import Optional
@@ -295,6 +296,23 @@ def make_tiny_pretrained(
                       {"arch": arch, "image_size": image_size, "seed": seed, "sam2_config": sam2_config,
                        "files": paths}, indent=2)
     return paths
+
+
+def check_tiny_manifest(out_dir: str, spec: dict, command: str) -> None:
+    """The tiny checkpoints in ``out_dir`` were made with the architecture settings a config asks for
+    (``spec``: its ``auto_prepare.tiny_pretrained``); otherwise a clear error instead of a shape mismatch
+    deep in loading. The seed is not compared (other weights, same shapes)."""
+    path = os.path.join(out_dir, "tiny_manifest.json")
+    with open(path, "r", encoding="utf-8") as f:
+        made = json.load(f)
+    want = {"arch": spec.get("arch", "qwen2"), "image_size": int(spec.get("image_size", 112)),
+            "sam2_hidden_dim": spec.get("sam2_hidden_dim")}
+    have = {"arch": made.get("arch"), "image_size": made.get("image_size"),
+            "sam2_hidden_dim": (made.get("sam2_config") or {}).get("hidden_dim")}
+    diff = [f"{k} {have[k]} (config: {want[k]})" for k in want if have[k] != want[k]]
+    if diff:
+        raise ValueError(f"{path}: the tiny checkpoints in {out_dir} were made with {', '.join(diff)}; remake "
+                         f"them for this config (this replaces them) with: {command}")
 
 
 def tiny_cli_args(spec: dict) -> list[str]:
