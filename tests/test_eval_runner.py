@@ -164,6 +164,16 @@ def run_inproc(syn_root, work_dir, *extra) -> int:
     return ref_vos_eval.main(_cli(syn_root, work_dir, *extra))
 
 
+def run_inproc_raising(syn_root, work_dir, *extra) -> int:
+    """run_inproc, with the error raised (ref_vos_eval.main prints bad-input errors and returns 2)."""
+    from projects.sasasa2va.evaluation import ref_vos_eval
+    from projects.sasasa2va.evaluation.runner import run_evaluation
+
+    opts = ref_vos_eval.options_from_args(ref_vos_eval.build_parser().parse_args(_cli(syn_root, work_dir, *extra)))
+    run_evaluation(opts)
+    return 0
+
+
 def run_dist(syn_root, work_dir, nproc, *extra, env_extra=None, timeout=90):
     env = dict(os.environ)
     env.update(env_extra or {})
@@ -344,7 +354,7 @@ def test_resume_byte_identical(syn_root, fake_env, tmp_path, monkeypatch):
     (model_dir / "model.safetensors").write_bytes(b"second")  # retrained / re-exported into the same folder
     assert first and model_fingerprint(str(model_dir)) != first and model_fingerprint(str(tmp_path / "no")) is None
     with pytest.raises(ValueError, match="different run"):
-        run_inproc(syn_root, part, "--blind-expression", "the object")
+        run_inproc_raising(syn_root, part, "--blind-expression", "the object")
     assert run_inproc(syn_root, part, "--blind-expression", "the object", "--overwrite") == 0
     assert load(part / "results.json")["__meta__"]["blind_expression"] == "the object"
 
@@ -474,6 +484,65 @@ def test_multimode_average_and_submit(syn_root, split, fake_env, tmp_path):
     single = tmp_path / "single"
     assert run_inproc(syn_root, single, "--submit", "--mode", "q_frame") == 0
     assert check_submission(str(single / "Annotations"), split.split_dir) == []
+
+
+def test_work_dir_layouts_do_not_replace_each_other(syn_root, split, fake_env, tmp_path, capsys):
+    """A single-mode run in a multi-mode work dir (or the reverse) would replace its results.json: refused
+    with a message and exit status 2; --overwrite discards the other layout's files."""
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    assert run_inproc(syn_root, multi, "--mode", "uniform,wrap_around", "--average") == 0
+    averaged = read_bytes(multi / "results.json")
+    assert run_inproc(syn_root, multi, "--mode", "uniform") == 2
+    assert "holds a run of several modes" in capsys.readouterr().err
+    assert read_bytes(multi / "results.json") == averaged
+    assert run_inproc(syn_root, single, "--mode", "uniform") == 0
+    first = read_bytes(single / "results.json")
+    assert run_inproc(syn_root, single, "--mode", "uniform,wrap_around", "--average") == 2
+    assert "holds a single-mode run" in capsys.readouterr().err
+    assert read_bytes(single / "results.json") == first
+    assert run_inproc(syn_root, single, "--mode", "uniform,wrap_around", "--average", "--overwrite") == 0
+    assert read_bytes(single / "results.json") == averaged
+    assert not any(os.path.exists(single / sub) for sub in ("preds", "probs", "run_config.json"))
+
+
+def test_corrupt_probs_file_is_recomputed_on_resume(syn_root, split, fake_env, tmp_path):
+    out = tmp_path / "run"
+    args = ("--mode", "uniform,wrap_around", "--average")
+    assert run_inproc(syn_root, out, *args) == 0
+    want = read_bytes(out / "results.json")
+    vid = sorted(os.listdir(out / "modes" / "uniform" / "probs"))[0]
+    victim = sorted((out / "modes" / "uniform" / "probs" / vid).iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:40])  # cut short
+    from projects.sasasa2va.evaluation.averaging import load_probs
+
+    with pytest.raises(ValueError, match=f"{victim.name}: unreadable probabilities"):
+        load_probs(str(out / "modes" / "uniform"), vid, victim.stem)
+    assert run_inproc(syn_root, out, *args) == 0
+    assert read_bytes(out / "results.json") == want
+    assert load(out / "eval_summary.json")["this_run"]["processed"] == 1
+
+
+def test_bad_model_folder_and_work_dir_are_clear_errors(syn_root, tmp_path, capsys):
+    from projects.sasasa2va.evaluation import ref_vos_eval
+
+    base = ["--dataset", "SYN_MEVIS_U", "--data-root", syn_root, "--no-progress"]
+    train_dir = tmp_path / "train_work_dir"
+    train_dir.mkdir()
+    (train_dir / "iter_10.pth").write_bytes(b"x")
+    out = tmp_path / "out"
+    assert ref_vos_eval.main([str(train_dir), "--work-dir", str(out), *base]) == 2
+    err = capsys.readouterr().err
+    assert "not an exported model folder (no config.json)" in err and "convert_to_hf.py" in err
+    assert not out.exists()  # nothing created, nothing claimed: the corrected command runs there
+    assert ref_vos_eval.main([str(tmp_path / "nope"), "--work-dir", str(out), *base]) == 2
+    assert "HF model folder not found" in capsys.readouterr().err
+    (train_dir / "config.json").write_text('{"model_type": "qwen2"}')
+    assert ref_vos_eval.main([str(train_dir), "--work-dir", str(out), *base]) == 2
+    assert "model_type 'qwen2', expected 'sasasa2va_chat'" in capsys.readouterr().err
+    afile = tmp_path / "a_file"
+    afile.write_text("mine")
+    assert run_inproc(syn_root, afile) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err and afile.read_text() == "mine"
 
 
 def test_runner_asks_models_for_uint8_probabilities(syn_root, split, fake_env, tmp_path, monkeypatch):
@@ -672,7 +741,7 @@ def test_inference_flags_reach_the_model_and_the_run_config(syn_root, fake_env, 
     assert answers and all(a.endswith(" path_b_average=probs,uncovered_fix=True") for a in answers)
     assert load(out / "run_config.json")["predict_options"] == {"path_b_average": "probs", "uncovered_fix": True}
     with pytest.raises(ValueError, match="different run.*predict_options"):
-        run_inproc(syn_root, out)  # the same work dir without the fixes: not a resume of this run
+        run_inproc_raising(syn_root, out)  # the same work dir without the fixes: not a resume of this run
     default = tmp_path / "default"
     assert run_inproc(syn_root, default) == 0
     assert "predict_options" not in load(default / "run_config.json")  # defaults record nothing
@@ -706,3 +775,6 @@ def test_cli_options(tmp_path):
                               str(tmp_path / "missing.pt")]) == 2
     assert ref_vos_eval.main(["hf", "--sam2-original", str(ckpt)]) == 2
     assert os.access(DIST_TEST, os.X_OK)
+    for bad in ("0", "two"):
+        r = subprocess.run(["bash", DIST_TEST, SCRIPT, "hf", bad], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and f"NUM_GPUS must be a positive integer (processes per node), got '{bad}'" in r.stderr

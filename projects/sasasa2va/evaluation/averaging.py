@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+import zlib
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -81,10 +82,14 @@ def load_probs(run_dir: str, video_id: str, exp_id: str) -> np.ndarray:
     path = probs_path(run_dir, video_id, exp_id)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no stored probabilities for {video_id}/{exp_id}")
-    with np.load(path, allow_pickle=False) as z:
-        if "probs" not in z.files:
-            raise ValueError(f"{path}: missing array 'probs' (found {z.files})")
-        p = z["probs"]
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "probs" not in z.files:
+                raise ValueError(f"{path}: missing array 'probs' (found {z.files})")
+            p = z["probs"]
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
+        raise ValueError(f"{path}: unreadable probabilities ({type(exc).__name__}: {exc}); delete the file and "
+                         f"rerun the evaluation to recompute {video_id}/{exp_id}") from None
     if p.dtype != np.uint8 or p.ndim != 3:
         raise ValueError(f"{path}: 'probs' must be uint8 [T,H,W], got {p.dtype} {p.shape}")
     return p

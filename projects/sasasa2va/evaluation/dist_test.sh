@@ -15,6 +15,14 @@ SCRIPT=$1
 HF_DIR=$2
 NUM_GPUS=$3
 shift 3
+if ! [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "dist_test.sh: NUM_GPUS must be a positive integer (processes per node), got '$NUM_GPUS'" >&2
+    exit 2
+fi
+if [ ! -f "$SCRIPT" ]; then
+    echo "dist_test.sh: evaluation script not found: $SCRIPT" >&2
+    exit 2
+fi
 
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}

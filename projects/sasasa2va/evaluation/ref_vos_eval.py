@@ -107,7 +107,17 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run_evaluation(opts)
+    try:
+        run_evaluation(opts)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished expressions are kept under {opts.work_dir}; rerun the same command to "
+              f"resume", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:  # bad inputs (files, keys, options): the message names them
+        if os.environ.get("SASASA2VA_TRACEBACK"):
+            raise
+        print(f"error: {exc}\n(SASASA2VA_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -32,6 +32,7 @@ import sys
 import time
 import traceback
 import uuid
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -272,6 +273,41 @@ def _import_factory(spec: str) -> Callable:
     return getattr(mod, func)
 
 
+def check_hf_dir(hf_dir: str) -> None:
+    """An exported model folder (convert_to_hf.py --save-path), not e.g. a training work dir."""
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"{hf_dir}: HF model folder not found")
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise ValueError(f"{hf_dir}: not an exported model folder (no config.json); make one from a training "
+                         f"checkpoint with: python projects/sasasa2va/hf/convert_to_hf.py CONFIG --pth-model PTH "
+                         f"--save-path HF_DIR")
+    with open(os.path.join(hf_dir, "config.json"), "r", encoding="utf-8") as f:
+        try:
+            model_type = json.load(f).get("model_type")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise ValueError(f"{hf_dir}/config.json: not a model config ({exc})") from None
+    if model_type != "sasasa2va_chat":
+        raise ValueError(f"{hf_dir}/config.json: model_type {model_type!r}, expected 'sasasa2va_chat' (an export "
+                         f"of convert_to_hf.py)")
+
+
+def check_layout(work_dir: str, multi: bool) -> None:
+    """A work dir holds one kind of run: one mode (its run_config.json and results.json at the top) or
+    several (modes/<mode>/, and results.json = their average); one kind must not replace the other's
+    results.json (use another --work-dir, or --overwrite)."""
+    single = os.path.isfile(os.path.join(work_dir, "run_config.json"))
+    modes_dir = os.path.join(work_dir, "modes")
+    several = os.path.isdir(modes_dir) and any(os.path.isfile(os.path.join(modes_dir, m, "run_config.json"))
+                                               for m in os.listdir(modes_dir))
+    if multi and single:
+        raise ValueError(f"{work_dir} holds a single-mode run (run_config.json, results.json); a run of several "
+                         f"modes would replace its results.json; use another --work-dir or --overwrite")
+    if not multi and several:
+        raise ValueError(f"{work_dir} holds a run of several modes (modes/, results.json = their average); a "
+                         f"single-mode run would replace that results.json; use another --work-dir (or "
+                         f"--overwrite to discard it)")
+
+
 def load_model(opts: EvalOptions, ctx: DistContext):
     """(model, tokenizer) in eval mode on ctx.device. Remote code by default, the repo's own classes
     with remote_code=False, or a test factory."""
@@ -284,8 +320,7 @@ def load_model(opts: EvalOptions, ctx: DistContext):
                        rank=ctx.rank)
     from transformers import AutoModel, AutoTokenizer
 
-    if not os.path.isdir(opts.hf_dir):
-        raise FileNotFoundError(f"{opts.hf_dir}: HF model folder not found")
+    check_hf_dir(opts.hf_dir)
     kwargs = dict(torch_dtype=dtype, low_cpu_mem_usage=True)
     if opts.remote_code:
         model = AutoModel.from_pretrained(opts.hf_dir, trust_remote_code=True, **kwargs)
@@ -489,8 +524,8 @@ def _is_done(run_dir: str, video_id: str, exp_id: str, num_frames: int, retry_fa
     e = _read_pred(run_dir, video_id, exp_id, num_frames)
     if e is None:
         return False
-    if e.get("status") == "ok" and not os.path.isfile(probs_path(run_dir, video_id, exp_id)):
-        return False
+    if e.get("status") == "ok" and not zipfile.is_zipfile(probs_path(run_dir, video_id, exp_id)):
+        return False  # missing or cut short (its end record is written last): recomputed
     return not (retry_failed and e.get("status") == "failed")
 
 
@@ -979,6 +1014,10 @@ def run_evaluation(opts: EvalOptions) -> dict | None:
         raise ValueError(f"--shard-by must be one of {sharding.SCHEMES}, got {opts.shard_by!r}")
     if opts.work_dir is None:
         opts.work_dir = default_work_dir(opts.dataset, modes)
+    if os.path.exists(opts.work_dir) and not os.path.isdir(opts.work_dir):
+        raise ValueError(f"--work-dir {opts.work_dir}: exists and is not a folder")
+    if opts.model_factory is None and isinstance(opts.hf_dir, str):
+        check_hf_dir(opts.hf_dir)  # before anything is created in the work dir
     multi = len(modes) > 1 or bool(opts.average or opts.average_members)
     members = _resolve_members(opts, modes)
     ctx = init_distributed(opts.launcher, opts.device, opts.dist_timeout)
@@ -1008,6 +1047,9 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
                 stale = [os.path.join(d, sub) for d in run_dirs.values()
                          for sub in ("preds", "probs", "Annotations", "results.json", "run_config.json")]
                 stale += [os.path.join(work_dir, sub) for sub in ("Annotations", "results.json", "eval_summary.json")]
+                # the other layout's predictions (a single-mode run's at the top, a multi-mode run's modes/)
+                stale += [os.path.join(work_dir, sub) for sub in (("preds", "probs", "run_config.json") if multi
+                                                                  else ("modes",))]
                 stale.append(ahead_dir(work_dir))
                 for p in stale:
                     if os.path.isdir(p):
@@ -1016,13 +1058,14 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
                         os.unlink(p)
             _sync(ctx)
         else:
+            check_layout(work_dir, multi)
             for m in modes:
                 _check_run_config(run_dirs[m], configs[m])
-        if ctx.is_main:
-            for m in modes:
-                atomic_write_json(os.path.join(run_dirs[m], "run_config.json"), configs[m], indent=1)
         qframe = split.load_qframe(records) if "q_frame" in modes else None
         model, tokenizer = load_model(opts, ctx)
+        if ctx.is_main:  # after the model loaded: a run that could not start claims no work dir
+            for m in modes:
+                atomic_write_json(os.path.join(run_dirs[m], "run_config.json"), configs[m], indent=1)
         path = ("naive" if opts.naive else "shared") if supports_shared_path(model) else "per-expression"
         averager = None
         if AVERAGE_AHEAD and members is not None and all(n in run_dirs and d == run_dirs[n]
