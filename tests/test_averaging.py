@@ -117,6 +117,17 @@ def test_store_round_trip_and_no_temp_files(world, tmp_path):
         avg.save_probs(d, "vid", "bad", np.zeros((5, 6)))
 
 
+def test_atomic_writes_get_the_umask_mode(tmp_path):
+    from projects.sasasa2va.utils.io import FILE_MODE, atomic_write_text
+
+    with open(tmp_path / "plain", "w") as f:
+        f.write("x")
+    atomic_write_text(str(tmp_path / "atomic"), "x")
+    # a plain open() under the process umask is the reference (mkstemp alone gives 0600)
+    assert os.stat(tmp_path / "atomic").st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777 == FILE_MODE
+    assert FILE_MODE != 0o600 or os.umask(os.umask(0)) == 0o066
+
+
 def test_atomic_write_failure_leaves_nothing(tmp_path, monkeypatch):
     d = str(tmp_path / "store")
     os.makedirs(os.path.join(d, "probs", "vid"))

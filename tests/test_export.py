@@ -333,5 +333,8 @@ def test_command_line_from_another_directory(in_root):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = str(in_root / "hf_cli")
     assert f"to {out}" in proc.stdout and "non-tensor metadata" in proc.stdout
+    from projects.sasasa2va.utils.io import DIR_MODE
+
+    assert os.stat(out).st_mode & 0o777 == DIR_MODE  # as a makedirs folder, not mkdtemp's 0700
     model = SaSaSa2VAChatModel.from_pretrained(out)
     assert model.config.template == "qwen_chat" and model.config.architectures == ["SaSaSa2VAChatModel"]

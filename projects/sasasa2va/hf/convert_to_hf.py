@@ -48,6 +48,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from projects.sasasa2va.utils.io import DIR_MODE  # noqa: E402
+
 MODEL_CODE_DIR = osp.join(osp.dirname(osp.abspath(__file__)), "models")
 CONFIG_DIR = osp.join(ROOT, "projects", "sasasa2va", "configs")
 AUTO_MAP = {
@@ -231,6 +233,7 @@ def save_hf_folder(chat, tokenizer, save_path: str, overwrite: bool = False, log
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{osp.basename(save_path)}.tmp-", dir=parent)
     try:
+        os.chmod(tmp, DIR_MODE)  # the final folder is this one, renamed: readable as a makedirs folder is
         chat.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         code = copy_model_code(tmp)

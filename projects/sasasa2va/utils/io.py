@@ -7,11 +7,30 @@ import tempfile
 from typing import Any
 
 
+def _process_umask() -> int:
+    """The umask, read without changing it where /proc allows (os.umask must set it to read it)."""
+    try:
+        with open("/proc/self/status", "r", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_process_umask()  # what open() would give: mkstemp's temp files are 0600
+DIR_MODE = 0o777 & ~_process_umask()  # what os.makedirs would give: mkdtemp's folders are 0700
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.basename(path), dir=directory)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
