@@ -120,3 +120,31 @@ def test_cli(sub):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_submission_zip.py"), "--ann-dir",
                         sub["ann"], "--split-dir", sub["split"], "--out", out + "2"], capture_output=True, text=True)
     assert r.returncode == 2 and "vidB/0/00000.png" in r.stderr
+
+
+def test_cli_refuses_other_splits_results_and_non_zip_targets(sub):
+    tool = os.path.join(ROOT, "tools", "make_submission_zip.py")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, tool, *args], capture_output=True, text=True)
+
+    # results of another split: refused before a single PNG lands in the (good) annotation folder
+    other = str(sub["tmp"] / "other" / "results.json")
+    write_results(other, [make_entry(0, "vidZ", "0", ["00000"], np.zeros((1, 4, 4), bool))], {"split": "x"})
+    before = sorted(os.walk(sub["ann"]))
+    r = cli("--results", other, "--ann-dir", sub["ann"], "--split-dir", sub["split"], "--out",
+            str(sub["tmp"] / "z.zip"))
+    assert r.returncode == 2 and "vidZ: not a video of the split" in r.stderr and "nothing written" in r.stderr
+    assert sorted(os.walk(sub["ann"])) == before
+    # --out: an earlier zip is replaced; a user's other file or a folder is refused
+    notes = sub["tmp"] / "notes.txt"
+    notes.write_text("mine")
+    r = cli("--ann-dir", sub["ann"], "--split-dir", sub["split"], "--out", str(notes))
+    assert r.returncode == 2 and "not a zip file; refusing to overwrite" in r.stderr and notes.read_text() == "mine"
+    r = cli("--ann-dir", sub["ann"], "--split-dir", sub["split"], "--out", str(sub["tmp"] / "run"))
+    assert r.returncode == 2 and "is a folder" in r.stderr
+    z = str(sub["tmp"] / "again.zip")
+    for _ in range(2):
+        r = cli("--results", sub["results"], "--ann-dir", sub["ann"], "--split-dir", sub["split"], "--out", z)
+        assert r.returncode == 0, r.stderr
+    assert zipfile.is_zipfile(z)

@@ -12,19 +12,27 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from projects.sasasa2va.evaluation.submission import pack_submission, write_submission_pngs  # noqa: E402
+from projects.sasasa2va.evaluation.submission import (  # noqa: E402
+    check_results_against_split,
+    check_zip_target,
+    pack_submission,
+    write_submission_pngs,
+)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ann-dir", required=True, help="folder <video>/<exp_id>/<frame>.png")
     p.add_argument("--split-dir", required=True, help="split folder with meta_expressions.json and JPEGImages/")
-    p.add_argument("--out", required=True, help="zip to write (outside --ann-dir)")
+    p.add_argument("--out", required=True, help="zip to write (outside --ann-dir; an earlier zip there is replaced, "
+                                                "any other file is refused)")
     p.add_argument("--results", help="optional results.json: write its masks as PNGs into --ann-dir first")
     p.add_argument("--workers", type=int, default=1, help="processes for the check (default 1)")
     args = p.parse_args(argv)
     try:
+        check_zip_target(args.out)
         if args.results:
+            check_results_against_split(args.results, args.split_dir)
             n = write_submission_pngs(args.results, args.ann_dir)
             print(f"wrote {n} PNGs to {args.ann_dir}")
         info = pack_submission(args.ann_dir, args.out, args.split_dir, workers=args.workers)

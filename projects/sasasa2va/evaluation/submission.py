@@ -81,6 +81,38 @@ def write_submission_pngs(source, out_dir: str) -> int:
     return count
 
 
+def check_results_against_split(source, split_dir: str) -> int:
+    """Every entry of ``source`` (results.json path, dict or entries) is a (video, expression) of the split,
+    with the split's frames -- checked before any PNG is written, so results of another split never
+    land in an annotation folder. Returns the number of entries."""
+    records = _split_records(split_dir)
+    problems, count = [], 0
+    for e in _entries(source):
+        count += 1
+        vid, eid = str(e["video_id"]), str(e["exp_id"])
+        rec = records.get(vid)
+        if rec is None:
+            problems.append(f"{vid}: not a video of the split")
+        elif eid not in rec.expressions:
+            problems.append(f"{vid}/{eid}: not an expression of the split's video {vid}")
+        elif [str(f) for f in (e.get("frames") or [])] != [str(f) for f in rec.frame_names]:
+            problems.append(f"{vid}/{eid}: its frames differ from the split's {len(rec.frame_names)} frames")
+    if problems:
+        listed = "\n  ".join(problems[:MAX_LISTED])
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise ValueError(f"the results do not belong to the split {split_dir} ({len(problems)} problem(s); "
+                         f"nothing written):\n  {listed}{more}")
+    return count
+
+
+def check_zip_target(zip_path: str) -> None:
+    """The zip may replace an earlier zip, never a folder or another kind of file."""
+    if os.path.isdir(zip_path):
+        raise ValueError(f"{zip_path}: is a folder; give the path of the zip file to write")
+    if os.path.exists(zip_path) and not zipfile.is_zipfile(zip_path):
+        raise ValueError(f"{zip_path}: exists and is not a zip file; refusing to overwrite it")
+
+
 def _split_records(split_dir: str) -> dict:
     from projects.sasasa2va.datasets.readers import read_meta_expressions
 
@@ -165,6 +197,7 @@ def pack_submission(ann_dir: str, zip_path: str, split_dir: str, workers: int = 
 
     Raises ValueError listing the first problems when the check fails. Returns a small summary.
     """
+    check_zip_target(zip_path)
     problems = check_submission(ann_dir, split_dir, workers=workers)
     if problems:
         listed = "\n  ".join(problems[:MAX_LISTED])
