@@ -272,3 +272,32 @@ def test_cli_last_line(tiny, tmp_path):
     assert os.path.isfile(os.path.join(run_dir, "mevis_valu_per_expression.csv"))
     bad = subprocess.run(cmd[:-1] + [str(tmp_path / "missing.json")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "missing.json" in bad.stderr
+
+
+def test_other_splits_results_refused_and_partial_runs(tiny, tmp_path):
+    res = json.load(open(tiny["results"]))
+    foreign = dict(res, vidZ={"0": res["vidA"]["0"]})
+    p = tmp_path / "foreign.json"
+    p.write_text(json.dumps(foreign))
+    with pytest.raises(ValueError, match=r"1 prediction\(s\) for expressions that .* does not have \(first: vidZ/0\)"):
+        evaluate_split(tiny["split"], results_path=str(p))
+    # a partial run (only vidA): absent expressions score as empty masks, or are left out with only_present
+    part = {"__meta__": {"subset": True}, "vidA": res["vidA"]}
+    q = tmp_path / "part.json"
+    q.write_text(json.dumps(part))
+    with pytest.warns(UserWarning):
+        everything = evaluate_split(tiny["split"], results_path=str(q))
+    present = evaluate_split(tiny["split"], results_path=str(q), only_present=True)
+    full = evaluate_split(tiny["split"], results_path=tiny["results"])
+    assert everything["num_expressions"] == 3 and present["num_expressions"] == 2 and present["num_videos"] == 1
+    assert not present["missing"] and present["rows"] == [r for r in full["rows"] if r["video"] == "vidA"]
+    tool = os.path.join(ROOT, "tools", "eval_mevis.py")
+    out = subprocess.run([sys.executable, tool, "--split-dir", tiny["split"], "--results", str(q),
+                          "--json", str(tmp_path / "s.json"), "--csv", str(tmp_path / "s.csv")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "comes from a partial run" in out.stderr and "--only-present" in out.stderr
+    assert "warning: " in out.stderr and "warnings.warn" not in out.stderr  # no echoed source lines
+    out = subprocess.run([sys.executable, tool, "--split-dir", tiny["split"], "--results", str(p)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "another split" in out.stderr

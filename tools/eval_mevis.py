@@ -4,7 +4,9 @@
     python tools/eval_mevis.py --split-dir DATA/mevis/valid_u --results OUT/results.json
     python tools/eval_mevis.py --split-dir DATA/mevis/valid_u --pred-dir OUT/Annotations
 
-The last output line is always `J&F <v> J <v> F <v>` (percent, two decimals), for scripts to parse.
+An expression without a prediction scores as an empty mask, as in the official evaluation; a results.json
+of a partial run (--max-videos / --videos) is therefore scored low unless --only-present is given. Results
+holding expressions the split does not have are refused. The last output line is always `J&F <v> J <v> F <v>` (percent, two decimals), for scripts to parse.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import csv
 import io
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,7 +32,13 @@ def parse_args(argv=None):
     p.add_argument("--csv", help="per-expression CSV (default: <dir>/mevis_valu_per_expression.csv)")
     p.add_argument("--json", help="summary JSON (default: <dir>/mevis_valu.json)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    return p.parse_args(argv)
+    p.add_argument("--only-present", action="store_true",
+                   help="score only the expressions that --results holds (partial runs); default: all of the "
+                        "split's, absent ones as empty masks")
+    args = p.parse_args(argv)
+    if args.only_present and not args.results:
+        p.error("--only-present needs --results")
+    return args
 
 
 def out_dir_for(args) -> str:
@@ -48,6 +57,10 @@ def rows_csv(rows) -> str:
     return buf.getvalue()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     for path, what in ((args.split_dir, "split dir"), (args.pred_dir, "prediction dir")):
@@ -57,9 +70,10 @@ def main(argv=None) -> int:
     if args.results is not None and not os.path.isfile(args.results):
         print(f"error: results file not found: {args.results}", file=sys.stderr)
         return 2
+    warnings.showwarning = _show_warning
     try:
         scores = evaluate_split(args.split_dir, results_path=args.results, pred_dir=args.pred_dir,
-                                workers=args.workers)
+                                workers=args.workers, only_present=args.only_present)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -74,10 +88,14 @@ def main(argv=None) -> int:
         "num_videos": scores["num_videos"], "num_expressions": scores["num_expressions"],
         "split_dir": os.path.abspath(args.split_dir),
         "source": os.path.abspath(args.results or args.pred_dir),
-        "num_missing": len(scores["missing"]), "missing": scores["missing"],
+        "num_missing": len(scores["missing"]), "missing": scores["missing"], "only_present": args.only_present,
         "rows": scores["rows"],  # J, F, J&F per expression as fractions in [0, 1]
     }
     atomic_write_json(json_path, summary, indent=1)
+    if scores["missing"] and scores["results_meta"].get("subset"):
+        print(f"note: {args.results} comes from a partial run (--max-videos / --videos); its "
+              f"{len(scores['missing'])} absent expression(s) are scored as empty masks. Rerun with "
+              f"--only-present to score only the evaluated ones.", file=sys.stderr)
     sys.stderr.flush()
     print(f"{'split':<14}{os.path.basename(os.path.normpath(args.split_dir))}")
     print(f"{'videos':<14}{scores['num_videos']}")

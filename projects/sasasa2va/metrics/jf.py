@@ -313,9 +313,11 @@ def sub_mask_dict(mask_dict: dict, anno_ids) -> dict:
 
 
 def _tasks(records: dict, mask_dict: dict, results: dict | None, pred_dir: str | None,
-           bound_th: float) -> Iterable[dict]:
+           bound_th: float, only_present: bool = False) -> Iterable[dict]:
     for vid, record in records.items():
         for exp_id, exp in record.expressions.items():
+            if only_present and exp_id not in (results.get(vid) or {}):
+                continue
             sub = sub_mask_dict(mask_dict, exp.anno_ids)
             entry = None
             if results is not None:
@@ -325,27 +327,39 @@ def _tasks(records: dict, mask_dict: dict, results: dict | None, pred_dir: str |
 
 
 def evaluate_split(split_dir: str, results_path: str | None = None, pred_dir: str | None = None,
-                   workers: int = 1, bound_th: float = BOUND_TH) -> dict:
+                   workers: int = 1, bound_th: float = BOUND_TH, only_present: bool = False) -> dict:
     """Score a prediction (results.json RLEs or a PNG folder) against a split with ground truth.
 
+    An expression without a prediction scores as an empty mask (as the official evaluation does);
+    ``only_present`` (results.json only) scores just the expressions the results hold, e.g. a
+    ``--max-videos`` run. Results holding expressions the split lacks are refused (another split's).
     Returns {"rows": [{video, exp_id, J, F, J&F, num_frames}], "J", "F", "J&F" (fractions, unrounded),
-    "num_videos", "num_expressions", "missing": [notes about absent predictions]}.
+    "num_videos", "num_expressions", "missing": [notes about absent predictions], "results_meta"}.
     """
     from projects.sasasa2va.datasets.readers import load_mask_dict, read_meta_expressions
 
     if (results_path is None) == (pred_dir is None):
         raise ValueError("give exactly one of results_path (results.json) or pred_dir (PNG folder)")
     meta_path, mask_path, image_folder = split_paths(split_dir)
-    results = None
+    results, results_meta = None, {}
     if results_path is not None:
         from projects.sasasa2va.evaluation.results_io import read_results
 
-        results, _ = read_results(results_path)
+        results, results_meta = read_results(results_path)
     elif not os.path.isdir(pred_dir):
         raise FileNotFoundError(f"{pred_dir}: prediction PNG folder not found")
+    if only_present and results is None:
+        raise ValueError("only_present needs results_path (results.json)")
     records = read_meta_expressions(meta_path, image_folder, allow_empty_text=True)
+    if results is not None:
+        foreign = [f"{v}/{e}" for v, es in results.items() for e in es
+                   if v not in records or e not in records[v].expressions]
+        if foreign:
+            raise ValueError(f"{results_path}: {len(foreign)} prediction(s) for expressions that {meta_path} does "
+                             f"not have (first: {', '.join(foreign[:5])}); were these results made on another "
+                             f"split?")
     mask_dict = load_mask_dict(mask_path)
-    tasks = _tasks(records, mask_dict, results, pred_dir, bound_th)
+    tasks = list(_tasks(records, mask_dict, results, pred_dir, bound_th, only_present))
     if workers and workers > 1:
         import multiprocessing as mp
 
@@ -360,9 +374,10 @@ def evaluate_split(split_dir: str, results_path: str | None = None, pred_dir: st
         warnings.warn(f"... and {len(missing) - 20} more missing predictions", stacklevel=2)
     out: dict[str, Any] = {"rows": rows}
     out.update(aggregate(rows))
-    out["num_videos"] = len(records)
+    out["num_videos"] = len({t["record"].video_id for t in tasks}) if only_present else len(records)
     out["num_expressions"] = len(rows)
     out["missing"] = missing
+    out["results_meta"] = results_meta  # the results' __meta__ ({} for a PNG folder)
     return out
 
 
