@@ -95,12 +95,22 @@ def test_mp4_input_and_video_step(exported, scripted_loader, tmp_path):
     with Image.open(out) as gif:
         assert gif.n_frames == 5
     assert sorted(os.listdir(tmp_path / "m")) == [n + ".png" for n in names]
+    (tmp_path / "m" / "00001.png").write_bytes(b"an earlier run's mask of a frame this run skips")
+    assert demo.main(["--model", hf_dir, "--video", path, "--text", "the dog", "--out", str(out), "--video-step",
+                      "4", "--device", "cpu", "--no-remote-code", "--max-new-tokens", "40", "--save-masks",
+                      "--masks-dir", str(tmp_path / "m")]) == 0
+    assert sorted(os.listdir(tmp_path / "m")) == ["00000.png", "00004.png", "00008.png"]  # no stale masks
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--mode", "q_frame"], "--selected-fids"),
     (["--selected-fids", "[0, 99]"], "outside the video"),
     (["--text", "  "], "--text is empty"),
+    (["--mode", "q_frame", "--selected-fids", "[0, 1, 2]"], "expected 100 frame indices"),
+    (["--save-masks", "--masks-dir", "FRAMES"], "is the input frame folder"),
+    (["--save-masks", "--masks-dir", "A_FILE"], "exists and is not a folder"),
+    (["--save-masks", "--masks-dir", "USER_DIR"], "holds other files (notes.txt)"),
+    (["--masks-dir", "USER_DIR"], "add --save-masks"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(tmp_path, capsys, extra, message):
     from tools import demo
@@ -109,10 +119,17 @@ def test_bad_arguments_exit_with_a_clear_message(tmp_path, capsys, extra, messag
     folder.mkdir()
     for i, a in enumerate(_frames(3)):
         Image.fromarray(a).save(folder / f"{i}.png")
+    (tmp_path / "a_file").write_text("mine")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("mine")
+    where = {"FRAMES": str(folder), "A_FILE": str(tmp_path / "a_file"), "USER_DIR": str(tmp_path / "user")}
+    extra = [where.get(a, a) for a in extra]
+    before = sorted(os.listdir(folder))
     args = ["--model", str(tmp_path / "nomodel"), "--video", str(folder), "--text", "x", "--out", str(tmp_path / "o.gif")]
     with pytest.raises(SystemExit) as exc:
         demo.main(args + extra)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(os.listdir(folder)) == before and (tmp_path / "user" / "notes.txt").read_text() == "mine"
 
 
 def test_unusable_video_inputs(tmp_path):

@@ -26,6 +26,7 @@ if ROOT not in sys.path:
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MODES = ("uniform", "uniform_plus", "q_frame", "wrap_around", "wrap_around_plus")
+NUM_SAMPLED_FRAMES = 100  # frames the model samples per video (spec: 10 clips of 10)
 
 from projects.sasasa2va.evaluation.inference_flags import add_inference_flags, predict_options  # noqa: E402
 
@@ -81,7 +82,31 @@ def parse_selected_fids(value: str | None, num_frames: int) -> list[int] | None:
     bad = [i for i in fids if not 0 <= i < num_frames]
     if bad:
         raise ValueError(f"--selected-fids: indices {bad[:5]} outside the video's {num_frames} frames")
+    if len(fids) != NUM_SAMPLED_FRAMES:
+        raise ValueError(f"--selected-fids: expected {NUM_SAMPLED_FRAMES} frame indices (q_frame's list, repeats "
+                         f"allowed), got {len(fids)}")
     return fids
+
+
+def prepare_masks_dir(masks_dir: str, video: str, names: list[str]) -> list[str]:
+    """Check --masks-dir before the model runs; returns the earlier demo masks it holds (PNGs named like
+    this run's frames or NNNNN.png), which this run replaces. Refused: a file, the input frame folder
+    itself, a folder with other files."""
+    if os.path.exists(masks_dir) and not os.path.isdir(masks_dir):
+        raise ValueError(f"--masks-dir {masks_dir}: exists and is not a folder")
+    target, source = os.path.realpath(masks_dir), os.path.realpath(video)
+    if os.path.isdir(source) and target == source:
+        raise ValueError(f"--masks-dir {masks_dir}: is the input frame folder; the masks would overwrite the frames")
+    if not os.path.isdir(masks_dir):
+        return []
+    present = sorted(os.listdir(masks_dir))
+    mine = {n + ".png" for n in names}
+    ours = [n for n in present if n in mine or (n.endswith(".png") and n[:-4].isdigit())]
+    others = [n for n in present if n not in ours]
+    if others:
+        raise ValueError(f"--masks-dir {masks_dir}: holds other files ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}); give an empty or new folder")
+    return [os.path.join(masks_dir, n) for n in ours]
 
 
 def load_model(hf_dir: str, device: str, dtype: str, remote_code: bool):
@@ -97,7 +122,7 @@ def load_model(hf_dir: str, device: str, dtype: str, remote_code: bool):
 
 
 def write_outputs(frames, names, masks, out_gif: str, text: str, masks_dir: str | None, fps: float,
-                  max_side: int) -> None:
+                  max_side: int, stale_masks=()) -> None:
     import numpy as np
 
     from projects.sasasa2va.evaluation.submission import encode_png
@@ -111,6 +136,8 @@ def write_outputs(frames, names, masks, out_gif: str, text: str, masks_dir: str 
     write_gif(panels, out_gif, fps=fps)
     if masks_dir:
         os.makedirs(masks_dir, exist_ok=True)
+        for stale in set(stale_masks or ()) - {os.path.join(masks_dir, n + ".png") for n in names}:
+            os.remove(stale)  # an earlier run's masks of frames this run does not have (e.g. another --video-step)
         for name, m in zip(names, masks):
             atomic_write_bytes(os.path.join(masks_dir, name + ".png"), encode_png(m))
 
@@ -152,6 +179,13 @@ def main(argv=None) -> int:
         options = predict_options(args)
     except (ValueError, FileNotFoundError) as exc:
         p.error(str(exc))
+    if args.masks_dir and not args.save_masks:
+        p.error("--masks-dir is where --save-masks writes; add --save-masks")
+    masks_dir = (args.masks_dir or os.path.splitext(args.out)[0] + "_masks") if args.save_masks else None
+    try:
+        stale_masks = prepare_masks_dir(masks_dir, args.video, names) if masks_dir else []
+    except ValueError as exc:
+        p.error(str(exc))
 
     import torch
 
@@ -168,8 +202,7 @@ def main(argv=None) -> int:
     out = model.predict_forward(video=frames, text=eval_prompt(args.text), tokenizer=tokenizer, mode=args.mode,
                                 selected_fids=fids, max_new_tokens=args.max_new_tokens, **options)
     masks = out["prediction_masks"][0]
-    masks_dir = (args.masks_dir or os.path.splitext(args.out)[0] + "_masks") if args.save_masks else None
-    write_outputs(frames, names, masks, args.out, args.text, masks_dir, args.fps, args.max_side)
+    write_outputs(frames, names, masks, args.out, args.text, masks_dir, args.fps, args.max_side, stale_masks)
     nonempty = int(sum(bool(m.any()) for m in masks))
     print(f"[demo] answer: {out['prediction']!r} (status {out['status']}, {out['num_seg']} [SEG])", flush=True)
     print(f"[demo] {nonempty}/{len(masks)} frames with a non-empty mask; GIF {args.out}"
