@@ -116,9 +116,45 @@ def test_deepspeed_folder_goes_through_zero_to_fp32(tmp_path, monkeypatch):
     monkeypatch.setattr(zero, "get_fp32_state_dict_from_zero_checkpoint", fake)
     folder = tmp_path / "work" / "iter_7.pth"
     folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"")
     out = conv.load_training_checkpoint(str(folder) + "/", log=lambda *a: None)
     assert list(out) == ["model.mlp1.1.weight"]
     assert seen == {"dir": str(tmp_path / "work"), "tag": "iter_7.pth"}
+
+
+def test_checkpoint_and_save_path_mistakes_are_refused(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.pth: not a training checkpoint"):
+        conv.load_training_checkpoint(str(work / "notes.pth"))
+    torch.save({"state_dict": {"a": torch.ones(4)}}, work / "iter_20.pth")
+    (work / "iter_3.pth").write_bytes((work / "iter_20.pth").read_bytes()[:30])  # cut short
+    with pytest.raises(ValueError, match="iter_3.pth: not a training checkpoint"):
+        conv.load_training_checkpoint(str(work / "iter_3.pth"))
+    with pytest.raises(ValueError, match=r"not a DeepSpeed checkpoint folder .*newest checkpoint is .*iter_20\.pth"):
+        conv.load_training_checkpoint(str(work))
+    # --overwrite replaces only an earlier export, never a work dir, a file or a folder holding the input
+    conv.check_save_path(str(tmp_path / "new"), overwrite=False)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        conv.check_save_path(str(work), overwrite=False)
+    with pytest.raises(ValueError, match="holds .*iter_20.pth, an input"):
+        conv.check_save_path(str(work), overwrite=True, inputs=(str(work / "iter_20.pth"),))
+    with pytest.raises(ValueError, match="not an earlier export"):
+        conv.check_save_path(str(work), overwrite=True, inputs=(str(tmp_path / "elsewhere.pth"),))
+    with pytest.raises(ValueError, match="not a folder"):
+        conv.check_save_path(str(work / "notes.pth"), overwrite=True)
+    export = tmp_path / "hf"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    (export / "model.safetensors").write_bytes(b"")
+    conv.check_save_path(str(export), overwrite=True, inputs=(str(work / "iter_20.pth"),))
+    assert sorted(os.listdir(work)) == ["iter_20.pth", "iter_3.pth", "notes.pth"]  # nothing was touched
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "projects", "sasasa2va", "hf", "convert_to_hf.py"),
+                        TINY_CONFIG, "--pth-model", str(work / "iter_20.pth"), "--save-path", str(work),
+                        "--overwrite"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "an input of this export" in r.stderr
+    assert "Traceback" not in r.stderr and sorted(os.listdir(work)) == ["iter_20.pth", "iter_3.pth", "notes.pth"]
 
 
 def test_cli_arguments_and_default_save_path():

@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import types
+import zipfile
 from collections import OrderedDict
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
@@ -148,19 +149,35 @@ def load_deepspeed_folder(path: str) -> "OrderedDict[str, torch.Tensor]":
     return _state_dict_from(state, path)
 
 
+def _newest_checkpoint(folder: str) -> str | None:
+    names = [n for n in os.listdir(folder) if n.startswith("iter_") and n.endswith(".pth")
+             and n[5:-4].isdigit()]
+    return osp.join(folder, max(names, key=lambda n: int(n[5:-4]))) if names else None
+
+
 def load_training_checkpoint(path: str, log=print) -> "OrderedDict[str, torch.Tensor]":
     """Trainable tensors of a training checkpoint (mmengine .pth, plain state dict or DeepSpeed folder)."""
     if osp.isdir(path):
+        if not osp.isfile(osp.join(path, "mp_rank_00_model_states.pt")):
+            newest = _newest_checkpoint(path)
+            hint = f"; its newest checkpoint is {newest}" if newest else ""
+            raise ValueError(f"{path}: a folder but not a DeepSpeed checkpoint folder (no "
+                             f"mp_rank_00_model_states.pt){hint}")
         log(f"[convert_to_hf] {path}: DeepSpeed checkpoint folder (zero_to_fp32)")
         return load_deepspeed_folder(path)
     if not osp.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save's format: a zip archive (its end record is written last)
+        raise ValueError(f"{path}: not a training checkpoint (not a torch.save zip archive; cut short, or "
+                         f"another kind of file)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         obj, replaced = load_pickle_inert(path)
         log(f"[convert_to_hf] {path}: has non-tensor metadata; read without executing it "
             f"({len(replaced)} names left inert, e.g. {replaced[:3]})")
+    except RuntimeError as exc:  # e.g. a damaged archive member
+        raise ValueError(f"{path}: not a readable training checkpoint ({exc})") from None
     return _state_dict_from(obj, path)
 
 
@@ -219,11 +236,29 @@ def copy_model_code(dest: str, source: str = MODEL_CODE_DIR) -> list:
     return names
 
 
+def check_save_path(save_path: str, overwrite: bool, inputs=()) -> None:
+    """--save-path may be new, or (with --overwrite) an earlier export -- never another folder or file
+    (e.g. a training work dir), nor one holding an input of this export."""
+    save_path = osp.abspath(save_path)
+    if not osp.exists(save_path):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{save_path} exists; pass --overwrite to replace it")
+    if not osp.isdir(save_path):
+        raise ValueError(f"{save_path}: exists and is not a folder; --overwrite replaces only an earlier export")
+    for path in inputs:
+        if path and osp.commonpath([save_path, osp.abspath(path)]) == save_path:
+            raise ValueError(f"{save_path}: holds {path}, an input of this export; choose another --save-path")
+    names = set(os.listdir(save_path))
+    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+        raise ValueError(f"{save_path}: not an earlier export (no config.json + *.safetensors); --overwrite "
+                         f"replaces only exports, choose another --save-path")
+
+
 def save_hf_folder(chat, tokenizer, save_path: str, overwrite: bool = False, log=print) -> str:
     """Write the export folder atomically (temp sibling dir, then rename); returns the absolute path."""
     save_path = osp.abspath(save_path)
-    if osp.exists(save_path) and not overwrite:
-        raise FileExistsError(f"{save_path} exists; pass --overwrite to replace it")
+    check_save_path(save_path, overwrite)
     names = list(chat.state_dict())
     odd = [k for k in names if not k.startswith(EXPECTED_PREFIXES)]
     if odd:
@@ -260,8 +295,7 @@ def convert(config: str, pth: str, save_path: str | None = None, cfg_options: di
             overwrite: bool = False, allow_partial: bool = False, log=print) -> str:
     """Config + training checkpoint -> HF folder; returns its absolute path."""
     save_path = save_path or default_save_path(pth)
-    if osp.exists(save_path) and not overwrite:
-        raise FileExistsError(f"{save_path} exists; pass --overwrite to replace it")
+    check_save_path(save_path, overwrite, inputs=(pth, config))
     state = load_training_checkpoint(pth, log=log)
     model, _ = build_training_model(config, cfg_options)
     model.load_state_dict(state, strict=False)
@@ -316,5 +350,17 @@ def main(argv=None) -> str:
                    allow_partial=args.allow_partial)
 
 
+def _entry() -> int:
+    """Command line: bad inputs end with 'error: ...' and status 2 (SASASA2VA_TRACEBACK=1: the traceback)."""
+    try:
+        main()
+    except (ValueError, OSError) as exc:
+        if os.environ.get("SASASA2VA_TRACEBACK"):
+            raise
+        print(f"error: {exc}\n(SASASA2VA_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(_entry())
