@@ -350,6 +350,10 @@ def test_make_tiny_pretrained_cli_defaults_follow_the_tiny_config(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     made = json.loads((tmp_path / "t" / "tiny_manifest.json").read_text())
     assert made["image_size"] == 56 and made["sam2_config"] == {"name": "tiny", "hidden_dim": 128}
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tiny_pretrained.py"), "--out",
+                            str(tmp_path / "t"), "--no-sa2va-pth"], cwd=str(tmp_path), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 2 and "already holds tiny checkpoints" in again.stderr and "--force" in again.stderr
 
 
 # ----------------------------------------------------------------------------------------- launcher

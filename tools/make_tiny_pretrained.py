@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sam2-hidden-dim", type=int, default=None,
                         help="width of the tiny SAM2, a multiple of 8 (default: the config's; tiny: 128)")
     parser.add_argument("--no-sa2va-pth", action="store_true", help="skip the Sa2VA-style .pth")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing tiny checkpoints in --out (and with them the stand-in pretraining)")
     args = parser.parse_args(argv)
     try:
         spec = config_defaults(args.config or os.path.join(ROOT, TINY_CONFIG))
@@ -60,6 +62,10 @@ def main(argv=None) -> int:
         parser.error(f"--image-size {image_size}: must be a positive multiple of 28 (patch 14, pixel shuffle 0.5)")
     if sam2_hidden_dim is not None and (sam2_hidden_dim < 8 or sam2_hidden_dim % 8):
         parser.error(f"--sam2-hidden-dim {sam2_hidden_dim}: must be a positive multiple of 8 (8 decoder heads)")
+    manifest = os.path.join(args.out, "tiny_manifest.json")
+    if os.path.exists(manifest) and not args.force:
+        parser.error(f"{args.out} already holds tiny checkpoints ({manifest}); replacing them also discards the "
+                     f"stand-in pretraining of tools/pretrain_tiny.py -- pass --force to do so")
     print(f"tiny checkpoints: arch {arch}, image size {image_size}, seed {seed}, SAM2 width "
           f"{sam2_hidden_dim or 'preset (64)'} -> {args.out}", flush=True)
     paths = make_tiny_pretrained(

@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
     stage("data", lambda: run([PY, tool("tools/make_synthetic_data.py"), "--root", data_root, "--quiet"]
                               + shlex.split(args.synthetic_args), os.path.join(logs, "data.log")))
     tiny = tiny_checkpoint_args()
-    stage("pretrained", lambda: run([PY, tool("tools/make_tiny_pretrained.py"), "--out", pretrained, *tiny],
+    stage("pretrained", lambda: run([PY, tool("tools/make_tiny_pretrained.py"), "--out", pretrained, *tiny, "--force"],
                                     os.path.join(logs, "pretrained.log")))
     steps = ["--steps", str(args.pretrain_steps)] if args.pretrain_steps else []
     stage("stand_in_pretraining", lambda: run([PY, tool("tools/pretrain_tiny.py"), tool(CONFIG), "--no-progress",
