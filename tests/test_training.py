@@ -4,6 +4,7 @@ Everything runs inside a tmp folder laid out like the repo root (data/synthetic,
 tiny config is used with its own relative paths.
 """
 import glob
+import json
 import math
 import os
 import re
@@ -321,11 +322,69 @@ def test_train_py_helpers():
     assert cfg.optim_wrapper.type == "OptimWrapper" and "dtype" not in cfg.optim_wrapper
     assert cfg.env_cfg.dist_cfg.backend == "gloo" and cfg.model_wrapper_cfg.device_ids is None
     assert cfg.model_wrapper_cfg.find_unused_parameters is True
+    dist = os.path.join(ROOT, "tools", "dist.sh")
+    ok = subprocess.run(["bash", dist, "--help"], capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0 and "usage: bash tools/dist.sh TOOL CONFIG NUM_GPUS" in ok.stdout
+    missing = subprocess.run(["bash", dist, "train", "nope.py", "1"], capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "config not found: nope.py" in missing.stderr
+    assert train_tool.earlier_checkpoints("/nonexistent") == []
+
+
+def test_base_weights_record_and_mismatch(tmp_path):
+    from projects.sasasa2va.utils.base_weights import base_weights_mismatch, file_fingerprint, record_base_weights
+
+    pth = tmp_path / "base.pth"
+    pth.write_bytes(b"a" * 1000)
+    cfg = Config({"model": {"pretrained_pth": str(pth)}})
+    work = tmp_path / "work"
+    work.mkdir()
+    assert base_weights_mismatch(str(work), cfg) is None  # no record: nothing to compare
+    record_base_weights(str(work), cfg)
+    assert base_weights_mismatch(str(work), cfg) is None
+    pth.write_bytes(b"b" + b"a" * 999)  # regenerated: same size, other bytes
+    assert "changed since the run started" in base_weights_mismatch(str(work), cfg)
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(20 << 20))
+    first = file_fingerprint(str(big))
+    with open(big, "r+b") as f:
+        f.seek((20 << 20) - 1)
+        f.write(b"x")  # the tail is read too
+    assert file_fingerprint(str(big)) != first
+    pth.unlink()
+    assert "missing now" in base_weights_mismatch(str(work), cfg)
+
+
+def test_checkpoint_saves_are_atomic(tmp_path):
+    import mmengine.runner.runner as runner_module
+
+    from projects.sasasa2va.utils.checkpoint import install_atomic_checkpoint_saves
+
+    saved = runner_module.save_checkpoint
+    try:
+        install_atomic_checkpoint_saves()
+        install_atomic_checkpoint_saves()  # once only
+        path = str(tmp_path / "iter_1.pth")
+        runner_module.save_checkpoint({"a": torch.ones(2)}, path)
+        assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+        original = runner_module.save_checkpoint
+
+        def half_written(checkpoint, filename, *a, **k):
+            with open(filename, "wb") as f:
+                f.write(b"PK\x03\x04 cut")
+            raise KeyboardInterrupt
+
+        runner_module.save_checkpoint = saved
+        runner_module.save_checkpoint = half_written
+        install_atomic_checkpoint_saves()
+        with pytest.raises(KeyboardInterrupt):
+            runner_module.save_checkpoint({"a": 1}, str(tmp_path / "iter_2.pth"))
+        assert sorted(os.listdir(tmp_path)) == ["iter_1.pth"]  # no truncated iter_2.pth, no temp file
+        assert original._atomic
+    finally:
+        runner_module.save_checkpoint = saved
 
 
 def test_tiny_checkpoints_are_checked_against_the_config(tmp_path):
-    import json
-
     from projects.sasasa2va.models.tiny import check_tiny_manifest, tiny_cli_args
 
     spec = dict(Config.fromfile(TINY_CONFIG).auto_prepare.tiny_pretrained)
@@ -342,8 +401,6 @@ def test_tiny_checkpoints_are_checked_against_the_config(tmp_path):
 
 
 def test_make_tiny_pretrained_cli_defaults_follow_the_tiny_config(tmp_path):
-    import json
-
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tiny_pretrained.py"), "--out",
                           str(tmp_path / "t"), "--no-sa2va-pth"], cwd=str(tmp_path), capture_output=True, text=True,
                          timeout=300)
@@ -386,6 +443,17 @@ def test_dist_sh_trains_and_writes_checkpoints(workroot):
     assert any(k.startswith("model.text_hidden_fcs.") for k in keys)
     assert not any(k.startswith("model.grounding_encoder.sam2_model.sam_prompt_encoder.") for k in keys)  # frozen
     assert ckpt["meta"]["iter"] == 3 and "optimizer" in ckpt
+    assert not [n for n in os.listdir(wd) if n.startswith(".tmp")]  # checkpoints written under a temp name first
+    record = json.loads((wd / "base_weights.json").read_text())
+    assert record["pretrained_pth"]["path"].endswith("sa2va_tiny.pth") and len(record["pretrained_pth"]["fingerprint"]) == 32
+    # a new run in the same work dir would write over these checkpoints: refused, before any training
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    again = subprocess.run(["bash", os.path.join(ROOT, "tools", "dist.sh"), "train", TINY_CONFIG, "1", "--work-dir",
+                            "wd_run", "--cfg-options", *RUN_OPTIONS, "train_cfg.max_iters=3"], cwd=workroot, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "holds checkpoints of an earlier run" in again.stderr + again.stdout
+    assert "--resume auto" in again.stderr + again.stdout
 
 
 @pytest.mark.slow
@@ -397,10 +465,12 @@ def test_resume_continues_iterations_and_lr_schedule(workroot):
     assert [int(i) for i, *_ in first] == [1, 2, 3, 4]
     assert [int(i) for i, *_ in second] == [5, 6, 7, 8]
     assert "resumed epoch: 0, iter: 4" in out
-    # 11 iterations per epoch: warmup over 2, cosine from iteration 2 to 11 (T = 9), base lr 3e-4
-    base = Config.fromfile(TINY_CONFIG).optim_wrapper.optimizer.lr
+    # 11 iterations per epoch: warmup over 2 (0.2 epochs), cosine from iteration 2 to the config's last
+    # epoch (param_scheduler[1].end, 3 epochs: T = 33 - 2 = 31); the config's base lr
+    cfg = Config.fromfile(TINY_CONFIG)
+    base, period = cfg.optim_wrapper.optimizer.lr, round(cfg.param_scheduler[1].end * 11) - 2
     for i, _, lr, *_ in first[2:] + second:
-        expected = base * (1 + math.cos(math.pi * (int(i) - 3) / 9)) / 2
+        expected = base * (1 + math.cos(math.pi * (int(i) - 3) / period)) / 2
         assert float(lr) == pytest.approx(expected, rel=2e-3), (i, lr, expected)
     ckpt = torch.load(workroot / "wd_resume" / "iter_8.pth", map_location="cpu", weights_only=False)
     assert ckpt["meta"]["iter"] == 8

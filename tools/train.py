@@ -156,7 +156,52 @@ def resolve_resume(resume: str | None, work_dir: str) -> str | None:
         return path
     if not osp.exists(resume):
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+    if not checkpoint_complete(resume):
+        raise ValueError(f"--resume {resume}: not a complete checkpoint (cut short, or not a torch.save file); "
+                         f"--resume auto picks the newest complete one of the work dir")
     return resume
+
+
+def earlier_checkpoints(work_dir: str) -> list[str]:
+    if not osp.isdir(work_dir):
+        return []
+    return sorted((n for n in os.listdir(work_dir) if _iter_number(n) is not None), key=_iter_number)
+
+
+def check_work_dir(work_dir: str, resume: str | None, cfg) -> None:
+    """A new run must not write its checkpoints over an earlier run's; a resumed run must start from the
+    base weights the run started from. A new run records them (rank 0)."""
+    from projects.sasasa2va.utils.base_weights import base_weights_mismatch, record_base_weights
+
+    if resume is None:
+        found = earlier_checkpoints(work_dir)
+        if found:
+            raise ValueError(f"{work_dir} holds checkpoints of an earlier run ({', '.join(found[-3:])}); "
+                             f"--resume auto continues it, --work-dir NEW starts another run")
+        if int(os.environ.get("RANK", "0")) == 0:
+            os.makedirs(work_dir, exist_ok=True)
+            record_base_weights(work_dir, cfg)
+        return
+    problem = base_weights_mismatch(work_dir, cfg)
+    if problem:
+        raise ValueError(f"cannot resume in {work_dir}: {problem}; resume with the base weights the run "
+                         f"started from")
+
+
+# top-level config names that mmengine / xtuner read after the file is executed
+RUNTIME_TOP_LEVEL = {"work_dir", "load_from", "resume", "launcher", "log_level", "default_scope", "randomness",
+                     "env_cfg", "visualizer", "log_processor", "default_hooks", "custom_hooks", "model",
+                     "train_dataloader", "train_cfg", "optim_wrapper", "param_scheduler", "auto_prepare"}
+
+
+def warn_top_level_options(options) -> None:
+    """``--cfg-options max_epochs=1`` sets a top-level variable after the config file ran, so entries built
+    from it (train_cfg.max_epochs) keep the old value: name the nested key instead."""
+    for key in options or {}:
+        if "." not in key and key not in RUNTIME_TOP_LEVEL:
+            log(f"--cfg-options {key}=...: a top-level variable of the config is read only while the file runs; "
+                f"entries made from it keep their value -- set the nested key instead (e.g. "
+                f"train_cfg.max_epochs, optim_wrapper.optimizer.lr)", logging.WARNING)
 
 
 # ------------------------------------------------------------------------------------ auto prepare
@@ -266,10 +311,14 @@ def main(argv=None) -> None:
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
+    warn_top_level_options(args.cfg_options)
     work_dir = args.work_dir or cfg.get("work_dir") or default_work_dir(args.config)
+    if osp.exists(work_dir) and not osp.isdir(work_dir):
+        raise ValueError(f"--work-dir {work_dir}: exists and is not a folder")
     deepspeed = resolve_deepspeed(args.deepspeed, has_cuda)
     auto_prepare(cfg)
     resume = resolve_resume(args.resume, work_dir)
+    check_work_dir(work_dir, resume, cfg)
     if resume is not None:
         if osp.isdir(resume):
             # DeepSpeed checkpoint folder (CUDA runs): DeepSpeed reads its files with weights_only=False
@@ -300,6 +349,9 @@ def main(argv=None) -> None:
             return loaded
 
     xtuner_train.Config = RunConfig
+    from projects.sasasa2va.utils.checkpoint import install_atomic_checkpoint_saves
+
+    install_atomic_checkpoint_saves()
     new_argv = strip_options(argv, ("--work-dir", "--deepspeed", "--resume", "--launcher"))
     new_argv += ["--work-dir", work_dir, "--launcher", args.launcher]
     if deepspeed is not None:
@@ -333,4 +385,10 @@ if __name__ == "__main__":
         from torch_npu.contrib import transfer_to_npu  # noqa: F401
     except ImportError:
         pass
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as exc:  # bad inputs: the message names the file / key
+        if os.environ.get("SASASA2VA_TRACEBACK"):
+            raise
+        print(f"error: {exc}\n(SASASA2VA_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        sys.exit(2)

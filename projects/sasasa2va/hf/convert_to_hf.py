@@ -292,12 +292,22 @@ def save_hf_folder(chat, tokenizer, save_path: str, overwrite: bool = False, log
 
 # =============================================================================================== main
 def convert(config: str, pth: str, save_path: str | None = None, cfg_options: dict | None = None,
-            overwrite: bool = False, allow_partial: bool = False, log=print) -> str:
+            overwrite: bool = False, allow_partial: bool = False, allow_base_mismatch: bool = False,
+            log=print) -> str:
     """Config + training checkpoint -> HF folder; returns its absolute path."""
+    from projects.sasasa2va.utils.base_weights import base_weights_mismatch
+
     save_path = save_path or default_save_path(pth)
     check_save_path(save_path, overwrite, inputs=(pth, config))
     state = load_training_checkpoint(pth, log=log)
-    model, _ = build_training_model(config, cfg_options)
+    model, cfg = build_training_model(config, cfg_options)
+    problem = base_weights_mismatch(osp.dirname(osp.abspath(pth.rstrip("/"))), cfg)
+    if problem:
+        msg = (f"{pth}: the run's base weights differ from the ones the export would build on: {problem} (the "
+               f"checkpoint holds only the trained tensors)")
+        if not allow_base_mismatch:
+            raise ValueError(msg + "; --allow-base-mismatch exports anyway")
+        log(f"[convert_to_hf] WARNING (--allow-base-mismatch): {msg}")
     model.load_state_dict(state, strict=False)
     report = getattr(model, "last_load_report", None) or {}
     loaded = report.get("loaded", [])
@@ -336,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--allow-partial", action="store_true",
                    help="export even if trainable tensors are missing or the checkpoint has unknown tensors")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="export even if the config's pretrained_pth changed since the run (its base_weights.json)")
     return p
 
 
@@ -347,7 +359,7 @@ def main(argv=None) -> str:
     if not pth:
         raise SystemExit("no checkpoint given: pass --pth-model PTH (or PTH after the config)")
     return convert(args.config, pth, args.save_path, cfg_options=args.cfg_options, overwrite=args.overwrite,
-                   allow_partial=args.allow_partial)
+                   allow_partial=args.allow_partial, allow_base_mismatch=args.allow_base_mismatch)
 
 
 def _entry() -> int:

@@ -158,3 +158,30 @@ class RNGStateHook(Hook):
             if rank == 0:
                 self.restore(self._pending)
             self._pending = None
+
+
+def install_atomic_checkpoint_saves() -> None:
+    """mmengine writes ``iter_<n>.pth`` in place, so a kill mid-write leaves a truncated file under the
+    final name (listed as the newest checkpoint). Runner.save_checkpoint then writes local files to a
+    temp name in the same folder and renames it (other backends, e.g. ``s3://``, unchanged)."""
+    import mmengine.runner.runner as runner_module
+
+    original = runner_module.save_checkpoint
+    if getattr(original, "_atomic", False):
+        return
+
+    def save_checkpoint(checkpoint, filename, *args, **kwargs):
+        if not isinstance(filename, str) or "://" in filename:
+            return original(checkpoint, filename, *args, **kwargs)
+        folder, name = os.path.split(os.path.abspath(filename))
+        tmp = os.path.join(folder, f".tmp_{os.getpid()}_{name}")
+        try:
+            original(checkpoint, tmp, *args, **kwargs)
+            os.replace(tmp, filename)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    save_checkpoint._atomic = True
+    runner_module.save_checkpoint = save_checkpoint
+
