@@ -197,3 +197,13 @@ def test_pretrain_tiny_cli_runs_once_and_validates_its_arguments(in_root, capsys
     assert record["steps"] == 1 and record["accumulate"] == 1 and record["word_target"] == "relabel"
     assert main([TINY_CONFIG]) == 0
     assert "already done" in capsys.readouterr().out
+    # a failing --force run (here: a typo in --cfg-options) leaves the pretrained checkpoint as it was
+    before = (in_root / "pretrained" / "tiny" / "sa2va_tiny.pth").read_bytes()
+    marker = (in_root / "pretrained" / "tiny" / sip.MARKER).read_bytes()
+    with pytest.raises(TypeError, match="freeze_vison"):
+        main([TINY_CONFIG, "--steps", "1", "--accumulate", "1", "--force", "--no-progress", "--threads", "1",
+              "--cfg-options", "model.freeze_vison=True"])
+    assert (in_root / "pretrained" / "tiny" / "sa2va_tiny.pth").read_bytes() == before
+    assert (in_root / "pretrained" / "tiny" / sip.MARKER).read_bytes() == marker
+    assert not (in_root / "pretrained" / "tiny" / "sa2va_tiny.pth.before_force").exists()
+    assert "restored as they were" in capsys.readouterr().err

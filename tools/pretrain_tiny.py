@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
 
     from projects.sasasa2va.models.stand_in_pretraining import marker_path, run_stand_in_pretraining
     from tools.benchmark_train import ensure_config_imports
+    from projects.sasasa2va.utils.io import atomic_write_bytes
     from tools.train import auto_prepare
 
     if args.threads:
@@ -70,18 +72,33 @@ def main(argv=None) -> int:
     prep = dict(cfg.get("auto_prepare") or {})
     prep.pop("stand_in_pretraining", None)
     cfg.auto_prepare = prep
-    if os.path.isfile(marker):  # --force: start again from fresh random checkpoints
+    for name in ("steps", "accumulate", "lr", "word_target"):
+        if getattr(args, name) is not None:
+            spec[name] = getattr(args, name)
+    if not os.path.isfile(marker):
+        auto_prepare(cfg)  # data and random tiny checkpoints, if missing
+        record = run_stand_in_pretraining(cfg, progress=not args.no_progress, **spec)
+    else:  # --force: start again from fresh random checkpoints; the current ones come back if that fails
         from projects.sasasa2va.models.tiny import make_tiny_pretrained
 
         tiny = dict(prep.get("tiny_pretrained") or {})
         if not tiny:
             p.error("--force needs the config's auto_prepare.tiny_pretrained to rebuild the random checkpoints")
-        make_tiny_pretrained(tiny.pop("out_dir"), **tiny)  # also removes the marker
-    auto_prepare(cfg)  # data and random tiny checkpoints, if missing
-    for name in ("steps", "accumulate", "lr", "word_target"):
-        if getattr(args, name) is not None:
-            spec[name] = getattr(args, name)
-    record = run_stand_in_pretraining(cfg, progress=not args.no_progress, **spec)
+        pth = cfg.model.pretrained_pth
+        backup = pth + ".before_force"
+        shutil.copy2(pth, backup)
+        with open(marker, "rb") as f:
+            marker_bytes = f.read()
+        try:
+            make_tiny_pretrained(tiny.pop("out_dir"), **tiny)  # also removes the marker
+            auto_prepare(cfg)
+            record = run_stand_in_pretraining(cfg, progress=not args.no_progress, **spec)
+        except BaseException:
+            os.replace(backup, pth)
+            atomic_write_bytes(marker, marker_bytes)
+            print(f"stand-in pretraining failed: {pth} and {marker} are restored as they were", file=sys.stderr)
+            raise
+        os.remove(backup)
     print(f"loss {record['loss_first']} -> {record['loss_last']} in {record['seconds']} s; "
           f"{record['seg_tokens_named']}/{record['seg_tokens']} [SEG] tokens named; wrote {record['pth']}")
     return 0
