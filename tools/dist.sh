@@ -12,8 +12,14 @@
 # NUM_GPUS is the number of processes per node (CPU processes on a machine without GPUs).
 set -euo pipefail
 
+USAGE="usage: bash tools/dist.sh TOOL CONFIG NUM_GPUS [extra args]   (TOOL: train -> tools/train.py;
+       bash tools/dist.sh train CONFIG 1 --help lists the training options)"
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    echo "$USAGE"
+    exit 0
+fi
 if [ $# -lt 3 ]; then
-    echo "usage: bash tools/dist.sh TOOL CONFIG NUM_GPUS [extra args]   (TOOL: train -> tools/train.py)" >&2
+    echo "$USAGE" >&2
     exit 2
 fi
 TOOL=$1
@@ -25,6 +31,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SCRIPT="$ROOT/tools/${TOOL}.py"
 if [ ! -f "$SCRIPT" ]; then
     echo "dist.sh: no tool named '$TOOL' ($SCRIPT not found)" >&2
+    exit 2
+fi
+if [ ! -f "$CONFIG" ]; then
+    echo "dist.sh: config not found: $CONFIG" >&2
     exit 2
 fi
 if ! [[ "$GPUS" =~ ^[1-9][0-9]*$ ]]; then

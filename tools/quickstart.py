@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -148,6 +149,12 @@ def main(argv=None) -> dict:
     cfg_opts += shlex.split(args.train_args)
     cfg_arg = ["--cfg-options", *cfg_opts] if cfg_opts else []
     if not args.skip_train:
+        if os.path.isdir(train_dir):  # a rerun trains afresh; the previous training is kept beside it
+            previous = train_dir + ".previous"
+            if os.path.isdir(previous):
+                shutil.rmtree(previous)
+            os.rename(train_dir, previous)
+            print(f"[quickstart] the previous training moved to {previous}", flush=True)
         stage("train", lambda: run(["bash", tool("tools/dist.sh"), "train", tool(CONFIG), str(args.gpus),
                                     "--work-dir", train_dir, *cfg_arg],
                                    os.path.join(logs, "train.log"), cwd=run_root))
