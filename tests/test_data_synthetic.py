@@ -240,7 +240,7 @@ def test_bad_options(tmp_path):
         S.generate_all(str(tmp_path), formats="mevis,kitti")
 
 
-def test_cli(tmp_path, capsys):
+def test_cli(tmp_path, capsys, caplog):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -257,6 +257,22 @@ def test_cli(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["mevis"]["train"]["videos"] == 1 and out["mevis"]["train"]["sizes"] == ["64x48"]
     assert mod.main(["--root", str(tmp_path), "--quiet", "--max-objects", "9"]) == 2
+    assert "max_objects" in caplog.text and "other settings" not in caplog.text
+    # the same settings again: regenerated; other settings: refused without --force, and --force leaves no
+    # video of the earlier data behind
+    small = ["--root", str(tmp_path), "--quiet", "--formats", "mevis", "--num-valid-u-videos", "1",
+             "--num-valid-videos", "0", "--min-frames", "3", "--max-frames", "4", "--sizes", "64x48"]
+    assert mod.main(small + ["--num-train-videos", "1"]) == 0
+    capsys.readouterr()
+    assert mod.main(small + ["--num-train-videos", "2"]) == 2
+    assert "made with other settings (num_train_videos differ" in caplog.text
+    assert len(os.listdir(tmp_path / "mevis" / "train" / "JPEGImages")) == 1
+    (tmp_path / "notes.txt").write_text("mine")
+    assert mod.main(small + ["--num-train-videos", "2", "--force"]) == 0
+    assert mod.main(small + ["--num-train-videos", "1", "--force"]) == 0
+    assert len(os.listdir(tmp_path / "mevis" / "train" / "JPEGImages")) == 1
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only the generator's own entries are replaced
+    assert mod.main(["--root", str(tmp_path / "notes.txt"), "--quiet"]) == 2
 
 
 def test_expression_kind_reads_how_the_text_picks_its_target():

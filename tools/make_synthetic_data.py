@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -19,7 +20,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from projects.sasasa2va.datasets.synthetic import FORMATS, SyntheticOptions, generate_all, parse_sizes  # noqa: E402
+from projects.sasasa2va.datasets.synthetic import (  # noqa: E402
+    FORMATS,
+    GENERATED_ENTRIES,
+    SyntheticOptions,
+    generate_all,
+    parse_sizes,
+    planned_info,
+)
 
 logger = logging.getLogger("make_synthetic_data")
 
@@ -60,28 +68,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default=",".join(FORMATS),
                    help=f"comma list out of {','.join(FORMATS)} (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true",
+                   help="replace synthetic data made with other settings in --root (its generated folders are "
+                        "removed first, so no video of the earlier data stays behind)")
     p.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     return p
+
+
+def prepare_root(root: str, seed: int, options: dict, force: bool) -> None:
+    """--root may be new, hold other files, or hold synthetic data: made with the same settings it is
+    regenerated (the same bytes); with other settings only --force replaces it (else the earlier data's
+    extra videos would stay, mixed with the new ones)."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"--root {root}: exists and is not a folder")
+    planned = planned_info(seed, **options)
+    info_path = os.path.join(root, "synthetic_info.json")
+    if not os.path.isfile(info_path):
+        return
+    with open(info_path, "r", encoding="utf-8") as f:
+        try:
+            info = json.load(f)
+        except json.JSONDecodeError:
+            info = {}
+    recorded = {"seed": (info.get("summary") or {}).get("seed"), "options": info.get("options")}
+    if recorded == planned:
+        return
+    if not force:
+        changed = sorted(k for k in planned["options"] if (recorded["options"] or {}).get(k) != planned["options"][k])
+        if recorded["seed"] != seed:
+            changed.insert(0, "seed")
+        raise ValueError(f"--root {root} holds synthetic data made with other settings ({', '.join(changed)} "
+                         f"differ, see {info_path}); --force replaces it, or choose another --root")
+    for name in GENERATED_ENTRIES:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.unlink(path)
+    logger.info("--force: removed the earlier synthetic data under %s", root)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    options = dict(
+        num_train_videos=args.num_train_videos, num_valid_u_videos=args.num_valid_u_videos,
+        num_valid_videos=args.num_valid_videos, num_revos_videos=args.num_revos_videos,
+        num_rvos_videos=args.num_rvos_videos, num_sav_videos=args.num_sav_videos,
+        num_images=args.num_images, min_frames=args.min_frames, max_frames=args.max_frames,
+        extra_lengths=args.extra_lengths, sizes=args.sizes, min_objects=args.min_objects,
+        max_objects=args.max_objects, min_object_size=args.min_object_size,
+        max_object_size=args.max_object_size, motion_expression_prob=args.motion_expression_prob,
+        formats=formats)
+    try:
+        prepare_root(args.root, args.seed, options, args.force)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
     t0 = time.time()
     logger.info("generating %s under %s (seed %d)", ",".join(formats), args.root, args.seed)
     try:
-        summary = generate_all(
-            args.root, seed=args.seed,
-            num_train_videos=args.num_train_videos, num_valid_u_videos=args.num_valid_u_videos,
-            num_valid_videos=args.num_valid_videos, num_revos_videos=args.num_revos_videos,
-            num_rvos_videos=args.num_rvos_videos, num_sav_videos=args.num_sav_videos,
-            num_images=args.num_images, min_frames=args.min_frames, max_frames=args.max_frames,
-            extra_lengths=args.extra_lengths, sizes=args.sizes, min_objects=args.min_objects,
-            max_objects=args.max_objects, min_object_size=args.min_object_size,
-            max_object_size=args.max_object_size, motion_expression_prob=args.motion_expression_prob,
-            formats=formats, progress=not args.quiet,
-        )
+        summary = generate_all(args.root, seed=args.seed, progress=not args.quiet, **options)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2

@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
         print(f"=== {name}: {times[name]:.1f}s", flush=True)
         return out
 
-    stage("data", lambda: run([PY, tool("tools/make_synthetic_data.py"), "--root", data_root, "--quiet"]
+    stage("data", lambda: run([PY, tool("tools/make_synthetic_data.py"), "--root", data_root, "--quiet", "--force"]
                               + shlex.split(args.synthetic_args), os.path.join(logs, "data.log")))
     tiny = tiny_checkpoint_args()
     stage("pretrained", lambda: run([PY, tool("tools/make_tiny_pretrained.py"), "--out", pretrained, *tiny, "--force"],

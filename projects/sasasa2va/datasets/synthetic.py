@@ -940,6 +940,22 @@ def generate_all(root: str, seed: int = 0, **options) -> dict:
     return summary
 
 
+GENERATED_ENTRIES = ("mevis", "mevis_q_frame", "revos", "rvos", "sam_v_full", "Ref-SAV.json", "ref_seg",
+                     "synthetic_info.json")  # what generate_all writes at the top of its root
+
+
+def planned_info(seed: int, **options) -> dict:
+    """The ``seed`` and ``options`` part synthetic_info.json would record for these arguments (ValueError
+    for invalid options, as generate_all)."""
+    opts = SyntheticOptions(**options)
+    opts.sizes = tuple((int(w), int(h)) for w, h in (parse_sizes(opts.sizes) if isinstance(opts.sizes, str)
+                                                       else opts.sizes))
+    opts.formats = tuple(opts.formats)
+    opts.extra_lengths = tuple(int(n) for n in opts.extra_lengths)
+    opts.validate()
+    return {"seed": seed, "options": _options_json(opts)}
+
+
 def _options_json(opts: SyntheticOptions) -> dict:
     d = asdict(opts)
     d.pop("progress", None)
