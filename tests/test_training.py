@@ -328,6 +328,10 @@ def test_train_py_helpers():
     missing = subprocess.run(["bash", dist, "train", "nope.py", "1"], capture_output=True, text=True, timeout=30)
     assert missing.returncode == 2 and "config not found: nope.py" in missing.stderr
     assert train_tool.earlier_checkpoints("/nonexistent") == []
+    with pytest.raises(SystemExit) as exc:  # an item without '=': a usage error, not a traceback
+        train_tool.build_parser().parse_args(["cfg.py", "--cfg-options", "lr"])
+    assert exc.value.code == 2
+    assert train_tool.build_parser().parse_args(["cfg.py", "--cfg-options", "a.b=[1,2]"]).cfg_options == {"a.b": [1, 2]}
 
 
 def test_base_weights_record_and_mismatch(tmp_path):

@@ -27,7 +27,9 @@ DEFAULT_CONFIG = os.path.join("projects", "sasasa2va", "configs", "sasasa2va_tin
 
 
 def main(argv=None) -> int:
-    from mmengine.config import Config, DictAction
+    from mmengine.config import Config
+
+    from projects.sasasa2va.utils.cli import CfgOptionsAction
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"config file (default: {DEFAULT_CONFIG})")
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true",
                    help="run again (from freshly written random tiny checkpoints) even if the marker says it was done")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config entries, key=value")
+    p.add_argument("--cfg-options", nargs="+", action=CfgOptionsAction, help="override config entries, key=value")
     args = p.parse_args(argv)
     for name in ("steps", "accumulate"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

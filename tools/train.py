@@ -50,7 +50,7 @@ DEEPSPEED_DIR = osp.join(ROOT, "configs", "deepspeed")
 
 def build_parser() -> argparse.ArgumentParser:
     """Same options as xtuner's train CLI (``--resume`` also accepts 'auto')."""
-    from mmengine.config import DictAction
+    from projects.sasasa2va.utils.cli import CfgOptionsAction
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="config file path")
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DeepSpeed config: a name (deepspeed_zero2, ...), a .json path, or 'none'; ignored without CUDA")
     p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' (latest in the work dir)")
     p.add_argument("--seed", type=int, default=None, help="random seed (a resumed run keeps the checkpoint's seed)")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config entries, key=value")
+    p.add_argument("--cfg-options", nargs="+", action=CfgOptionsAction, help="override config entries, key=value")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0)
     return p

@@ -333,7 +333,7 @@ def convert(config: str, pth: str, save_path: str | None = None, cfg_options: di
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmengine.config import DictAction
+    from projects.sasasa2va.utils.cli import CfgOptionsAction
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="training config (path, or a name in projects/sasasa2va/configs)")
@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training checkpoint: mmengine .pth, plain state dict, or a DeepSpeed folder")
     p.add_argument("--save-path", "--save_path", dest="save_path", default=None,
                    help="output folder (default: <dirname(pth)>_<stem>_hf beside the checkpoint's folder, e.g. work_dirs/x/iter_3.pth -> work_dirs/x_iter_3_hf)")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config entries, key=value")
+    p.add_argument("--cfg-options", nargs="+", action=CfgOptionsAction, help="override config entries, key=value")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--allow-partial", action="store_true",
                    help="export even if trainable tensors are missing or the checkpoint has unknown tensors")
