@@ -116,7 +116,7 @@ def test_deepspeed_folder_goes_through_zero_to_fp32(tmp_path, monkeypatch):
     monkeypatch.setattr(zero, "get_fp32_state_dict_from_zero_checkpoint", fake)
     folder = tmp_path / "work" / "iter_7.pth"
     folder.mkdir(parents=True)
-    (folder / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")  # ZeRO-3's name (ZeRO-2: mp_rank_00_...)
     out = conv.load_training_checkpoint(str(folder) + "/", log=lambda *a: None)
     assert list(out) == ["model.mlp1.1.weight"]
     assert seen == {"dir": str(tmp_path / "work"), "tag": "iter_7.pth"}
@@ -132,6 +132,9 @@ def test_checkpoint_and_save_path_mistakes_are_refused(tmp_path):
     (work / "iter_3.pth").write_bytes((work / "iter_20.pth").read_bytes()[:30])  # cut short
     with pytest.raises(ValueError, match="iter_3.pth: not a training checkpoint"):
         conv.load_training_checkpoint(str(work / "iter_3.pth"))
+    torch.save({"state_dict": {"b": torch.ones(3)}}, work / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert torch.equal(conv.load_training_checkpoint(str(work / "legacy.pth"))["b"], torch.ones(3))
+    os.remove(work / "legacy.pth")
     with pytest.raises(ValueError, match=r"not a DeepSpeed checkpoint folder .*newest checkpoint is .*iter_20\.pth"):
         conv.load_training_checkpoint(str(work))
     # --overwrite replaces only an earlier export, never a work dir, a file or a folder holding the input

@@ -158,18 +158,22 @@ def _newest_checkpoint(folder: str) -> str | None:
 def load_training_checkpoint(path: str, log=print) -> "OrderedDict[str, torch.Tensor]":
     """Trainable tensors of a training checkpoint (mmengine .pth, plain state dict or DeepSpeed folder)."""
     if osp.isdir(path):
-        if not osp.isfile(osp.join(path, "mp_rank_00_model_states.pt")):
+        if not any(n.endswith("model_states.pt") for n in os.listdir(path)):  # ZeRO-3: zero_pp_rank_<r>_mp_...
             newest = _newest_checkpoint(path)
             hint = f"; its newest checkpoint is {newest}" if newest else ""
             raise ValueError(f"{path}: a folder but not a DeepSpeed checkpoint folder (no "
-                             f"mp_rank_00_model_states.pt){hint}")
+                             f"*model_states.pt){hint}")
         log(f"[convert_to_hf] {path}: DeepSpeed checkpoint folder (zero_to_fp32)")
         return load_deepspeed_folder(path)
     if not osp.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not zipfile.is_zipfile(path):  # torch.save's format: a zip archive (its end record is written last)
-        raise ValueError(f"{path}: not a training checkpoint (not a torch.save zip archive; cut short, or "
-                         f"another kind of file)")
+    if not zipfile.is_zipfile(path):  # torch.save's zip archive (its end record is written last), or ...
+        try:  # ... the legacy format (_use_new_zipfile_serialization=False): tensors only
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path}: not a training checkpoint (not a torch.save file, or cut short: "
+                             f"{type(exc).__name__}: {exc})") from None
+        return _state_dict_from(obj, path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
