@@ -1066,6 +1066,7 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
         if ctx.is_main:  # after the model loaded: a run that could not start claims no work dir
             for m in modes:
                 atomic_write_json(os.path.join(run_dirs[m], "run_config.json"), configs[m], indent=1)
+        _sync(ctx)  # no rank writes a prediction before the work dir names the run it belongs to
         path = ("naive" if opts.naive else "shared") if supports_shared_path(model) else "per-expression"
         averager = None
         if AVERAGE_AHEAD and members is not None and all(n in run_dirs and d == run_dirs[n]
