@@ -303,7 +303,7 @@ def test_tiny_config_settings():
 
 
 # ----------------------------------------------------------------------------------------- tools/train.py
-def test_train_py_helpers():
+def test_train_py_helpers(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     try:
         import train as train_tool
@@ -328,6 +328,16 @@ def test_train_py_helpers():
     missing = subprocess.run(["bash", dist, "train", "nope.py", "1"], capture_output=True, text=True, timeout=30)
     assert missing.returncode == 2 and "config not found: nope.py" in missing.stderr
     assert train_tool.earlier_checkpoints("/nonexistent") == []
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "iter_3.pth").write_bytes(b"PK cut short")  # nothing to keep: a new run may start here
+    (work / ".tmp_77_iter_4.pth").write_bytes(b"half")
+    (work / "notes.txt").write_text("mine")
+    assert train_tool.earlier_checkpoints(str(work)) == []
+    torch.save({"a": torch.ones(1)}, work / "iter_0.pth")
+    assert train_tool.earlier_checkpoints(str(work)) == ["iter_0.pth"]
+    assert train_tool.remove_stale_temp_checkpoints(str(work)) == [".tmp_77_iter_4.pth"]
+    assert sorted(os.listdir(work)) == ["iter_0.pth", "iter_3.pth", "notes.txt"]
     with pytest.raises(SystemExit) as exc:  # an item without '=': a usage error, not a traceback
         train_tool.build_parser().parse_args(["cfg.py", "--cfg-options", "lr"])
     assert exc.value.code == 2
@@ -366,24 +376,23 @@ def test_checkpoint_saves_are_atomic(tmp_path):
     saved = runner_module.save_checkpoint
     try:
         install_atomic_checkpoint_saves()
-        install_atomic_checkpoint_saves()  # once only
+        wrapped = runner_module.save_checkpoint
+        install_atomic_checkpoint_saves()
+        assert runner_module.save_checkpoint is wrapped and wrapped is not saved  # wrapped once, not twice
         path = str(tmp_path / "iter_1.pth")
         runner_module.save_checkpoint({"a": torch.ones(2)}, path)
         assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
-        original = runner_module.save_checkpoint
 
         def half_written(checkpoint, filename, *a, **k):
             with open(filename, "wb") as f:
                 f.write(b"PK\x03\x04 cut")
             raise KeyboardInterrupt
 
-        runner_module.save_checkpoint = saved
-        runner_module.save_checkpoint = half_written
+        runner_module.save_checkpoint = half_written  # mmengine's save, killed mid-write
         install_atomic_checkpoint_saves()
         with pytest.raises(KeyboardInterrupt):
             runner_module.save_checkpoint({"a": 1}, str(tmp_path / "iter_2.pth"))
         assert sorted(os.listdir(tmp_path)) == ["iter_1.pth"]  # no truncated iter_2.pth, no temp file
-        assert original._atomic
     finally:
         runner_module.save_checkpoint = saved
 

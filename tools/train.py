@@ -163,9 +163,21 @@ def resolve_resume(resume: str | None, work_dir: str) -> str | None:
 
 
 def earlier_checkpoints(work_dir: str) -> list[str]:
+    """The complete ``iter_<n>.pth`` of the work dir (cut-short ones hold nothing to keep), oldest first."""
     if not osp.isdir(work_dir):
         return []
-    return sorted((n for n in os.listdir(work_dir) if _iter_number(n) is not None), key=_iter_number)
+    return sorted((n for n in os.listdir(work_dir)
+                   if _iter_number(n) is not None and checkpoint_complete(osp.join(work_dir, n))), key=_iter_number)
+
+
+def remove_stale_temp_checkpoints(work_dir: str) -> list[str]:
+    """Temp files of checkpoint saves cut short by a kill (install_atomic_checkpoint_saves' names)."""
+    if not osp.isdir(work_dir):
+        return []
+    stale = [n for n in os.listdir(work_dir) if n.startswith(".tmp_") and _iter_number(n.split("_", 2)[-1]) is not None]
+    for name in stale:
+        os.unlink(osp.join(work_dir, name))
+    return stale
 
 
 def check_work_dir(work_dir: str, resume: str | None, cfg) -> None:
@@ -173,6 +185,9 @@ def check_work_dir(work_dir: str, resume: str | None, cfg) -> None:
     base weights the run started from. A new run records them (rank 0)."""
     from projects.sasasa2va.utils.base_weights import base_weights_mismatch, record_base_weights
 
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name in remove_stale_temp_checkpoints(work_dir):
+            log(f"removed {name} (a checkpoint save cut short by a kill)")
     if resume is None:
         found = earlier_checkpoints(work_dir)
         if found:
