@@ -491,6 +491,15 @@ def test_propagation_memory_original_sam2(scripted, tmp_path):
     assert np.array_equal(mp[:100], op0[:100]) and np.abs(mp[100:] - op0[100:]).max() > 1e-3
     _, fp0 = check_result(faithful[0], L)
     assert np.abs(mp[100:] - fp0[100:]).max() > 1e-4  # (well above rounding: the tiny model sits near 0.5)
+    # with the Q1 fix the frames before the first selected one are tracked backward by the original weights
+    sel = list(range(12, 112))
+    ctx3 = VideoContext(model, tok, frames)
+    back = ctx3.predict(texts[0], "q_frame", selected_fids=sel, return_probs=True,
+                        options=InferenceOptions(q_frame_anchor_fix=True, propagation="memory_original_sam2",
+                                                 sam2_original_checkpoint=other_path))
+    _, bp = check_result(back, L)
+    assert bp[:12].max() > 0.1 and ctx3.counters.sam2_frames_tracked == 12  # reached backward (else: 0)
+    assert ctx3.counters.sam2_frames_encoded_original == L
     # Path A/B modes do not depend on the option
     a = run(model, tok, frames, "uniform", propagation="memory_original_sam2", sam2_original_checkpoint=other_path)
     assert same(a, run(model, tok, frames, "uniform"))

@@ -306,14 +306,14 @@ def test_propagate_matches_sam2_video_predictor(tmp_path):
 
 
 def test_propagate_masks_matches_sam2_video_predictor_add_new_mask(tmp_path):
-    """Sa2VA-i Path C == SAM2VideoPredictor with the original weights: the fine-tuned model's
-    conditioning masks added with add_new_mask, then propagate_in_video; conditioning frames keep
-    the fine-tuned logits."""
+    """Sa2VA-i Path C == SAM2VideoPredictor with the original weights: masks of the conditioning frames
+    (any resolution; here the fine-tuned model's, at a 100x120 "video" size) added with add_new_mask,
+    then propagate_in_video -- every frame's low-res output, the conditioning ones included."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from PIL import Image
 
-    from projects.sasasa2va.hf.models.sam2_grounding import propagate_masks_with_memory
+    from projects.sasasa2va.hf.models.sam2_grounding import mask_input, propagate_masks_with_memory
 
     tuned, original = _tiny(seed=21), _tiny(seed=22)
     _force_object_score(tuned, 5.0)
@@ -328,22 +328,20 @@ def test_propagate_masks_matches_sam2_video_predictor_add_new_mask(tmp_path):
         state = predictor.init_state(str(tmp_path))
         images = state["images"].clone()
     with torch.no_grad():
-        prompts = torch.randn(2, 64)
-        cond = dict(zip((1, 3), tuned.decode(tuned.encode(images), [1, 3], prompts, mode="infer")))
-        mine = propagate_masks_with_memory(original.sam2_model, original.encode(images), 6, cond)
-    assert all((low > 0).any() and (low <= 0).any() for low in cond.values())  # real masks, not empty/full
+        low = tuned.decode(tuned.encode(images), [1, 3], torch.randn(2, 64), mode="infer")
+        masks = dict(zip((1, 3), tuned.upsample_logits(low, (100, 120)) > 0))
+        mine = propagate_masks_with_memory(original.sam2_model, original.encode(images), 6, masks)
+    assert all(m.any() and not m.all() for m in masks.values())  # real masks, not empty/full
+    assert mask_input(masks[1], 256).shape == (256, 256)
     with torch.inference_mode():
-        for t, low in cond.items():
-            mask = torch.nn.functional.interpolate(low[None, None], size=(256, 256), mode="bilinear",
-                                                   align_corners=False)[0, 0] > 0
-            predictor.add_new_mask(state, t, 1, mask)
+        for t, m in masks.items():
+            predictor.add_new_mask(state, t, 1, m)
         for _ in predictor.propagate_in_video(state):
             pass
         outputs = state["output_dict_per_obj"][0]
-        ref = {t: out["pred_masks"][0, 0] for t, out in outputs["non_cond_frame_outputs"].items()}
-    assert sorted(ref) == [2, 4, 5]
-    for t in (1, 3):
-        assert torch.equal(mine[t], cond[t])
+        ref = {t: out["pred_masks"][0, 0] for t, out in {**outputs["non_cond_frame_outputs"],
+                                                           **outputs["cond_frame_outputs"]}.items()}
+    assert sorted(ref) == [1, 2, 3, 4, 5]
     for t, r in ref.items():
         assert torch.allclose(mine[t], r, atol=1e-5), (t, (mine[t] - r).abs().max())
     assert torch.all(mine[0] == NO_OBJ_SCORE)  # before the first conditioning frame: never visited

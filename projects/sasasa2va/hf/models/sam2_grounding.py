@@ -498,26 +498,31 @@ def propagate_with_memory(sam2_model: SAM2Base, features, num_frames: int, cond_
                           cond_frames, memory_dtype)
 
 
-def propagate_masks_with_memory(sam2_model: SAM2Base, features, num_frames: int, cond_logits: PromptMap,
+def mask_input(mask: torch.Tensor, image_size: int) -> torch.Tensor:
+    """A mask of any size -> the float 0/1 [image_size, image_size] input SAM2VideoPredictor.add_new_mask
+    makes of it (bilinear, antialiased resize, >= 0.5)."""
+    m = mask.float().reshape(1, 1, *mask.shape[-2:])
+    if tuple(m.shape[-2:]) != (image_size, image_size):
+        m = F.interpolate(m, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+        m = (m >= 0.5).float()
+    return m[0, 0]
+
+
+def propagate_masks_with_memory(sam2_model: SAM2Base, features, num_frames: int, cond_masks: PromptMap,
                                 memory_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Sa2VA-i style Path C: the conditioning frames' masks, decoded beforehand (low-res logits [h, w] by
-    another model: the fine-tuned decoder), enter ``sam2_model`` (the original SAM2 weights) as mask
-    inputs -- the logits upsampled bilinearly to image_size and thresholded at 0, as add_new_mask
-    thresholds a resized mask -- and every later frame is tracked from memory with ``sam2_model``.
-    Conditioning frames return their given logits; ``features`` are ``sam2_model``'s own."""
-    _check_cond_ids(cond_logits, num_frames)
+    """Sa2VA-i style Path C: binary masks of the conditioning frames ({frame_idx: [H, W]}, any size, e.g.
+    the fine-tuned model's predictions at video resolution) enter ``sam2_model`` (the original SAM2
+    weights) as SAM2VideoPredictor.add_new_mask enters them, and every later frame is tracked from memory
+    with ``sam2_model`` on its own ``features``. Low-res logits of every frame as the predictor gives them
+    (a conditioning frame: its mask as output, +-10)."""
+    _check_cond_ids(cond_masks, num_frames)
     fetch = _frame_getter(features)
-    size = (sam2_model.image_size, sam2_model.image_size)
 
     def condition(t: int, state: dict) -> dict:
-        low = cond_logits[t].float().reshape(1, 1, *cond_logits[t].shape[-2:])
-        mask = (F.interpolate(low, size=size, mode="bilinear", align_corners=False) > 0).float()
-        return condition_frame_with_mask(sam2_model, fetch(t), t, mask[0, 0], state, num_frames, memory_dtype)
+        return condition_frame_with_mask(sam2_model, fetch(t), t, mask_input(cond_masks[t], sam2_model.image_size),
+                                         state, num_frames, memory_dtype)
 
-    out = _track_forward(sam2_model, fetch, num_frames, condition, cond_logits, memory_dtype)
-    for t, low in cond_logits.items():
-        out[t] = low.to(out)
-    return out
+    return _track_forward(sam2_model, fetch, num_frames, condition, cond_masks, memory_dtype)
 
 
 def load_official_sam2_weights(sam2_model: nn.Module, path: str) -> None:

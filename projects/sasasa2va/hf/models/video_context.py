@@ -756,13 +756,18 @@ class VideoContext:
         else:
             frames = sorted(cond)
             low = self.decode_rows(frames, torch.stack([cond[f] for f in frames]), features)
-            cond = dict(zip(frames, low))
+            tuned = dict(zip(frames, low))  # the conditioning frames' outputs: the fine-tuned decoder's
+            size = (self.height, self.width)  # their masks as predicted, at video resolution
+            cond = {f: torch.sigmoid(self.grounding.upsample_logits(tuned[f][None], size)[0]) > 0.5 for f in frames}
             twin = original_sam2_grounding(self.model, original).sam2_model
             own = self._encode_frames(list(range(L)), original) if features is not None else None
             fetch = (lambda t: own[t]) if own is not None else (lambda t: self.frame_features(t, original))
 
             def propagate(conditions, frame_of):
-                return propagate_masks_with_memory(twin, lambda r: fetch(frame_of(r)), L, conditions)
+                out = propagate_masks_with_memory(twin, lambda r: fetch(frame_of(r)), L, conditions)
+                for r in conditions:
+                    out[r] = tuned[frame_of(r)].to(out)
+                return out
         first = min(cond)
         out = propagate(cond, lambda t: t)
         if original is None:
