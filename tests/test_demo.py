@@ -65,7 +65,7 @@ def test_frame_folder_gif_and_masks_match_predict_forward(exported, scripted_loa
                       "--max-new-tokens", "40"]) == 0
     with Image.open(out) as gif:
         assert gif.n_frames == len(arrays)
-    mask_files = sorted(os.listdir(tmp_path / "out" / "demo_masks"))
+    mask_files = sorted(n for n in os.listdir(tmp_path / "out" / "demo_masks") if n.endswith(".png"))
     assert mask_files == [f"{i:05d}.png" for i in range(len(arrays))]
     saved = np.stack([cv2.imread(str(tmp_path / "out" / "demo_masks" / f), cv2.IMREAD_UNCHANGED) for f in mask_files])
     assert saved.shape == (len(arrays), 48, 64) and set(np.unique(saved)) <= {0, 255}
@@ -75,6 +75,17 @@ def test_frame_folder_gif_and_masks_match_predict_forward(exported, scripted_loa
     assert ref["num_seg"] == 10
     np.testing.assert_array_equal(saved == 255, ref["prediction_masks"][0])
     assert 0 < (saved == 255).mean() < 1  # the scripted answer gives real, partial masks
+    # frames not named NNNNN: a rerun keeping every other frame replaces the earlier run's masks it lists
+    for i in range(len(arrays)):
+        os.rename(folder / f"{i:05d}.png", folder / f"frame_{i}.png")
+    masks_dir = tmp_path / "named_masks"
+    common = ["--model", hf_dir, "--video", str(folder), "--text", "the red circle", "--out", str(out),
+              "--save-masks", "--masks-dir", str(masks_dir), "--device", "cpu", "--no-remote-code",
+              "--max-new-tokens", "40"]
+    assert demo.main(common) == 0
+    assert demo.main(common + ["--video-step", "2"]) == 0
+    kept = sorted(n for n in os.listdir(masks_dir) if n.endswith(".png"))
+    assert kept == sorted(f"frame_{i}.png" for i in range(0, len(arrays), 2))
 
 
 def test_mp4_input_and_video_step(exported, scripted_loader, tmp_path):
@@ -94,12 +105,12 @@ def test_mp4_input_and_video_step(exported, scripted_loader, tmp_path):
                       "--masks-dir", str(tmp_path / "m")]) == 0
     with Image.open(out) as gif:
         assert gif.n_frames == 5
-    assert sorted(os.listdir(tmp_path / "m")) == [n + ".png" for n in names]
+    assert sorted(os.listdir(tmp_path / "m")) == [".demo_masks.json"] + [n + ".png" for n in names]
     (tmp_path / "m" / "00001.png").write_bytes(b"an earlier run's mask of a frame this run skips")
     assert demo.main(["--model", hf_dir, "--video", path, "--text", "the dog", "--out", str(out), "--video-step",
                       "4", "--device", "cpu", "--no-remote-code", "--max-new-tokens", "40", "--save-masks",
                       "--masks-dir", str(tmp_path / "m")]) == 0
-    assert sorted(os.listdir(tmp_path / "m")) == ["00000.png", "00004.png", "00008.png"]  # no stale masks
+    assert sorted(os.listdir(tmp_path / "m")) == [".demo_masks.json", "00000.png", "00004.png", "00008.png"]
 
 
 @pytest.mark.parametrize("extra, message", [

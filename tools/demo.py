@@ -27,6 +27,7 @@ if ROOT not in sys.path:
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MODES = ("uniform", "uniform_plus", "q_frame", "wrap_around", "wrap_around_plus")
 NUM_SAMPLED_FRAMES = 100  # frames the model samples per video (spec: 10 clips of 10)
+MASKS_MANIFEST = ".demo_masks.json"  # the masks a run wrote into --masks-dir (a rerun may replace them)
 
 from projects.sasasa2va.evaluation.inference_flags import add_inference_flags, predict_options  # noqa: E402
 
@@ -89,9 +90,9 @@ def parse_selected_fids(value: str | None, num_frames: int) -> list[int] | None:
 
 
 def prepare_masks_dir(masks_dir: str, video: str, names: list[str]) -> list[str]:
-    """Check --masks-dir before the model runs; returns the earlier demo masks it holds (PNGs named like
-    this run's frames or NNNNN.png), which this run replaces. Refused: a file, the input frame folder
-    itself, a folder with other files."""
+    """Check --masks-dir before the model runs; returns the earlier demo masks it holds (listed in its
+    MASKS_MANIFEST, or named like this run's frames or NNNNN.png), which this run replaces. Refused: a
+    file, the input frame folder itself, a folder with other files."""
     if os.path.exists(masks_dir) and not os.path.isdir(masks_dir):
         raise ValueError(f"--masks-dir {masks_dir}: exists and is not a folder")
     target, source = os.path.realpath(masks_dir), os.path.realpath(video)
@@ -99,8 +100,13 @@ def prepare_masks_dir(masks_dir: str, video: str, names: list[str]) -> list[str]
         raise ValueError(f"--masks-dir {masks_dir}: is the input frame folder; the masks would overwrite the frames")
     if not os.path.isdir(masks_dir):
         return []
-    present = sorted(os.listdir(masks_dir))
+    present = sorted(n for n in os.listdir(masks_dir) if n != MASKS_MANIFEST)
     mine = {n + ".png" for n in names}
+    try:
+        with open(os.path.join(masks_dir, MASKS_MANIFEST), "r", encoding="utf-8") as f:
+            mine |= set(json.load(f).get("masks", []))
+    except (OSError, ValueError, AttributeError):
+        pass  # no (readable) manifest: only the names above count as earlier masks
     ours = [n for n in present if n in mine or (n.endswith(".png") and n[:-4].isdigit())]
     others = [n for n in present if n not in ours]
     if others:
@@ -127,7 +133,7 @@ def write_outputs(frames, names, masks, out_gif: str, text: str, masks_dir: str 
 
     from projects.sasasa2va.evaluation.submission import encode_png
     from projects.sasasa2va.evaluation.visualize import compose_frame, write_gif
-    from projects.sasasa2va.utils.io import atomic_write_bytes
+    from projects.sasasa2va.utils.io import atomic_write_bytes, atomic_write_json
 
     total = len(frames)
     panels = [compose_frame(np.asarray(f), m, None, max_side=max_side, caption=f"{t + 1}/{total} {text}"[:60],
@@ -140,6 +146,7 @@ def write_outputs(frames, names, masks, out_gif: str, text: str, masks_dir: str 
             os.remove(stale)  # an earlier run's masks of frames this run does not have (e.g. another --video-step)
         for name, m in zip(names, masks):
             atomic_write_bytes(os.path.join(masks_dir, name + ".png"), encode_png(m))
+        atomic_write_json(os.path.join(masks_dir, MASKS_MANIFEST), {"masks": [n + ".png" for n in names]})
 
 
 def main(argv=None) -> int:
