@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--train-args", default="", help="extra --cfg-options for training, e.g. 'a=1 b=2'")
     p.add_argument("--blind-expression", default="the object",
                    help="expression given to every object by the language-blind control")
-    p.add_argument("--skip-train", action="store_true", help="reuse the last checkpoint in the work dir")
+    p.add_argument("--skip-train", action="store_true",
+                   help="reuse the last checkpoint in the work dir (and the tiny checkpoints it was trained from)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap on generated answer tokens in evaluation (short smoke runs of barely trained models)")
     return p.parse_args(argv)
@@ -133,13 +134,17 @@ def main(argv=None) -> dict:
 
     stage("data", lambda: run([PY, tool("tools/make_synthetic_data.py"), "--root", data_root, "--quiet", "--force"]
                               + shlex.split(args.synthetic_args), os.path.join(logs, "data.log")))
-    tiny = tiny_checkpoint_args()
-    stage("pretrained", lambda: run([PY, tool("tools/make_tiny_pretrained.py"), "--out", pretrained, *tiny, "--force"],
-                                    os.path.join(logs, "pretrained.log")))
-    steps = ["--steps", str(args.pretrain_steps)] if args.pretrain_steps else []
-    stage("stand_in_pretraining", lambda: run([PY, tool("tools/pretrain_tiny.py"), tool(CONFIG), "--no-progress",
-                                               *steps], os.path.join(logs, "stand_in_pretraining.log"),
-                                              cwd=run_root))
+    if args.skip_train:  # the kept checkpoint was trained on these base weights: regenerating them could differ
+        print("[quickstart] --skip-train: the tiny checkpoints and their stand-in pretraining are reused", flush=True)
+        times["pretrained"] = times["stand_in_pretraining"] = 0.0
+    else:
+        tiny = tiny_checkpoint_args()
+        stage("pretrained", lambda: run([PY, tool("tools/make_tiny_pretrained.py"), "--out", pretrained, *tiny,
+                                         "--force"], os.path.join(logs, "pretrained.log")))
+        steps = ["--steps", str(args.pretrain_steps)] if args.pretrain_steps else []
+        stage("stand_in_pretraining", lambda: run([PY, tool("tools/pretrain_tiny.py"), tool(CONFIG), "--no-progress",
+                                                   *steps], os.path.join(logs, "stand_in_pretraining.log"),
+                                                  cwd=run_root))
 
     train_dir = os.path.join(wd, "train")
     cfg_opts = []
