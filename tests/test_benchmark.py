@@ -428,3 +428,25 @@ def test_benchmark_eval_end_to_end_with_training(tiny_dir, tmp_path):
     fig = json.loads((tmp_path / "f.json").read_text())
     assert fig["train"]["steps"] == 1 and fig["train"]["steps_per_s"] > 0 and fig["train"]["peak_mem_mb"] > 0
     assert any(line.startswith("train (") for line in lines)
+
+
+def test_bench_data_replaces_only_its_own(tmp_path):
+    """--work-dir . must not regenerate the repo's data/synthetic: only data the benchmark made is replaced."""
+    from projects.sasasa2va.datasets.synthetic import generate_all
+
+    root = tmp_path / "data"
+    generate_all(str(root / "synthetic"), seed=0, num_train_videos=1, num_valid_u_videos=1, num_valid_videos=0,
+                 min_frames=3, max_frames=4, sizes=((64, 48),), formats=("mevis",))
+    before = sorted(os.listdir(root / "synthetic"))
+    reused = bench.make_bench_splits(str(root), num_videos=1, exps_per_video=[2], min_frames=3, max_frames=4,
+                                     sizes=((64, 48),))  # the same settings: used as it is
+    assert reused[2].num_videos == 1 and not (root / "synthetic" / bench.BENCH_DATA_MARKER).exists()
+    with pytest.raises(ValueError, match="data this benchmark did not make"):
+        bench.make_bench_splits(str(root), num_videos=2, exps_per_video=[2], min_frames=3, max_frames=4,
+                                sizes=((64, 48),))
+    assert sorted(os.listdir(root / "synthetic")) == before and (root / "synthetic" / "mevis" / "train").is_dir()
+    own = tmp_path / "own"
+    bench.make_bench_splits(str(own), num_videos=1, exps_per_video=[2], min_frames=3, max_frames=4, sizes=((64, 48),))
+    splits = bench.make_bench_splits(str(own), num_videos=2, exps_per_video=[2], min_frames=3, max_frames=4,
+                                     sizes=((64, 48),))  # other settings: its own data, replaced
+    assert splits[2].num_videos == 2

@@ -423,10 +423,22 @@ def run_settings(args):
         raise SystemExit("error: --pair-cache-mb must be >= 0")
     if args.output_cache_mb is not None and args.output_cache_mb < 0:
         raise SystemExit("error: --output-cache-mb must be >= 0")
+    from projects.sasasa2va.utils.cli import output_file_problem
+
+    problem = getattr(args, "json", None) and output_file_problem(args.json, "--json")
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    if getattr(args, "split_dir", None) and not os.path.isfile(os.path.join(args.split_dir, "meta_expressions.json")):
+        raise SystemExit(f"error: --split-dir {args.split_dir}: no meta_expressions.json there")
+    if getattr(args, "model", "tiny") != "tiny" and not os.path.isdir(args.model):
+        raise SystemExit(f"error: --model {args.model}: no such folder (an export of convert_to_hf.py)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
         device = "cuda:0"
-    modes = parse_modes(args.modes)
+    try:
+        modes = parse_modes(args.modes)
+    except ValueError as exc:
+        raise SystemExit(f"error: --modes: {exc}") from None
     return device, resolve_dtype(args.dtype, device), modes, len(modes) > 1 and not args.no_average
 
 
@@ -468,11 +480,15 @@ def main(argv=None) -> int:
     e1 = args.exps_per_video
     e_list = [e1] if args.skip_scaling else [e1, 2 * e1]
     data_root = os.path.join(args.work_dir, "data")
-    if args.split_dir:
-        splits = bench.expand_split(args.split_dir, args.qframe_file, data_root, e_list, args.seed, args.num_videos)
-    else:
-        splits = bench.make_bench_splits(data_root, args.num_videos, e_list, args.seed, args.min_frames,
-                                         args.max_frames, (args.frame_size,))
+    try:
+        if args.split_dir:
+            splits = bench.expand_split(args.split_dir, args.qframe_file, data_root, e_list, args.seed,
+                                        args.num_videos)
+        else:
+            splits = bench.make_bench_splits(data_root, args.num_videos, e_list, args.seed, args.min_frames,
+                                             args.max_frames, (args.frame_size,))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     sp = splits[e1]
     n_exp = sp.num_videos * e1
     figures["data"] = {"num_videos": sp.num_videos, "frames_per_video": sp.frames, "exps_per_video": e1,

@@ -183,6 +183,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
+    from projects.sasasa2va.utils.cli import output_file_problem
+
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    problem = args.json and output_file_problem(args.json, "--json")
+    if problem:
+        p.error(problem)
     import torch
 
     if args.threads:

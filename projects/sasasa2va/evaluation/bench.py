@@ -220,11 +220,16 @@ class BenchSplit:
         return asdict(self)
 
 
+BENCH_DATA_MARKER = ".made_by_benchmark"
+
+
 def make_bench_splits(root: str, num_videos: int, exps_per_video: Sequence[int], seed: int = 0,
                       min_frames: int = 12, max_frames: int = 24, sizes=((160, 96),)) -> dict[int, BenchSplit]:
     """Synthetic MeViS valid_u (``num_videos`` videos, regenerated only when the options change) and,
     for each E in ``exps_per_video``, a split ``<root>/valid_u_e<E>`` with exactly E expressions per
-    video (see :func:`expand_split`)."""
+    video (see :func:`expand_split`). Only data this function made (its BENCH_DATA_MARKER) is ever
+    replaced: ``<root>/synthetic`` holding other synthetic data (e.g. ``--work-dir .`` = the repo's
+    data/synthetic) is used when its settings fit, else refused."""
     from projects.sasasa2va.datasets.synthetic import generate_all
 
     gen_root = os.path.join(root, "synthetic")
@@ -238,9 +243,15 @@ def make_bench_splits(root: str, num_videos: int, exps_per_video: Sequence[int],
         opts = old.get("options", {})
         fresh = any(opts.get(k) != v for k, v in want.items()) or old.get("summary", {}).get("seed") != seed
     if fresh:
+        marker = os.path.join(gen_root, BENCH_DATA_MARKER)
+        if os.path.exists(gen_root) and os.listdir(gen_root) and not os.path.isfile(marker):
+            raise ValueError(f"{gen_root}: holds data this benchmark did not make (with other settings); it "
+                             f"regenerates only its own data -- choose another --work-dir")
         shutil.rmtree(gen_root, ignore_errors=True)
         generate_all(gen_root, seed=seed, num_train_videos=0, num_valid_u_videos=num_videos, num_valid_videos=0,
                      min_frames=min_frames, max_frames=max_frames, sizes=tuple(sizes), formats=("mevis", "qframe"))
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write("made by projects.sasasa2va.evaluation.bench.make_bench_splits; replaced when its settings change\n")
     return expand_split(os.path.join(gen_root, "mevis", "valid_u"),
                         os.path.join(gen_root, "mevis_q_frame", "valid_u", "selected_frames.json"),
                         root, exps_per_video, seed)

@@ -18,3 +18,19 @@ class CfgOptionsAction(DictAction):
             super().__call__(parser, namespace, values, option_string)
         except (ValueError, SyntaxError) as exc:
             raise argparse.ArgumentError(self, f"cannot parse {values}: {exc}") from None
+
+
+def output_file_problem(path: str, flag: str) -> str | None:
+    """Why ``path`` cannot be written as an output file (checked before a long run, not after it), or None."""
+    import os
+
+    if os.path.isdir(path):
+        return f"{flag} {path}: is a folder; give a file path"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the nearest existing ancestor must be a writable folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK):
+        return f"{flag} {path}: {parent} is not writable"
+    return None
