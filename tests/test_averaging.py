@@ -2,6 +2,7 @@
 greedy forward selection and the select_modes CLI, on synthetic runs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -271,3 +272,32 @@ def test_cli_select_then_apply(world, tmp_path):
                           "--write-results", str(tmp_path / "apply3" / "results.json")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "binary voting, threshold 0.6" in out.stdout
+    # outputs: an existing file only with --overwrite, never inside a run; members must be complete
+    base = [sys.executable, tool, "--runs", world["root"], "--split-dir", world["split"]]
+    out = subprocess.run(base + ["--members", "uniform", "--write-results", res2], capture_output=True, text=True)
+    assert out.returncode == 2 and "exists; pass --overwrite" in out.stderr
+    assert subprocess.run(base + ["--members", "uniform", "--write-results", res2, "--overwrite"],
+                          capture_output=True, text=True).returncode == 0
+    inside = os.path.join(r["uniform"], "results.json")
+    out = subprocess.run(base + ["--members", "q_frame", "--write-results", inside, "--overwrite"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "inside the run" in out.stderr
+    part = tmp_path / "runs2" / "partial"
+    shutil.copytree(r["uniform"], part)
+    victim = sorted(p for p in part.rglob("*.npz"))[0]
+    victim.unlink()
+    if (part / "results.json").exists():
+        (part / "results.json").unlink()
+    cmd = [sys.executable, tool, "--runs", str(part), r["q_frame"], "--split-dir", world["split"], "--members",
+           "partial,q_frame", "--write-results", str(tmp_path / "apply4" / "results.json")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 2 and "lacks 1 expression(s)" in out.stderr
+    assert subprocess.run(cmd + ["--allow-incomplete"], capture_output=True, text=True).returncode == 0
+    out = subprocess.run(base + ["--members", "uniform", "--weights", "1", "x", "--write-results",
+                                 str(tmp_path / "apply5.json")], capture_output=True, text=True)
+    assert out.returncode == 2 and "'x' is not a number" in out.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{names: 1}")
+    out = subprocess.run(base + ["--members-json", str(bad), "--write-results", str(tmp_path / "apply6.json")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "bad.json: not valid JSON" in out.stderr

@@ -23,6 +23,13 @@ from projects.sasasa2va.evaluation.averaging import (  # noqa: E402
 from projects.sasasa2va.utils.io import atomic_write_json  # noqa: E402
 
 
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: {text!r} is not a number") from None
+
+
 def parse_weights(specs, names):
     """--weights as one number per run, or NAME=W pairs (missing names weigh 1)."""
     if not specs:
@@ -33,11 +40,44 @@ def parse_weights(specs, names):
             k, v = s.split("=", 1)
             if k not in names:
                 raise ValueError(f"--weights: unknown run {k!r}; runs are {names}")
-            table[k] = float(v)
+            table[k] = _number(v, f"--weights {k}")
         return [table.get(n, 1.0) for n in names]
-    if len(specs) != len(names):
-        raise ValueError(f"--weights: {len(specs)} values for {len(names)} runs {names}")
-    return [float(s) for s in specs]
+    values = [_number(s, "--weights") for s in specs]
+    if len(values) != len(names):
+        raise ValueError(f"--weights: {len(values)} values for {len(names)} runs {names}")
+    return values
+
+
+def read_members_json(path: str) -> dict:
+    """A chosen set written by a selection: names (+ weights, voting, threshold)."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            chosen = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--members-json {path}: not valid JSON ({exc})") from None
+    names = chosen.get("names") if isinstance(chosen, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"--members-json {path}: expected a chosen set with a non-empty list 'names' (as "
+                         f"select_modes.py --out writes)")
+    weights = chosen.get("weights")
+    if weights is not None:
+        if not isinstance(weights, list) or len(weights) != len(names):
+            raise ValueError(f"--members-json {path}: 'weights' must list one number per name")
+        chosen["weights"] = [_number(w, f"--members-json {path}: weight") for w in weights]
+    return chosen
+
+
+def check_output(path: str, flag: str, overwrite: bool, runs=()) -> None:
+    """An output file may be new, or (with --overwrite) replace a file -- never a folder, and never a file
+    inside one of the runs (e.g. a member run's own results.json)."""
+    target = os.path.abspath(path)
+    for r in runs:
+        if os.path.commonpath([target, os.path.abspath(r)]) == os.path.abspath(r):
+            raise ValueError(f"{flag} {path}: inside the run {r}; write the ensemble outside the runs")
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a folder; give a file path")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{flag} {path}: exists; pass --overwrite to replace it")
 
 
 def main(argv=None) -> int:
@@ -58,16 +98,30 @@ def main(argv=None) -> int:
                                           "voting and threshold; explicit --voting/--threshold/--weights win)")
     p.add_argument("--members", nargs="+",
                    help="apply mode: member run names, space- or comma-separated (default: the five modes' runs)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="apply mode: accept members lacking expressions (each is averaged over the members "
+                        "that have it); default: refused")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --write-results file")
     args = p.parse_args(argv)
+    if args.out and args.write_results:
+        p.error("--out (selection) and --write-results (apply a set) are two modes; give one")
+    if args.max_members is not None and args.max_members < 1:
+        p.error("--max-members must be >= 1")
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        p.error("--threshold must be in (0, 1)")
     try:
+        for given in args.runs:
+            if os.path.isdir(os.path.join(given, "modes")):
+                print(f"note: {given} is a multi-mode evaluation folder; its runs are in {given}/modes "
+                      f"(pass --runs {os.path.join(given, 'modes')})", file=sys.stderr)
         runs = discover_runs(args.runs)
         names = [run_name(r) for r in runs]
         if args.write_results:
+            check_output(args.write_results, "--write-results", args.overwrite, runs)
             weights_by_name = {}
             voting, threshold = args.voting or "probs", 0.5 if args.threshold is None else args.threshold
             if args.members_json:
-                with open(args.members_json, "r", encoding="utf-8") as f:
-                    chosen = json.load(f)
+                chosen = read_members_json(args.members_json)
                 member_names = chosen["names"]
                 weights_by_name = dict(zip(member_names, chosen.get("weights") or [1.0] * len(member_names)))
                 voting = args.voting or chosen.get("voting", voting)
@@ -85,12 +139,13 @@ def main(argv=None) -> int:
             w = parse_weights(args.weights, member_names) if args.weights else \
                 ([weights_by_name[n] for n in member_names] if weights_by_name else None)
             meta = write_ensemble_results(members, args.write_results, args.split_dir, weights=w,
-                                          threshold=threshold, voting=voting)
+                                          threshold=threshold, voting=voting, allow_incomplete=args.allow_incomplete)
             print(f"wrote {args.write_results}: {meta['num_expressions']} expressions, members "
                   f"{' + '.join(meta['members'])} ({voting} voting, threshold {threshold})")
             return 0
         if not args.out:
             raise ValueError("selection needs --out (or use --write-results to apply a set)")
+        check_output(args.out, "--out", args.overwrite, runs)
         res = greedy_select(runs, args.split_dir, weights=parse_weights(args.weights, names),
                             threshold=0.5 if args.threshold is None else args.threshold,
                             voting=args.voting or "probs", max_members=args.max_members,

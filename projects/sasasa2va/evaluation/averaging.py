@@ -213,8 +213,8 @@ def _norm_weights(weights, n: int) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (n,):
         raise ValueError(f"expected {n} weights, got {w.shape[0] if w.ndim else w}")
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights must be non-negative with a positive sum, got {w.tolist()}")
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, non-negative with a positive sum, got {w.tolist()}")
     return w
 
 
@@ -283,7 +283,7 @@ def _frame_size(record) -> tuple[int, int]:
 
 def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: str, weights=None,
                            threshold: float = 0.5, voting: str = "probs", split_name: str | None = None,
-                           meta: dict | None = None) -> dict:
+                           meta: dict | None = None, allow_incomplete: bool = False) -> dict:
     """Ensemble every expression of the split (dataset order) into a results.json at out_path.
 
     An expression no member has becomes empty masks with status "failed", so the file stays complete.
@@ -296,6 +296,19 @@ def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: st
     records = read_meta_expressions(os.path.join(split_dir, "meta_expressions.json"),
                                     os.path.join(split_dir, "JPEGImages"), allow_empty_text=True)
     keys = [(v, e) for v, rec in records.items() for e in rec.expressions]
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    wanted = set(keys)
+    for r in run_dirs:  # a member lacking expressions would silently drop out of their averages
+        have = run_keys(r)
+        missing, foreign = sorted(wanted - have), sorted(have - wanted)
+        if foreign:
+            raise ValueError(f"run {r} has {len(foreign)} expression(s) that {split_dir} does not, e.g. "
+                             f"{foreign[0][0]}/{foreign[0][1]}: a run of another split?")
+        if missing and not allow_incomplete:
+            raise ValueError(f"run {r} lacks {len(missing)} expression(s) of {split_dir}, e.g. "
+                             f"{missing[0][0]}/{missing[0][1]}; average complete runs (allow_incomplete: those "
+                             f"expressions are averaged over the members that have them)")
     masks_iter = ensemble(run_dirs, weights, threshold, voting, keys=keys)
 
     def entries():
