@@ -301,3 +301,22 @@ def test_other_splits_results_refused_and_partial_runs(tiny, tmp_path):
     out = subprocess.run([sys.executable, tool, "--split-dir", tiny["split"], "--results", str(p)],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "another split" in out.stderr
+
+
+def test_pred_dir_of_another_split_empty_or_corrupt(tiny, tmp_path):
+    import shutil
+
+    pred = tmp_path / "pred"
+    shutil.copytree(tiny["pred_dir"], pred)
+    (pred / "vidZ" / "0").mkdir(parents=True)
+    with pytest.raises(ValueError, match="video folder.*first: vidZ.*another split"):
+        evaluate_split(tiny["split"], pred_dir=str(pred))
+    shutil.rmtree(pred / "vidZ")
+    victim = sorted((pred / "vidA" / "0").iterdir())[0]
+    victim.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=f"{victim.name}: not a readable PNG mask"):
+        evaluate_split(tiny["split"], pred_dir=str(pred))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no video folder of the split"):
+        evaluate_split(tiny["split"], pred_dir=str(empty))

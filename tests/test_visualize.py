@@ -60,3 +60,21 @@ def test_gif_and_index(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert os.listdir(tmp_path / "vis2" / "gifs" / "vid") == ["0.gif"]
+
+
+def test_other_splits_results_and_bad_arguments_are_refused(tmp_path):
+    split, results, out, _ = make_page(tmp_path)
+    frames = [f"{i:05d}" for i in range(T)]
+    other = str(tmp_path / "other.json")
+    write_results(other, [make_entry(0, "vidZ", "0", frames, np.zeros((T, H, W), bool))], {"split": "x"})
+    tool = [sys.executable, os.path.join(ROOT, "tools", "visualize.py"), "--split-dir", split]
+    r = subprocess.run(tool + ["--results", other, "--out", str(tmp_path / "vis3")], capture_output=True, text=True)
+    assert r.returncode == 2 and "another split" in r.stderr and not (tmp_path / "vis3").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for extra, message in ((["--out", str(afile)], "exists and is not a folder"),
+                           (["--out", out, "--fps", "0"], "--fps must be > 0"),
+                           (["--out", out, "--max-expressions", "0"], "must be >= 1")):
+        r = subprocess.run(tool + ["--results", results, *extra], capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert afile.read_text() == "mine"

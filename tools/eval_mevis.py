@@ -29,8 +29,9 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--results", help="results.json with RLE masks")
     src.add_argument("--pred-dir", help="PNG folder <video>/<exp_id>/<frame>.png (nonzero = foreground)")
-    p.add_argument("--csv", help="per-expression CSV (default: <dir>/mevis_valu_per_expression.csv)")
-    p.add_argument("--json", help="summary JSON (default: <dir>/mevis_valu.json)")
+    p.add_argument("--csv", help="per-expression CSV (default: mevis_valu_per_expression.csv beside results.json, "
+                                 "or beside (not inside) the --pred-dir folder; replaced if present)")
+    p.add_argument("--json", help="summary JSON (default: mevis_valu.json, in the same place as the CSV)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--only-present", action="store_true",
                    help="score only the expressions that --results holds (partial runs); default: all of the "
@@ -70,6 +71,15 @@ def main(argv=None) -> int:
     if args.results is not None and not os.path.isfile(args.results):
         print(f"error: results file not found: {args.results}", file=sys.stderr)
         return 2
+    from projects.sasasa2va.utils.cli import output_file_problem
+
+    d = out_dir_for(args)
+    for path, flag in ((args.csv or os.path.join(d, "mevis_valu_per_expression.csv"), "--csv"),
+                       (args.json or os.path.join(d, "mevis_valu.json"), "--json")):
+        problem = output_file_problem(path, flag)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     warnings.showwarning = _show_warning
     try:
         scores = evaluate_split(args.split_dir, results_path=args.results, pred_dir=args.pred_dir,

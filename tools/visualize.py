@@ -20,12 +20,19 @@ def main(argv=None) -> int:
     p.add_argument("--split-dir", required=True)
     p.add_argument("--results", required=True, help="results.json")
     p.add_argument("--out", required=True, help="output folder (gifs/ and index.html)")
-    p.add_argument("--max-expressions", type=int, default=None)
+    p.add_argument("--max-expressions", type=int, default=None, help="GIFs for the first N expressions (default: all)")
     p.add_argument("--csv", default=None, help="per-expression metrics CSV or JSON from tools/eval_mevis.py")
     p.add_argument("--max-side", type=int, default=480, help="longest side of each panel in pixels")
     p.add_argument("--max-frames", type=int, default=None, help="subsample long videos to this many frames")
-    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--fps", type=float, default=8.0, help="GIF frame rate (default: 8)")
     args = p.parse_args(argv)
+    if args.fps <= 0 or args.max_side < 16:
+        p.error("--fps must be > 0 and --max-side >= 16")
+    if (args.max_expressions is not None and args.max_expressions < 1) or \
+            (args.max_frames is not None and args.max_frames < 1):
+        p.error("--max-expressions and --max-frames must be >= 1")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out}: exists and is not a folder")
     try:
         items = visualize_split(args.split_dir, args.results, args.out, args.max_expressions, args.csv,
                                 args.max_side, args.fps, args.max_frames)

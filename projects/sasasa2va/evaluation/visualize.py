@@ -166,7 +166,8 @@ def visualize_split(split_dir: str, results_path: str, out_dir: str, max_express
                     max_frames: int | None = None) -> list[dict]:
     """GIFs under out_dir/gifs/<video>/<exp_id>.gif and out_dir/index.html; returns the listed items.
 
-    Expressions follow the split's order; those absent from results.json are skipped with a warning.
+    Expressions follow the split's order; those absent from results.json are skipped with a warning;
+    results holding expressions the split lacks are refused (another split's).
     """
     from projects.sasasa2va.datasets.readers import expression_masks, load_mask_dict, read_meta_expressions
     from projects.sasasa2va.evaluation.results_io import entry_masks, read_results
@@ -176,6 +177,11 @@ def visualize_split(split_dir: str, results_path: str, out_dir: str, max_express
         raise FileNotFoundError(f"{meta}: meta_expressions.json not found in split dir {split_dir!r}")
     records = read_meta_expressions(meta, os.path.join(split_dir, "JPEGImages"), allow_empty_text=True)
     results, _ = read_results(results_path)
+    foreign = [f"{v}/{e}" for v, es in results.items() for e in es
+               if v not in records or e not in records[v].expressions]
+    if foreign:
+        raise ValueError(f"{results_path}: {len(foreign)} prediction(s) for expressions that {meta} does not "
+                         f"have (first: {', '.join(foreign[:5])}); were these results made on another split?")
     mask_dict = None
     for name in ("mask_dict.json", "mask_dict.pkl"):
         if os.path.isfile(os.path.join(split_dir, name)):

@@ -194,10 +194,13 @@ def split_paths(split_dir: str) -> tuple[str, str, str]:
 
 def _read_png_mask(path: str) -> np.ndarray:
     """Nonzero = foreground; palette PNGs use their indices, colour PNGs any RGB channel."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as im:
-        arr = np.array(im)
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{path}: not a readable PNG mask ({exc})") from None
     if arr.ndim == 3:
         arr = arr[..., :3].any(axis=-1)
     return arr != 0
@@ -358,6 +361,14 @@ def evaluate_split(split_dir: str, results_path: str | None = None, pred_dir: st
             raise ValueError(f"{results_path}: {len(foreign)} prediction(s) for expressions that {meta_path} does "
                              f"not have (first: {', '.join(foreign[:5])}); were these results made on another "
                              f"split?")
+    if pred_dir is not None:
+        present = [d for d in sorted(os.listdir(pred_dir)) if os.path.isdir(os.path.join(pred_dir, d))]
+        foreign = [d for d in present if d not in records]
+        if foreign:
+            raise ValueError(f"{pred_dir}: {len(foreign)} video folder(s) that {meta_path} does not have (first: "
+                             f"{', '.join(foreign[:5])}); were these predictions made on another split?")
+        if not present:
+            raise ValueError(f"{pred_dir}: no video folder of the split (<video>/<exp_id>/<frame>.png expected)")
     mask_dict = load_mask_dict(mask_path)
     tasks = list(_tasks(records, mask_dict, results, pred_dir, bound_th, only_present))
     if workers and workers > 1:
