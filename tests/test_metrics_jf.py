@@ -221,16 +221,24 @@ def test_results_json_and_png_folder_agree(tiny):
     assert a["rows"][1]["J"] == pytest.approx((2 * 20 / 30 + 2) / 4)
 
 
-def test_missing_predictions_count_as_empty(tiny, tmp_path):
-    os.remove(os.path.join(tiny["pred_dir"], "vidB", "0", "00000.png"))
+def test_missing_expressions_score_zero_missing_frames_empty(tiny, tmp_path):
+    """The official scorer gives J = F = 0 to a missing video (spec evaluation §4.6, §5.3): an expression
+    without any prediction scores 0 (even where an empty mask would score 0.5); a missing frame of a
+    present expression is an empty mask."""
+    vid_b = os.path.join(tiny["pred_dir"], "vidB", "0")
+    os.remove(os.path.join(vid_b, "00000.png"))
     import shutil
     shutil.rmtree(os.path.join(tiny["pred_dir"], "vidA", "1"))
     with pytest.warns(UserWarning):
         b = evaluate_split(tiny["split"], pred_dir=tiny["pred_dir"])
     assert len(b["missing"]) == 2
-    assert any("vidA/1" in m for m in b["missing"]) and any("00000.png" in m for m in b["missing"])
+    assert any("vidA/1" in m and "J = F = 0" in m for m in b["missing"])
+    assert any("00000.png" in m and "scored as empty" in m for m in b["missing"])
     empty = jf_from_masks(tiny["gts"][("vidA", "1")], np.zeros((4, H, W), bool))
-    assert b["rows"][1]["J"] == pytest.approx(empty[0]) and b["rows"][1]["J"] == pytest.approx(0.5)
+    assert empty[0] == pytest.approx(0.5) and b["rows"][1]["J"] == 0.0 and b["rows"][1]["F"] == 0.0
+    pred_b = np.stack([np.zeros((H, W), bool)] + [_read_png(os.path.join(vid_b, f"{i:05d}.png")) for i in (1, 2)])
+    want_b = jf_from_masks(tiny["gts"][("vidB", "0")], pred_b)
+    assert b["rows"][2]["J"] == pytest.approx(want_b[0]) and b["rows"][2]["F"] == pytest.approx(want_b[1])
     # results.json missing an expression is scored the same way
     res = json.load(open(tiny["results"]))
     del res["vidA"]["1"]
@@ -238,7 +246,11 @@ def test_missing_predictions_count_as_empty(tiny, tmp_path):
     p.write_text(json.dumps(res))
     with pytest.warns(UserWarning):
         a = evaluate_split(tiny["split"], results_path=str(p))
-    assert a["rows"][1]["J"] == pytest.approx(0.5) and len(a["missing"]) == 1
+    assert a["rows"][1]["J"] == 0.0 and len(a["missing"]) == 1
+
+
+def _read_png(path):
+    return np.array(Image.open(path)) != 0
 
 
 def test_workers_give_same_numbers(tiny):

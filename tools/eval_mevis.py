@@ -4,8 +4,9 @@
     python tools/eval_mevis.py --split-dir DATA/mevis/valid_u --results OUT/results.json
     python tools/eval_mevis.py --split-dir DATA/mevis/valid_u --pred-dir OUT/Annotations
 
-An expression without a prediction scores as an empty mask, as in the official evaluation; a results.json
-of a partial run (--max-videos / --videos) is therefore scored low unless --only-present is given. Results
+An expression without any prediction scores J = F = 0, as the official scorer scores a missing video (a
+missing frame of a present expression counts as an empty mask); a results.json of a partial run
+(--max-videos / --videos) is therefore scored low unless --only-present is given. Results
 holding expressions the split does not have are refused. The last output line is always `J&F <v> J <v> F <v>` (percent, two decimals), for scripts to parse.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--only-present", action="store_true",
                    help="score only the expressions that --results holds (partial runs); default: all of the "
-                        "split's, absent ones as empty masks")
+                        "split's, absent ones scored 0")
     args = p.parse_args(argv)
     if args.only_present and not args.results:
         p.error("--only-present needs --results")
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     atomic_write_json(json_path, summary, indent=1)
     if scores["missing"] and scores["results_meta"].get("subset"):
         print(f"note: {args.results} comes from a partial run (--max-videos / --videos); its "
-              f"{len(scores['missing'])} absent expression(s) are scored as empty masks. Rerun with "
+              f"{len(scores['missing'])} absent expression(s) are scored J = F = 0. Rerun with "
               f"--only-present to score only the evaluated ones.", file=sys.stderr)
     sys.stderr.flush()
     print(f"{'split':<14}{os.path.basename(os.path.normpath(args.split_dir))}")

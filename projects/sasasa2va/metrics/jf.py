@@ -208,9 +208,10 @@ def _read_png_mask(path: str) -> np.ndarray:
 
 def _pred_frames_from_entry(entry: dict | None, frame_names: list[str], where: str, notes: list[str]):
     """Map each GT frame to its RLE (by frame name when the entry lists frames, else by position)."""
-    if entry is None:
-        notes.append(f"{where}: expression missing from results (scored as empty)")
-        return [None] * len(frame_names)
+    if entry is None:  # (the caller scores it 0)
+        notes.append(f"{where}: expression missing from results (scored J = F = 0, as the official scorer "
+                     f"scores a missing video)")
+        return None
     rles = entry.get("prediction_masks")
     if not isinstance(rles, list):
         notes.append(f"{where}: entry has no 'prediction_masks' list (scored as empty)")
@@ -240,14 +241,21 @@ def _eval_task(task: dict) -> dict:
     num = len(names)
     notes: list[str] = []
     pred_rles = None
+    absent = False  # no prediction at all for the expression: J = F = 0 (official scorer, missing video)
     if task["pred_dir"] is None:
         pred_rles = _pred_frames_from_entry(task["entry"], names, where, notes)
+        absent = pred_rles is None
     else:
         exp_dir = os.path.join(task["pred_dir"], record.video_id, exp_id)
         if not os.path.isdir(exp_dir):
             vid_dir = os.path.dirname(exp_dir)
             what = "video" if not os.path.isdir(vid_dir) else "expression"
-            notes.append(f"{where}: {what} folder missing under {task['pred_dir']} (scored as empty)")
+            notes.append(f"{where}: {what} folder missing under {task['pred_dir']} (scored J = F = 0, as the "
+                         f"official scorer scores a missing video)")
+            absent = True
+    if absent:
+        return {"video": record.video_id, "exp_id": exp_id, "J": 0.0, "F": 0.0, "J&F": 0.0, "num_frames": num,
+                "notes": notes}
     size = frame_size_from_masks(task["mask_dict"], task["entry"])
     j_all, f_all = [], []
     missing_png = []
@@ -268,7 +276,7 @@ def _eval_task(task: dict) -> dict:
                     if m.shape != (h, w):
                         raise ValueError(f"{p}: PNG size {m.shape} != ground truth size {(h, w)}")
                     pred[k] = m
-                elif not notes:
+                else:
                     missing_png.append(names[i])
         j_all.append(db_eval_iou(gt, pred))
         f_all.append(db_eval_boundary(gt, pred, task["bound_th"]))
@@ -333,7 +341,8 @@ def evaluate_split(split_dir: str, results_path: str | None = None, pred_dir: st
                    workers: int = 1, bound_th: float = BOUND_TH, only_present: bool = False) -> dict:
     """Score a prediction (results.json RLEs or a PNG folder) against a split with ground truth.
 
-    An expression without a prediction scores as an empty mask (as the official evaluation does);
+    An expression without any prediction scores J = F = 0 (as the official scorer scores a missing video;
+    a missing frame of a present expression is an empty mask);
     ``only_present`` (results.json only) scores just the expressions the results hold, e.g. a
     ``--max-videos`` run. Results holding expressions the split lacks are refused (another split's).
     Returns {"rows": [{video, exp_id, J, F, J&F, num_frames}], "J", "F", "J&F" (fractions, unrounded),
