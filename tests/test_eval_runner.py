@@ -102,6 +102,22 @@ class FakeModel:
                 "num_seg": 10, "status": "ok"}
 
 
+class ReferenceSignatureModel(FakeModel):
+    """predict_forward with the official exports' signature: no return_probs, no option keywords, and
+    only the text and the masks in its result."""
+
+    def predict_forward(self, image=None, video=None, text=None, past_text="", mask_prompts=None, tokenizer=None,
+                        mode="uniform", print_answer=False, samurai=False, selected_fids=None):
+        out = self._predict(video, text, mode, selected_fids)
+        return {"prediction": out["prediction"], "prediction_masks": out["prediction_masks"]}
+
+
+def make_reference_signature_model(hf_dir, device, dtype, remote_code, rank=0):
+    model, tok = make_fake_model(hf_dir, device, dtype, remote_code, rank)
+    model.__class__ = ReferenceSignatureModel
+    return model, tok
+
+
 def make_fake_model(hf_dir, device, dtype, remote_code, rank=0):
     """Model factory (runner's hidden --model-factory)."""
     fail_rank = os.environ.get("FAKE_EVAL_FAIL_RANK")
@@ -745,6 +761,51 @@ def test_inference_flags_reach_the_model_and_the_run_config(syn_root, fake_env, 
     default = tmp_path / "default"
     assert run_inproc(syn_root, default) == 0
     assert "predict_options" not in load(default / "run_config.json")  # defaults record nothing
+
+
+def test_official_predict_forward_signature(syn_root, split, fake_env, tmp_path, capsys):
+    """An official export's predict_forward (reference signature) is called without return_probs: its masks
+    become 0/1 probabilities for averaging; option keywords it cannot take stop the run before it starts."""
+    from projects.sasasa2va.evaluation.averaging import load_probs
+
+    ref_factory = f"{THIS_FILE}:make_reference_signature_model"
+    out = tmp_path / "official"
+    cli = _cli(syn_root, out, "--mode", "uniform,wrap_around", "--average")
+    cli[cli.index(FACTORY)] = ref_factory
+    from projects.sasasa2va.evaluation import ref_vos_eval
+
+    assert ref_vos_eval.main(cli) == 0
+    res = load(out / "modes" / "uniform" / "results.json")
+    ok = [(v, e) for v, es in res.items() if v != "__meta__" for e, x in es.items() if x["status"] == "ok"]
+    assert len(ok) == 15  # (the official result has no status: its no-[SEG] answer is an ok empty mask)
+    p = load_probs(str(out / "modes" / "uniform"), *ok[0])
+    assert set(np.unique(p)) <= {0, 255} and (p == 255).any()
+    assert (out / "results.json").is_file()
+    bad = _cli(syn_root, tmp_path / "official2", "--uncovered-fix")
+    bad[bad.index(FACTORY)] = ref_factory
+    assert ref_vos_eval.main(bad) == 2
+    assert "takes no ['uncovered_fix']" in capsys.readouterr().err
+
+
+def test_token_ids_filled_from_the_tokenizer():
+    from types import SimpleNamespace
+
+    from projects.sasasa2va.evaluation.runner import fill_token_ids
+
+    class Tok:
+        unk_token_id = 0
+        table = {"[SEG]": 7, "<IMG_CONTEXT>": 9}
+
+        def convert_tokens_to_ids(self, token):
+            return self.table.get(token, 0)
+
+    config = SimpleNamespace(seg_token_id=None, img_context_token_id=5)
+    fill_token_ids(config, Tok(), "hf")
+    assert (config.seg_token_id, config.img_context_token_id) == (7, 5)  # a given id is kept
+    config = SimpleNamespace()
+    Tok.table = {"[SEG]": 7}
+    with pytest.raises(ValueError, match="hf: config.json has no img_context_token_id and the tokenizer has no"):
+        fill_token_ids(config, Tok(), "hf")
 
 
 def test_cli_options(tmp_path):

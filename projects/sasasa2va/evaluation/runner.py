@@ -330,7 +330,22 @@ def load_model(opts: EvalOptions, ctx: DistContext):
         model = SaSaSa2VAChatModel.from_pretrained(opts.hf_dir, **kwargs)
     model = model.to(torch.device(ctx.device)).eval()
     tokenizer = AutoTokenizer.from_pretrained(opts.hf_dir, trust_remote_code=opts.remote_code)
+    fill_token_ids(model.config, tokenizer, opts.hf_dir)
     return model, tokenizer
+
+
+def fill_token_ids(config, tokenizer, where: str) -> None:
+    """Official exports' config.json names neither the [SEG] nor the <IMG_CONTEXT> token id (their code
+    looks them up in the tokenizer); this repository's model reads them from the config: fill them in."""
+    from projects.sasasa2va.hf.models.templates import IMG_CONTEXT_TOKEN, SEG_TOKEN
+
+    for attr, token in (("seg_token_id", SEG_TOKEN), ("img_context_token_id", IMG_CONTEXT_TOKEN)):
+        if getattr(config, attr, None) is not None:
+            continue
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise ValueError(f"{where}: config.json has no {attr} and the tokenizer has no {token} token")
+        setattr(config, attr, int(tid))
 
 
 # ================================================================================================ prediction
@@ -363,6 +378,34 @@ class ExpressionOutput:
 class PredictOptions:
     return_probs: bool | str = True  # True: float32; evaluate_shard asks models that offer it for "uint8"
     extra_kwargs: dict = field(default_factory=dict)  # forwarded to predict_forward (model fix options)
+    pass_return_probs: bool = True  # False: predict_forward does not take it (e.g. an official export's code)
+
+
+def predict_forward_accepts(model, names) -> dict:
+    """{name: whether model.predict_forward takes that keyword} (a ``**kwargs`` takes every name)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.predict_forward).parameters
+    except (TypeError, ValueError):
+        return {n: True for n in names}
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    return {n: var_kw or n in params for n in names}
+
+
+def fit_options_to_model(model, options: PredictOptions) -> PredictOptions:
+    """The official Sa2VA / SaSaSa2VA exports' predict_forward has the reference signature: without
+    ``return_probs`` (their binary masks then serve as 0/1 probabilities for averaging) and without this
+    repository's option keywords, which are refused here, before any prediction, by name."""
+    accepts = predict_forward_accepts(model, ["return_probs", *options.extra_kwargs])
+    refused = sorted(k for k in options.extra_kwargs if not accepts[k])
+    if refused:
+        raise ValueError(f"the model's predict_forward takes no {refused} (its folder's own code, e.g. an official "
+                         f"export); drop these options, or load it with --no-remote-code")
+    if not accepts["return_probs"]:
+        logger.warning("the model's predict_forward takes no return_probs (an official export's code?): its "
+                       "binary masks are stored as 0/1 probabilities for selective averaging")
+    return dataclasses.replace(options, pass_return_probs=accepts["return_probs"])
 
 
 def failed_output(error: str, prediction: str = "", seconds: float = 0.0) -> ExpressionOutput:
@@ -432,9 +475,9 @@ def predict_one(model, tokenizer, frames, task: ExpressionTask, mode: str, optio
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
+            probs = {"return_probs": options.return_probs} if options.pass_return_probs else {}
             raw = model.predict_forward(video=frames, text=task.prompt, tokenizer=tokenizer, mode=mode,
-                                        selected_fids=task.selected_fids, return_probs=options.return_probs,
-                                        **options.extra_kwargs)
+                                        selected_fids=task.selected_fids, **probs, **options.extra_kwargs)
         out = normalize_output(raw, len(frames), hw)
     except Exception as exc:  # recorded per expression; the run goes on
         logger.debug("expression %s/%s failed", task.video_id, task.exp_id, exc_info=True)
@@ -640,7 +683,7 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
     ``input_errors``: {(video, exp): reason} of expressions recorded as failed without calling the model.
     ``averager``: averages each expression whose member modes all run here as soon as they are in.
     """
-    options = options or PredictOptions()
+    options = fit_options_to_model(model, options or PredictOptions())
     options = dataclasses.replace(options, return_probs=probs_request(model, options.return_probs))
     input_errors = input_errors or {}
     stats = RankStats()
