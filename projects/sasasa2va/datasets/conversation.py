@@ -21,7 +21,8 @@ _QUESTION_TEMPLATES = [
     "Find the {class_name} in this image and answer with a segmentation mask.",
     "Segment the {class_name} shown in this picture, please.",
 ]
-# 8 distinct templates, each listed twice (same draw distribution as the reference's 16 entries).
+# 8 distinct templates, each listed twice (same draw distribution as the reference's 16 entries). The
+# spec names only the first three; the other five are worded here (README, "Known differences").
 SEG_QUESTIONS = _QUESTION_TEMPLATES + _QUESTION_TEMPLATES
 
 ANSWER_LIST = [
