@@ -245,6 +245,8 @@ def test_input_errors(scripted):
         model.predict_forward(video=frames, text=eval_prompt("x"), tokenizer=tok, mode="uniformm")
     with pytest.raises(ValueError, match="mask_prompts"):
         model.predict_forward(video=frames, text=eval_prompt("x"), tokenizer=tok, mask_prompts=[1])
+    with pytest.raises(NotImplementedError, match="samurai=True"):
+        model.predict_forward(video=frames, text=eval_prompt("x"), tokenizer=tok, samurai=True)
     with pytest.raises(ValueError, match="q_frame"):
         model.predict_video(frames, [eval_prompt("x")], tok, ["q_frame"])
 
@@ -416,6 +418,15 @@ def test_uncovered_fix(scripted):
     assert not fm[[3, 5]].any() and not fp[[3, 5]].any()  # NaN mean -> empty mask, probability 0
     assert xm[3].any() and xm[5].any()
     assert np.array_equal(fm[[0, 1, 2, 4, 6]], xm[[0, 1, 2, 4, 6]])
+
+
+def test_reference_signature_keywords(scripted):
+    model, tok, head = scripted
+    set_answer(head, tok, 10)
+    frames = make_frames(7, seed=2)
+    a = model.predict_forward(video=frames, text=eval_prompt("x"), tokenizer=tok, samurai=False, print_answer=False,
+                              past_text="", return_probs=True)
+    assert same(a, run(model, tok, frames, "uniform", text="x"))
 
 
 def test_propagation_none_and_anchor_fix(scripted):

@@ -852,6 +852,7 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         mask_prompts=None,
         print_answer: bool = False,
         return_probs=False,
+        samurai: bool = False,
         **options,
     ) -> dict:
         """One expression on a video (five modes, evaluation.md §1-2) or an image (one mask per [SEG]).
@@ -863,12 +864,16 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         masks and status "no_seg". ``text`` must hold '<image>' (templates.eval_prompt does).
         q_frame needs ``selected_fids`` (the 100 indices of selected_frames.json).
         Options (faithful defaults): q_frame_anchor_fix=False, uncovered_fix=False,
-        path_b_average='logits'|'probs', propagation='memory'|'none', max_new_tokens=2048,
-        naive=False (no caching at all), feature_budget_bytes=None.
+        path_b_average='logits'|'probs', propagation='memory'|'none'|'memory_original_sam2' (with
+        sam2_original_checkpoint), max_new_tokens=2048, naive=False (no caching at all),
+        feature_budget_bytes=None. ``samurai`` (the reference's SAMURAI switch) is accepted as False only.
         Runs on the device and dtype of the model's parameters, in eval mode for the call.
         """
         from .video_context import predict_forward as _predict_forward
 
+        if samurai:
+            raise NotImplementedError("predict_forward(samurai=True): SAMURAI tracking is not implemented "
+                                      "(SaSaSa2VA's modes do not use it)")
         return _predict_forward(
             self, image=image, video=video, text=text, tokenizer=tokenizer, mode=mode,
             selected_fids=selected_fids, past_text=past_text, mask_prompts=mask_prompts,
