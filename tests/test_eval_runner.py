@@ -554,7 +554,7 @@ def test_bad_model_folder_and_work_dir_are_clear_errors(syn_root, tmp_path, caps
     assert "HF model folder not found" in capsys.readouterr().err
     (train_dir / "config.json").write_text('{"model_type": "qwen2"}')
     assert ref_vos_eval.main([str(train_dir), "--work-dir", str(out), *base]) == 2
-    assert "model_type 'qwen2', expected 'sasasa2va_chat'" in capsys.readouterr().err
+    assert "model_type 'qwen2', expected one of ('sasasa2va_chat', 'sa2va_chat')" in capsys.readouterr().err
     afile = tmp_path / "a_file"
     afile.write_text("mine")
     assert run_inproc(syn_root, afile) == 2

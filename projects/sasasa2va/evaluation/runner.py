@@ -273,6 +273,9 @@ def _import_factory(spec: str) -> Callable:
     return getattr(mod, func)
 
 
+CHAT_MODEL_TYPES = ("sasasa2va_chat", "sa2va_chat")  # this repository's exports; the official Sa2VA-family ones
+
+
 def check_hf_dir(hf_dir: str) -> None:
     """An exported model folder (convert_to_hf.py --save-path), not e.g. a training work dir."""
     if not os.path.isdir(hf_dir):
@@ -286,9 +289,9 @@ def check_hf_dir(hf_dir: str) -> None:
             model_type = json.load(f).get("model_type")
         except (json.JSONDecodeError, AttributeError) as exc:
             raise ValueError(f"{hf_dir}/config.json: not a model config ({exc})") from None
-    if model_type != "sasasa2va_chat":
-        raise ValueError(f"{hf_dir}/config.json: model_type {model_type!r}, expected 'sasasa2va_chat' (an export "
-                         f"of convert_to_hf.py)")
+    if model_type not in CHAT_MODEL_TYPES:
+        raise ValueError(f"{hf_dir}/config.json: model_type {model_type!r}, expected one of {CHAT_MODEL_TYPES} (an "
+                         f"export of convert_to_hf.py, or an official Sa2VA / SaSaSa2VA export)")
 
 
 def check_layout(work_dir: str, multi: bool) -> None:
