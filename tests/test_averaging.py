@@ -301,3 +301,12 @@ def test_cli_select_then_apply(world, tmp_path):
     out = subprocess.run(base + ["--members-json", str(bad), "--write-results", str(tmp_path / "apply6.json")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "bad.json: not valid JSON" in out.stderr
+    # an ensemble written among the runs can be written again (its folder is not an evaluation run)
+    ens = tmp_path / "runs3"
+    shutil.copytree(r["uniform"], ens / "uniform")
+    shutil.copytree(r["q_frame"], ens / "q_frame")
+    cmd = [sys.executable, tool, "--runs", str(ens), "--split-dir", world["split"], "--members", "uniform,q_frame",
+           "--write-results", str(ens / "ensemble" / "results.json")]
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    again = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr

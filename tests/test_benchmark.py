@@ -450,3 +450,11 @@ def test_bench_data_replaces_only_its_own(tmp_path):
     splits = bench.make_bench_splits(str(own), num_videos=2, exps_per_video=[2], min_frames=3, max_frames=4,
                                      sizes=((64, 48),))  # other settings: its own data, replaced
     assert splits[2].num_videos == 2
+    # an interrupted generation (marker, no data) and an older benchmark folder (no marker) stay its own
+    (own / "synthetic" / "synthetic_info.json").unlink()
+    shutil.rmtree(own / "synthetic" / "mevis")
+    assert bench.make_bench_splits(str(own), num_videos=1, exps_per_video=[2], min_frames=3, max_frames=4,
+                                   sizes=((64, 48),))[2].num_videos == 1
+    (own / "synthetic" / bench.BENCH_DATA_MARKER).unlink()
+    assert bench.make_bench_splits(str(own), num_videos=2, exps_per_video=[2], min_frames=3, max_frames=4,
+                                   sizes=((64, 48),))[2].num_videos == 2

@@ -785,6 +785,8 @@ def test_official_predict_forward_signature(syn_root, split, fake_env, tmp_path,
     bad[bad.index(FACTORY)] = ref_factory
     assert ref_vos_eval.main(bad) == 2
     assert "takes no ['uncovered_fix']" in capsys.readouterr().err
+    good = bad[:-1]  # the same work dir without the option: the refused run claimed nothing
+    assert ref_vos_eval.main(good) == 0
 
 
 def test_token_ids_filled_from_the_tokenizer():

@@ -321,7 +321,7 @@ def test_pred_dir_of_another_split_empty_or_corrupt(tiny, tmp_path):
     pred = tmp_path / "pred"
     shutil.copytree(tiny["pred_dir"], pred)
     (pred / "vidZ" / "0").mkdir(parents=True)
-    with pytest.raises(ValueError, match="video folder.*first: vidZ.*another split"):
+    with pytest.raises(ValueError, match="folder.*first: vidZ.*another split"):
         evaluate_split(tiny["split"], pred_dir=str(pred))
     shutil.rmtree(pred / "vidZ")
     victim = sorted((pred / "vidA" / "0").iterdir())[0]
@@ -332,3 +332,26 @@ def test_pred_dir_of_another_split_empty_or_corrupt(tiny, tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="no video folder of the split"):
         evaluate_split(tiny["split"], pred_dir=str(empty))
+
+
+def test_no_prediction_at_all_scores_zero_and_foreign_expression_folders(tiny, tmp_path):
+    import shutil
+
+    res = json.load(open(tiny["results"]))
+    res["vidA"]["1"]["prediction_masks"] = []
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps(res))
+    with pytest.warns(UserWarning):
+        a = evaluate_split(tiny["split"], results_path=str(p))
+    assert a["rows"][1]["J"] == 0.0 and "no prediction_masks" in a["missing"][0]
+    pred = tmp_path / "pred"
+    shutil.copytree(tiny["pred_dir"], pred)
+    for f in (pred / "vidA" / "1").iterdir():
+        f.unlink()  # the folder is there, its PNGs are not
+    (pred / "__MACOSX" / "vidA").mkdir(parents=True)  # an unzipped archive's metadata: ignored
+    with pytest.warns(UserWarning):
+        b = evaluate_split(tiny["split"], pred_dir=str(pred))
+    assert b["rows"][1]["J"] == 0.0 and any("no PNG in" in m for m in b["missing"])
+    (pred / "vidA" / "7").mkdir()  # an expression id the split does not have (e.g. another MeViS version)
+    with pytest.raises(ValueError, match="first: vidA/7"):
+        evaluate_split(tiny["split"], pred_dir=str(pred))

@@ -103,9 +103,10 @@ def main(argv=None) -> int:
         "rows": scores["rows"],  # J, F, J&F per expression as fractions in [0, 1]
     }
     atomic_write_json(json_path, summary, indent=1)
-    if scores["missing"] and scores["results_meta"].get("subset"):
+    absent = sum("J = F = 0" in n for n in scores["missing"])
+    if absent and scores["results_meta"].get("subset"):
         print(f"note: {args.results} comes from a partial run (--max-videos / --videos); its "
-              f"{len(scores['missing'])} absent expression(s) are scored J = F = 0. Rerun with "
+              f"{absent} absent expression(s) are scored J = F = 0. Rerun with "
               f"--only-present to score only the evaluated ones.", file=sys.stderr)
     sys.stderr.flush()
     print(f"{'split':<14}{os.path.basename(os.path.normpath(args.split_dir))}")

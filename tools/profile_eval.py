@@ -115,8 +115,11 @@ def main(argv=None) -> int:
     model, tok, name = be.load_bench_model(args, device, dtype)
     forced = None if args.no_force_answer else bench.ForcedAnswer(model, tok, args.answer)  # noqa: F841 (hooked)
     e1 = args.exps_per_video
-    splits = bench.make_bench_splits(os.path.join(args.work_dir, "data"), args.num_videos, [e1, 2 * e1], args.seed,
-                                     args.min_frames, args.max_frames, (args.frame_size,))
+    try:
+        splits = bench.make_bench_splits(os.path.join(args.work_dir, "data"), args.num_videos, [e1, 2 * e1],
+                                         args.seed, args.min_frames, args.max_frames, (args.frame_size,))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     be.log(f"profile_eval: {name} on {device} ({dtype}); {args.num_videos} video(s) {splits[e1].frames} frames; "
            f"E = {e1} and {2 * e1} expressions per video; {len(modes)} mode(s)" + (" + averaging" if average else ""))
     be.run_eval(model, tok, name, splits[e1], os.path.join(args.work_dir, "warmup"), ["uniform"], False, False, args,

@@ -67,6 +67,12 @@ def read_members_json(path: str) -> dict:
     return chosen
 
 
+def evaluation_runs(runs):
+    """The runs an evaluation wrote (probs/, preds/ or run_config.json): outputs must stay out of them. A
+    folder holding only an earlier ensemble's results.json is not one (it may be written again)."""
+    return [r for r in runs if any(os.path.exists(os.path.join(r, n)) for n in ("probs", "preds", "run_config.json"))]
+
+
 def check_output(path: str, flag: str, overwrite: bool, runs=()) -> None:
     """An output file may be new, or (with --overwrite) replace a file -- never a folder, and never a file
     inside one of the runs (e.g. a member run's own results.json)."""
@@ -117,7 +123,6 @@ def main(argv=None) -> int:
         runs = discover_runs(args.runs)
         names = [run_name(r) for r in runs]
         if args.write_results:
-            check_output(args.write_results, "--write-results", args.overwrite, runs)
             weights_by_name = {}
             voting, threshold = args.voting or "probs", 0.5 if args.threshold is None else args.threshold
             if args.members_json:
@@ -125,7 +130,10 @@ def main(argv=None) -> int:
                 member_names = chosen["names"]
                 weights_by_name = dict(zip(member_names, chosen.get("weights") or [1.0] * len(member_names)))
                 voting = args.voting or chosen.get("voting", voting)
-                threshold = args.threshold if args.threshold is not None else chosen.get("threshold", threshold)
+                if voting not in ("probs", "binary"):
+                    raise ValueError(f"--members-json {args.members_json}: voting {voting!r}, expected probs or binary")
+                threshold = args.threshold if args.threshold is not None else \
+                    _number(chosen.get("threshold", threshold), f"--members-json {args.members_json}: threshold")
             elif args.members:
                 member_names = [n.strip() for item in args.members for n in item.split(",") if n.strip()]
             else:
@@ -136,6 +144,7 @@ def main(argv=None) -> int:
             if missing:
                 raise ValueError(f"member run(s) {missing} not found among {names}")
             members = [runs[names.index(n)] for n in member_names]
+            check_output(args.write_results, "--write-results", args.overwrite, evaluation_runs(runs))
             w = parse_weights(args.weights, member_names) if args.weights else \
                 ([weights_by_name[n] for n in member_names] if weights_by_name else None)
             meta = write_ensemble_results(members, args.write_results, args.split_dir, weights=w,
@@ -145,7 +154,7 @@ def main(argv=None) -> int:
             return 0
         if not args.out:
             raise ValueError("selection needs --out (or use --write-results to apply a set)")
-        check_output(args.out, "--out", args.overwrite, runs)
+        check_output(args.out, "--out", args.overwrite, evaluation_runs(runs))
         res = greedy_select(runs, args.split_dir, weights=parse_weights(args.weights, names),
                             threshold=0.5 if args.threshold is None else args.threshold,
                             voting=args.voting or "probs", max_members=args.max_members,

@@ -286,7 +286,8 @@ def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: st
                            meta: dict | None = None, allow_incomplete: bool = False) -> dict:
     """Ensemble every expression of the split (dataset order) into a results.json at out_path.
 
-    An expression no member has becomes empty masks with status "failed", so the file stays complete.
+    Members must hold every expression of the split; with ``allow_incomplete`` an expression is averaged
+    over the members that have it, and one that no member has is left out (so a scorer gives it 0).
     Returns the __meta__ written.
     """
     from projects.sasasa2va.datasets.readers import read_meta_expressions
@@ -315,11 +316,9 @@ def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: st
         for index, (vid, eid, masks) in enumerate(masks_iter):
             rec = records[vid]
             status, error = "ok", None
-            if masks is None:
-                h, w = _frame_size(rec)
-                masks = np.zeros((rec.num_frames, h, w), dtype=bool)
-                status, error = "failed", "no member run has this expression"
-            elif masks.shape[0] != rec.num_frames:
+            if masks is None:  # (only with allow_incomplete) left out: scorers give it J = F = 0
+                continue
+            if masks.shape[0] != rec.num_frames:
                 raise ValueError(f"{vid}/{eid}: members have {masks.shape[0]} frames, the split has "
                                  f"{rec.num_frames}")
             yield make_entry(index, vid, eid, rec.frame_names, masks, text_prediction="",

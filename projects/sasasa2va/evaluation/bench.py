@@ -223,6 +223,17 @@ class BenchSplit:
 BENCH_DATA_MARKER = ".made_by_benchmark"
 
 
+def _looks_like_bench_data(info_path: str) -> bool:
+    """Benchmark data made before BENCH_DATA_MARKER existed: valid_u only (no train / valid), mevis + qframe."""
+    try:
+        with open(info_path, "r", encoding="utf-8") as f:
+            opts = json.load(f).get("options", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (opts.get("num_train_videos") == 0 and opts.get("num_valid_videos") == 0
+            and sorted(opts.get("formats") or []) == ["mevis", "qframe"])
+
+
 def make_bench_splits(root: str, num_videos: int, exps_per_video: Sequence[int], seed: int = 0,
                       min_frames: int = 12, max_frames: int = 24, sizes=((160, 96),)) -> dict[int, BenchSplit]:
     """Synthetic MeViS valid_u (``num_videos`` videos, regenerated only when the options change) and,
@@ -244,14 +255,16 @@ def make_bench_splits(root: str, num_videos: int, exps_per_video: Sequence[int],
         fresh = any(opts.get(k) != v for k, v in want.items()) or old.get("summary", {}).get("seed") != seed
     if fresh:
         marker = os.path.join(gen_root, BENCH_DATA_MARKER)
-        if os.path.exists(gen_root) and os.listdir(gen_root) and not os.path.isfile(marker):
+        if os.path.exists(gen_root) and os.listdir(gen_root) and not os.path.isfile(marker) \
+                and not _looks_like_bench_data(info):
             raise ValueError(f"{gen_root}: holds data this benchmark did not make (with other settings); it "
                              f"regenerates only its own data -- choose another --work-dir")
         shutil.rmtree(gen_root, ignore_errors=True)
+        os.makedirs(gen_root)
+        with open(marker, "w", encoding="utf-8") as f:  # first: an interrupted generation stays the benchmark's
+            f.write("made by projects.sasasa2va.evaluation.bench.make_bench_splits; replaced when its settings change\n")
         generate_all(gen_root, seed=seed, num_train_videos=0, num_valid_u_videos=num_videos, num_valid_videos=0,
                      min_frames=min_frames, max_frames=max_frames, sizes=tuple(sizes), formats=("mevis", "qframe"))
-        with open(marker, "w", encoding="utf-8") as f:
-            f.write("made by projects.sasasa2va.evaluation.bench.make_bench_splits; replaced when its settings change\n")
     return expand_split(os.path.join(gen_root, "mevis", "valid_u"),
                         os.path.join(gen_root, "mevis_q_frame", "valid_u", "selected_frames.json"),
                         root, exps_per_video, seed)

@@ -382,6 +382,7 @@ class PredictOptions:
     return_probs: bool | str = True  # True: float32; evaluate_shard asks models that offer it for "uint8"
     extra_kwargs: dict = field(default_factory=dict)  # forwarded to predict_forward (model fix options)
     pass_return_probs: bool = True  # False: predict_forward does not take it (e.g. an official export's code)
+    fitted: bool = False  # fit_options_to_model has checked these against the model
 
 
 def predict_forward_accepts(model, names) -> dict:
@@ -400,7 +401,12 @@ def fit_options_to_model(model, options: PredictOptions) -> PredictOptions:
     """The official Sa2VA / SaSaSa2VA exports' predict_forward has the reference signature: without
     ``return_probs`` (their binary masks then serve as 0/1 probabilities for averaging) and without this
     repository's option keywords, which are refused here, before any prediction, by name."""
-    accepts = predict_forward_accepts(model, ["return_probs", *options.extra_kwargs])
+    if options.fitted:
+        return options
+    accepts = predict_forward_accepts(model, ["mode", "selected_fids", "return_probs", *options.extra_kwargs])
+    if not (accepts["mode"] and accepts["selected_fids"]):
+        raise ValueError("the model's predict_forward takes no mode / selected_fids (a Sa2VA export's own code? "
+                         "SaSaSa2VA's five modes need them); load it with --no-remote-code")
     refused = sorted(k for k in options.extra_kwargs if not accepts[k])
     if refused:
         raise ValueError(f"the model's predict_forward takes no {refused} (its folder's own code, e.g. an official "
@@ -408,7 +414,7 @@ def fit_options_to_model(model, options: PredictOptions) -> PredictOptions:
     if not accepts["return_probs"]:
         logger.warning("the model's predict_forward takes no return_probs (an official export's code?): its "
                        "binary masks are stored as 0/1 probabilities for selective averaging")
-    return dataclasses.replace(options, pass_return_probs=accepts["return_probs"])
+    return dataclasses.replace(options, pass_return_probs=accepts["return_probs"], fitted=True)
 
 
 def failed_output(error: str, prediction: str = "", seconds: float = 0.0) -> ExpressionOutput:
@@ -1109,6 +1115,7 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
                 _check_run_config(run_dirs[m], configs[m])
         qframe = split.load_qframe(records) if "q_frame" in modes else None
         model, tokenizer = load_model(opts, ctx)
+        predict_options = fit_options_to_model(model, PredictOptions(extra_kwargs=dict(opts.predict_options)))
         if ctx.is_main:  # after the model loaded: a run that could not start claims no work dir
             for m in modes:
                 atomic_write_json(os.path.join(run_dirs[m], "run_config.json"), configs[m], indent=1)
@@ -1123,7 +1130,7 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
                     len(items), ",".join(modes))
         stats = evaluate_shard(model, tokenizer, records, items, indices, opts, modes, qframe,
                                progress=opts.progress and ctx.is_main, run_dirs=run_dirs,
-                               options=PredictOptions(extra_kwargs=dict(opts.predict_options)),
+                               options=predict_options,
                                input_errors=input_errors_for(records, split.meta_file, opts.blind_expression),
                                averager=averager)
         del model

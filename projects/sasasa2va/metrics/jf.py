@@ -213,9 +213,9 @@ def _pred_frames_from_entry(entry: dict | None, frame_names: list[str], where: s
                      f"scores a missing video)")
         return None
     rles = entry.get("prediction_masks")
-    if not isinstance(rles, list):
-        notes.append(f"{where}: entry has no 'prediction_masks' list (scored as empty)")
-        return [None] * len(frame_names)
+    if not isinstance(rles, list) or not rles:
+        notes.append(f"{where}: entry has no prediction_masks (scored J = F = 0, as a missing prediction)")
+        return None
     names = entry.get("frames")
     if isinstance(names, list) and len(names) == len(rles):
         by_name = {str(n): r for n, r in zip(names, rles)}
@@ -252,6 +252,9 @@ def _eval_task(task: dict) -> dict:
             what = "video" if not os.path.isdir(vid_dir) else "expression"
             notes.append(f"{where}: {what} folder missing under {task['pred_dir']} (scored J = F = 0, as the "
                          f"official scorer scores a missing video)")
+            absent = True
+        elif not any(n.endswith(".png") for n in os.listdir(exp_dir)):
+            notes.append(f"{where}: no PNG in {exp_dir} (scored J = F = 0, as a missing prediction)")
             absent = True
     if absent:
         return {"video": record.video_id, "exp_id": exp_id, "J": 0.0, "F": 0.0, "J&F": 0.0, "num_frames": num,
@@ -371,11 +374,18 @@ def evaluate_split(split_dir: str, results_path: str | None = None, pred_dir: st
                              f"not have (first: {', '.join(foreign[:5])}); were these results made on another "
                              f"split?")
     if pred_dir is not None:
-        present = [d for d in sorted(os.listdir(pred_dir)) if os.path.isdir(os.path.join(pred_dir, d))]
+        def folders(path):  # (an unzipped archive's __MACOSX/ and hidden folders are not predictions)
+            return [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))
+                    and not d.startswith((".", "__MACOSX"))]
+
+        present = folders(pred_dir)
         foreign = [d for d in present if d not in records]
+        foreign += [f"{v}/{e}" for v in present if v in records for e in folders(os.path.join(pred_dir, v))
+                    if e not in records[v].expressions]
         if foreign:
-            raise ValueError(f"{pred_dir}: {len(foreign)} video folder(s) that {meta_path} does not have (first: "
-                             f"{', '.join(foreign[:5])}); were these predictions made on another split?")
+            raise ValueError(f"{pred_dir}: {len(foreign)} video / expression folder(s) that {meta_path} does not "
+                             f"have (first: {', '.join(foreign[:5])}); were these predictions made on another "
+                             f"split?")
         if not present:
             raise ValueError(f"{pred_dir}: no video folder of the split (<video>/<exp_id>/<frame>.png expected)")
     mask_dict = load_mask_dict(mask_path)
