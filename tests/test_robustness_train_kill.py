@@ -26,7 +26,7 @@ from test_training import RUN_OPTIONS, SMALL_DATA, TINY_CONFIG, iter_lines, run_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST = os.path.join(ROOT, "tools", "dist.sh")
-MAX_ITERS = 6
+MAX_ITERS = 8
 OPTIONS = [*RUN_OPTIONS, f"train_cfg.max_iters={MAX_ITERS}", "default_hooks.checkpoint.interval=2"]
 
 
@@ -63,8 +63,10 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory):
-    """Start a run, SIGKILL its process group at a random moment after the first checkpoint, rerun
-    with --resume auto. Returns what the tests check."""
+    """Start a run, SIGKILL its process group at a random moment after the first checkpoint -- within a
+    random iteration between 3 and MAX_ITERS - 3 (read off the run's log, so a fast machine cannot finish
+    the run first), possibly while a checkpoint is being written -- and rerun with --resume auto.
+    Returns what the tests check."""
     root = tmp_path_factory.mktemp("kill_root")
     generate_all(str(root / "data" / "synthetic"), seed=0, **SMALL_DATA)
     make_tiny_for_config(str(root / "pretrained" / "tiny"), TINY_CONFIG)
@@ -74,8 +76,9 @@ def killed_run(tmp_path_factory):
     log_path = root / "killed.log"
     cmd = ["bash", DIST, "train", TINY_CONFIG, "1", "--work-dir", "wd_kill", "--seed", "0", "--cfg-options",
            *OPTIONS]
-    delay = random.Random(os.urandom(8)).uniform(0.0, 1.5)
-    print(f"kill delay after the first checkpoint: {delay:.2f} s")
+    rng = random.Random(os.urandom(8))
+    target, delay = rng.randint(3, MAX_ITERS - 3), rng.uniform(0.0, 0.2)
+    print(f"kill {delay:.2f} s after iteration {target} is logged")
     train_tool = _train_tool()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -89,6 +92,10 @@ def killed_run(tmp_path_factory):
                 break
             time.sleep(0.1)
         assert proc.poll() is None, "run ended before its first checkpoint:\n" + log_path.read_text()[-3000:]
+        while time.time() < deadline and proc.poll() is None:
+            if any(int(i) >= target for i, *_ in iter_lines(log_path.read_text())):
+                break
+            time.sleep(0.02)
         time.sleep(delay)
         workers = sorted(set(workers) | set(_children(proc.pid)))
         assert proc.poll() is None, "run finished before it could be killed (raise MAX_ITERS)"
