@@ -44,6 +44,8 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from projects.sasasa2va.utils.checkpoint import iter_number, remove_stale_temp_checkpoints  # noqa: E402
+
 NO_DEEPSPEED = ("", "none", "None", "false", "False", "0")
 DEEPSPEED_DIR = osp.join(ROOT, "configs", "deepspeed")
 
@@ -112,13 +114,6 @@ def checkpoint_complete(path: str) -> bool:
         return False
 
 
-def _iter_number(name: str) -> int | None:
-    stem = name[:-4] if name.endswith(".pth") else name
-    if stem.startswith("iter_") and stem[5:].isdigit():
-        return int(stem[5:])
-    return None
-
-
 def latest_complete_checkpoint(work_dir: str) -> str | None:
     """``<work_dir>/last_checkpoint`` when it names a complete checkpoint; else (the file is missing,
     empty, or names a deleted / half-written checkpoint, e.g. after kill -9) the complete ``iter_<n>.pth``
@@ -133,7 +128,7 @@ def latest_complete_checkpoint(work_dir: str) -> str | None:
     found = []
     if osp.isdir(work_dir):
         for name in os.listdir(work_dir):
-            n = _iter_number(name)
+            n = iter_number(name)
             if n is not None and checkpoint_complete(osp.join(work_dir, name)):
                 found.append((n, osp.join(work_dir, name)))
     best = max(found)[1] if found else None
@@ -167,17 +162,7 @@ def earlier_checkpoints(work_dir: str) -> list[str]:
     if not osp.isdir(work_dir):
         return []
     return sorted((n for n in os.listdir(work_dir)
-                   if _iter_number(n) is not None and checkpoint_complete(osp.join(work_dir, n))), key=_iter_number)
-
-
-def remove_stale_temp_checkpoints(work_dir: str) -> list[str]:
-    """Temp files of checkpoint saves cut short by a kill (install_atomic_checkpoint_saves' names)."""
-    if not osp.isdir(work_dir):
-        return []
-    stale = [n for n in os.listdir(work_dir) if n.startswith(".tmp_") and _iter_number(n.split("_", 2)[-1]) is not None]
-    for name in stale:
-        os.unlink(osp.join(work_dir, name))
-    return stale
+                   if iter_number(n) is not None and checkpoint_complete(osp.join(work_dir, n))), key=iter_number)
 
 
 def check_work_dir(work_dir: str, resume: str | None, cfg) -> None:
@@ -185,7 +170,8 @@ def check_work_dir(work_dir: str, resume: str | None, cfg) -> None:
     base weights the run started from. A new run records them (rank 0)."""
     from projects.sasasa2va.utils.base_weights import base_weights_mismatch, record_base_weights
 
-    if int(os.environ.get("RANK", "0")) == 0:
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
         for name in remove_stale_temp_checkpoints(work_dir):
             log(f"removed {name} (a checkpoint save cut short by a kill)")
     if resume is None:
@@ -193,7 +179,7 @@ def check_work_dir(work_dir: str, resume: str | None, cfg) -> None:
         if found:
             raise ValueError(f"{work_dir} holds checkpoints of an earlier run ({', '.join(found[-3:])}); "
                              f"--resume auto continues it, --work-dir NEW starts another run")
-        if int(os.environ.get("RANK", "0")) == 0:
+        if main_rank:
             os.makedirs(work_dir, exist_ok=True)
             record_base_weights(work_dir, cfg)
         return
@@ -400,10 +386,6 @@ if __name__ == "__main__":
         from torch_npu.contrib import transfer_to_npu  # noqa: F401
     except ImportError:
         pass
-    try:
-        main()
-    except (ValueError, OSError) as exc:  # bad inputs: the message names the file / key
-        if os.environ.get("SASASA2VA_TRACEBACK"):
-            raise
-        print(f"error: {exc}\n(SASASA2VA_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
-        sys.exit(2)
+    from projects.sasasa2va.utils.cli import run_reporting_user_errors
+
+    sys.exit(run_reporting_user_errors(main))

@@ -26,6 +26,7 @@ from projects.sasasa2va.evaluation.inference_flags import add_inference_flags, p
 from projects.sasasa2va.evaluation.runner import EvalOptions, parse_modes, run_evaluation  # noqa: E402
 from projects.sasasa2va.evaluation.sharding import SCHEMES  # noqa: E402
 from projects.sasasa2va.evaluation.splits import split_names  # noqa: E402
+from projects.sasasa2va.utils.cli import run_reporting_user_errors  # noqa: E402
 
 
 def _csv(text: str) -> list[str]:
@@ -108,17 +109,11 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        run_evaluation(opts)
+        return run_reporting_user_errors(run_evaluation, opts)
     except KeyboardInterrupt:
         print(f"interrupted: finished expressions are kept under {opts.work_dir}; rerun the same command to "
               f"resume", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as exc:  # bad inputs (files, keys, options): the message names them
-        if os.environ.get("SASASA2VA_TRACEBACK"):
-            raise
-        print(f"error: {exc}\n(SASASA2VA_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
-        return 2
-    return 0
 
 
 def _entry() -> int:

@@ -150,9 +150,10 @@ def load_deepspeed_folder(path: str) -> "OrderedDict[str, torch.Tensor]":
 
 
 def _newest_checkpoint(folder: str) -> str | None:
-    names = [n for n in os.listdir(folder) if n.startswith("iter_") and n.endswith(".pth")
-             and n[5:-4].isdigit()]
-    return osp.join(folder, max(names, key=lambda n: int(n[5:-4]))) if names else None
+    from projects.sasasa2va.utils.checkpoint import iter_number
+
+    names = [n for n in os.listdir(folder) if n.endswith(".pth") and iter_number(n) is not None]
+    return osp.join(folder, max(names, key=iter_number)) if names else None
 
 
 def load_training_checkpoint(path: str, log=print) -> "OrderedDict[str, torch.Tensor]":
@@ -366,17 +367,7 @@ def main(argv=None) -> str:
                    allow_partial=args.allow_partial, allow_base_mismatch=args.allow_base_mismatch)
 
 
-def _entry() -> int:
-    """Command line: bad inputs end with 'error: ...' and status 2 (SASASA2VA_TRACEBACK=1: the traceback)."""
-    try:
-        main()
-    except (ValueError, OSError) as exc:
-        if os.environ.get("SASASA2VA_TRACEBACK"):
-            raise
-        print(f"error: {exc}\n(SASASA2VA_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(_entry())
+    from projects.sasasa2va.utils.cli import run_reporting_user_errors
+
+    sys.exit(run_reporting_user_errors(main))

@@ -160,6 +160,20 @@ class RNGStateHook(Hook):
             self._pending = None
 
 
+TEMP_PREFIX = ".tmp_"  # a checkpoint being saved: <folder>/.tmp_<pid>_iter_<n>.pth, renamed when complete
+
+
+def remove_stale_temp_checkpoints(work_dir: str) -> list[str]:
+    """Remove (and name) the temp files of checkpoint saves that a kill cut short."""
+    if not os.path.isdir(work_dir):
+        return []
+    stale = [n for n in os.listdir(work_dir)
+             if n.startswith(TEMP_PREFIX) and iter_number(n.split("_", 2)[-1]) is not None]
+    for name in stale:
+        os.unlink(os.path.join(work_dir, name))
+    return stale
+
+
 def install_atomic_checkpoint_saves() -> None:
     """mmengine writes ``iter_<n>.pth`` in place, so a kill mid-write leaves a truncated file under the
     final name (listed as the newest checkpoint). Runner.save_checkpoint then writes local files to a
@@ -174,7 +188,7 @@ def install_atomic_checkpoint_saves() -> None:
         if not isinstance(filename, str) or "://" in filename:
             return original(checkpoint, filename, *args, **kwargs)
         folder, name = os.path.split(os.path.abspath(filename))
-        tmp = os.path.join(folder, f".tmp_{os.getpid()}_{name}")
+        tmp = os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}_{name}")
         try:
             original(checkpoint, tmp, *args, **kwargs)
             os.replace(tmp, filename)
@@ -185,3 +199,10 @@ def install_atomic_checkpoint_saves() -> None:
     save_checkpoint._atomic = True
     runner_module.save_checkpoint = save_checkpoint
 
+
+def iter_number(name: str) -> int | None:
+    """n of an mmengine checkpoint name ``iter_<n>.pth`` (file, or DeepSpeed folder; also ``iter_<n>``)."""
+    stem = name[:-4] if name.endswith(".pth") else name
+    if stem.startswith("iter_") and stem[5:].isdigit():
+        return int(stem[5:])
+    return None

@@ -1,7 +1,9 @@
-"""argparse pieces shared by the command-line tools."""
+"""argparse pieces and error reporting shared by the command-line tools."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from mmengine.config import DictAction
 
@@ -34,3 +36,17 @@ def output_file_problem(path: str, flag: str) -> str | None:
     if not os.access(parent, os.W_OK):
         return f"{flag} {path}: {parent} is not writable"
     return None
+
+
+def run_reporting_user_errors(fn, *args, **kwargs) -> int:
+    """Run ``fn``; 0 when it returns. A ValueError / OSError -- a bad input, whose message names the file,
+    key or option -- ends as ``error: ...`` and status 2 instead of a traceback (SASASA2VA_TRACEBACK=1
+    re-raises it)."""
+    try:
+        fn(*args, **kwargs)
+    except (ValueError, OSError) as exc:
+        if os.environ.get("SASASA2VA_TRACEBACK"):
+            raise
+        print(f"error: {exc}\n(SASASA2VA_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 2
+    return 0
