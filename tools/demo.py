@@ -120,9 +120,7 @@ def load_model(hf_dir: str, device: str, dtype: str, remote_code: bool):
     from projects.sasasa2va.evaluation.runner import DistContext, EvalOptions
     from projects.sasasa2va.evaluation.runner import load_model as runner_load_model
 
-    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-        raise ValueError(f"{hf_dir}: not an exported model folder (no config.json); make one with "
-                         "projects/sasasa2va/hf/convert_to_hf.py")
+    # (its check_hf_dir raises FileNotFoundError / ValueError for a folder that is not an export)
     return runner_load_model(EvalOptions(hf_dir=hf_dir, remote_code=remote_code, dtype=dtype),
                              DistContext(device=device))
 
@@ -202,7 +200,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         model, tokenizer = load_model(args.model, device, args.dtype, not args.no_remote_code)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         p.error(str(exc))
     print(f"[demo] model {args.model} on {device}; video {args.video}: {len(frames)} frames "
           f"{frames[0].size[0]}x{frames[0].size[1]}; mode {args.mode}", flush=True)
