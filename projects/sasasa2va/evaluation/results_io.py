@@ -128,3 +128,13 @@ def entry_masks(entry: dict, height: int | None = None, width: int | None = None
     if not rles:
         return np.zeros((0, height, width), dtype=bool)
     return np.stack([decode_rle(r, height, width) for r in rles]).astype(bool)
+
+
+def check_results_in_split(results: dict, records: dict, results_path: str, meta_path: str) -> None:
+    """Refuse results ({video: {exp: entry}}) holding expressions the split's records lack: results made on
+    another split (scoring or showing them against this one would be meaningless)."""
+    foreign = [f"{v}/{e}" for v, es in results.items() for e in es
+               if v not in records or e not in records[v].expressions]
+    if foreign:
+        raise ValueError(f"{results_path}: {len(foreign)} prediction(s) for expressions that {meta_path} does not "
+                         f"have (first: {', '.join(foreign[:5])}); were these results made on another split?")

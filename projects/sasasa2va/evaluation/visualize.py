@@ -170,18 +170,14 @@ def visualize_split(split_dir: str, results_path: str, out_dir: str, max_express
     results holding expressions the split lacks are refused (another split's).
     """
     from projects.sasasa2va.datasets.readers import expression_masks, load_mask_dict, read_meta_expressions
-    from projects.sasasa2va.evaluation.results_io import entry_masks, read_results
+    from projects.sasasa2va.evaluation.results_io import check_results_in_split, entry_masks, read_results
 
     meta = os.path.join(split_dir, "meta_expressions.json")
     if not os.path.isfile(meta):
         raise FileNotFoundError(f"{meta}: meta_expressions.json not found in split dir {split_dir!r}")
     records = read_meta_expressions(meta, os.path.join(split_dir, "JPEGImages"), allow_empty_text=True)
     results, _ = read_results(results_path)
-    foreign = [f"{v}/{e}" for v, es in results.items() for e in es
-               if v not in records or e not in records[v].expressions]
-    if foreign:
-        raise ValueError(f"{results_path}: {len(foreign)} prediction(s) for expressions that {meta} does not "
-                         f"have (first: {', '.join(foreign[:5])}); were these results made on another split?")
+    check_results_in_split(results, records, results_path, meta)
     mask_dict = None
     for name in ("mask_dict.json", "mask_dict.pkl"):
         if os.path.isfile(os.path.join(split_dir, name)):

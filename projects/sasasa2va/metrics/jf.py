@@ -367,12 +367,9 @@ def evaluate_split(split_dir: str, results_path: str | None = None, pred_dir: st
         raise ValueError("only_present needs results_path (results.json)")
     records = read_meta_expressions(meta_path, image_folder, allow_empty_text=True)
     if results is not None:
-        foreign = [f"{v}/{e}" for v, es in results.items() for e in es
-                   if v not in records or e not in records[v].expressions]
-        if foreign:
-            raise ValueError(f"{results_path}: {len(foreign)} prediction(s) for expressions that {meta_path} does "
-                             f"not have (first: {', '.join(foreign[:5])}); were these results made on another "
-                             f"split?")
+        from projects.sasasa2va.evaluation.results_io import check_results_in_split
+
+        check_results_in_split(results, records, results_path, meta_path)
     if pred_dir is not None:
         def folders(path):  # (an unzipped archive's __MACOSX/ and hidden folders are not predictions)
             return [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))
