@@ -223,13 +223,9 @@ class BenchSplit:
 BENCH_DATA_MARKER = ".made_by_benchmark"
 
 
-def _looks_like_bench_data(info_path: str) -> bool:
-    """Benchmark data made before BENCH_DATA_MARKER existed: valid_u only (no train / valid), mevis + qframe."""
-    try:
-        with open(info_path, "r", encoding="utf-8") as f:
-            opts = json.load(f).get("options", {})
-    except (OSError, ValueError, AttributeError):
-        return False
+def _looks_like_bench_data(opts: dict) -> bool:
+    """Generator options (synthetic_info.json) of benchmark data made before BENCH_DATA_MARKER existed:
+    valid_u only (no train / valid), mevis + qframe."""
     return (opts.get("num_train_videos") == 0 and opts.get("num_valid_videos") == 0
             and sorted(opts.get("formats") or []) == ["mevis", "qframe"])
 
@@ -247,7 +243,7 @@ def make_bench_splits(root: str, num_videos: int, exps_per_video: Sequence[int],
     info = os.path.join(gen_root, "synthetic_info.json")
     want = dict(num_valid_u_videos=num_videos, min_frames=min_frames, max_frames=max_frames,
                 sizes=[f"{w}x{h}" for w, h in sizes])
-    fresh = True
+    fresh, opts = True, {}
     if os.path.isfile(info):
         with open(info, "r", encoding="utf-8") as f:
             old = json.load(f)
@@ -256,7 +252,7 @@ def make_bench_splits(root: str, num_videos: int, exps_per_video: Sequence[int],
     if fresh:
         marker = os.path.join(gen_root, BENCH_DATA_MARKER)
         if os.path.exists(gen_root) and os.listdir(gen_root) and not os.path.isfile(marker) \
-                and not _looks_like_bench_data(info):
+                and not _looks_like_bench_data(opts):
             raise ValueError(f"{gen_root}: holds data this benchmark did not make (with other settings); it "
                              f"regenerates only its own data -- choose another --work-dir")
         shutil.rmtree(gen_root, ignore_errors=True)
