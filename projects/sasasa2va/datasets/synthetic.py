@@ -873,9 +873,8 @@ def write_refcoco(root: str, seed: int, opts: SyntheticOptions) -> dict:
 # ==================================================================================================
 # entry point
 # ==================================================================================================
-def generate_all(root: str, seed: int = 0, **options) -> dict:
-    """Generate every requested layout under ``root`` from one seeded world; returns a summary dict
-    (also written, deterministically, to <root>/synthetic_info.json)."""
+def synthetic_options(**options) -> SyntheticOptions:
+    """Validated SyntheticOptions from keyword options (sizes / formats also as "WxH,..." / "a,b" strings)."""
     names = {f.name for f in fields(SyntheticOptions)}
     unknown = sorted(set(options) - names)
     if unknown:
@@ -889,6 +888,13 @@ def generate_all(root: str, seed: int = 0, **options) -> dict:
     opts.formats = tuple(opts.formats)
     opts.extra_lengths = tuple(int(n) for n in opts.extra_lengths)
     opts.validate()
+    return opts
+
+
+def generate_all(root: str, seed: int = 0, **options) -> dict:
+    """Generate every requested layout under ``root`` from one seeded world; returns a summary dict
+    (also written, deterministically, to <root>/synthetic_info.json)."""
+    opts = synthetic_options(**options)
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     os.makedirs(root, exist_ok=True)
@@ -947,13 +953,7 @@ GENERATED_ENTRIES = ("mevis", "mevis_q_frame", "revos", "rvos", "sam_v_full", "R
 def planned_info(seed: int, **options) -> dict:
     """The ``seed`` and ``options`` part synthetic_info.json would record for these arguments (ValueError
     for invalid options, as generate_all)."""
-    opts = SyntheticOptions(**options)
-    opts.sizes = tuple((int(w), int(h)) for w, h in (parse_sizes(opts.sizes) if isinstance(opts.sizes, str)
-                                                       else opts.sizes))
-    opts.formats = tuple(opts.formats)
-    opts.extra_lengths = tuple(int(n) for n in opts.extra_lengths)
-    opts.validate()
-    return {"seed": seed, "options": _options_json(opts)}
+    return {"seed": seed, "options": _options_json(synthetic_options(**options))}
 
 
 def _options_json(opts: SyntheticOptions) -> dict:
