@@ -267,21 +267,27 @@ def test_decode_infer_matches_sam2base_forward_sam_heads():
     assert torch.allclose(object_pointer(model, mine), ref[5], atol=1e-6)
 
 
-def test_propagate_matches_sam2_video_predictor(tmp_path):
-    """Path C == SAM2VideoPredictor (prompted frames added as initial conditioning frames, then
-    propagate_in_video), with the language token injected through the prompt encoder."""
+def _video_predictor(g, folder, seed: int):
+    """SAM2VideoPredictor with ``g``'s weights (the reference for Path C), and a 6-frame JPEG video in folder."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from PIL import Image
 
-    g = _tiny(seed=11)
-    _force_object_score(g, 5.0)
     cfg = dict(g.sam2_config, _target_="sam2.sam2_video_predictor.SAM2VideoPredictor")
     predictor = instantiate(OmegaConf.create(cfg), _recursive_=True)
     predictor.load_state_dict(official_sam2_state_dict(g.sam2_model), strict=True)
     predictor.eval()
-    for i, frame in enumerate(_frames(6, seed=12)):
-        Image.fromarray(frame.permute(1, 2, 0).numpy()).save(tmp_path / f"{i:05d}.jpg")
+    for i, frame in enumerate(_frames(6, seed=seed)):
+        Image.fromarray(frame.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.jpg")
+    return predictor
+
+
+def test_propagate_matches_sam2_video_predictor(tmp_path):
+    """Path C == SAM2VideoPredictor (prompted frames added as initial conditioning frames, then
+    propagate_in_video), with the language token injected through the prompt encoder."""
+    g = _tiny(seed=11)
+    _force_object_score(g, 5.0)
+    predictor = _video_predictor(g, tmp_path, seed=12)
     prompts = {0: torch.randn(64), 2: torch.randn(64)}
 
     with torch.inference_mode():
@@ -309,21 +315,12 @@ def test_propagate_masks_matches_sam2_video_predictor_add_new_mask(tmp_path):
     """Sa2VA-i Path C == SAM2VideoPredictor with the original weights: masks of the conditioning frames
     (any resolution; here the fine-tuned model's, at a 100x120 "video" size) added with add_new_mask,
     then propagate_in_video -- every frame's low-res output, the conditioning ones included."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-    from PIL import Image
-
     from projects.sasasa2va.hf.models.sam2_grounding import mask_input, propagate_masks_with_memory
 
     tuned, original = _tiny(seed=21), _tiny(seed=22)
     _force_object_score(tuned, 5.0)
     _force_object_score(original, 5.0)
-    cfg = dict(original.sam2_config, _target_="sam2.sam2_video_predictor.SAM2VideoPredictor")
-    predictor = instantiate(OmegaConf.create(cfg), _recursive_=True)
-    predictor.load_state_dict(official_sam2_state_dict(original.sam2_model), strict=True)
-    predictor.eval()
-    for i, frame in enumerate(_frames(6, seed=23)):
-        Image.fromarray(frame.permute(1, 2, 0).numpy()).save(tmp_path / f"{i:05d}.jpg")
+    predictor = _video_predictor(original, tmp_path, seed=23)
     with torch.inference_mode():
         state = predictor.init_state(str(tmp_path))
         images = state["images"].clone()
