@@ -15,17 +15,28 @@ printed too. cProfile slows Python-heavy code (the greedy decoding loop most), s
 above benchmark_eval's; on CUDA the phases are synchronised (bench.PhaseTimer), so GPU work is charged
 to the phase that launched it. No naive path, no training benchmark.
 
+``--sampler MS`` replaces cProfile by a sampling profiler of the model's (main) thread: its stack every MS
+milliseconds, in wall time (waits for the GPU, the GIL or a lock included), no per-call overhead. Unlike
+cProfile on Python >= 3.12 (sys.monitoring: every thread's calls in one profile), it sees the main thread
+alone, so the writer threads' work does not blur it. Writes ``sample_E<n>.txt`` (functions by inclusive
+time, source lines by own time, and the deepest line of this project's code on the stack: where a torch or
+numpy call was made) and ``sample_growth.txt``.
+
 ``--torch-profiler`` adds a third, separate run of the E split under ``torch.profiler`` (CPU and, on
 CUDA, kernel activity) and writes ``torch_profile_E<n>.txt``: operators by self device time and by self
 CPU time -- whether a slow operator (e.g. attention in the decoding steps) costs host time or GPU time.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import cProfile
 import io
 import os
 import pstats
 import sys
+import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, "tools")):
@@ -58,6 +69,83 @@ def growth_lines(small: pstats.Stats, large: pstats.Stats, top: int) -> list[str
     out = [f"{'cum +s':>8} {'own +s':>8} {'cum s (E)':>10} {'cum s (2E)':>11} {'calls':>13}  function"]
     for grow, own, ca, cb, na, nb, key in rows[:top]:
         out.append(f"{grow:8.3f} {own:8.3f} {ca:10.3f} {cb:11.3f} {f'{na}->{nb}':>13}  {_where(key)}")
+    return out
+
+
+class StackSampler:
+    """Samples one thread's Python stack every ``interval_s`` from a daemon thread (``with`` block)."""
+
+    def __init__(self, interval_s: float, thread_id: int | None = None):
+        self.interval_s = float(interval_s)
+        self.thread_id = thread_id if thread_id is not None else threading.main_thread().ident
+        self.samples = 0
+        self.seconds = 0.0
+        self.inclusive: collections.Counter = collections.Counter()
+        self.own_lines: collections.Counter = collections.Counter()
+        self.project_lines: collections.Counter = collections.Counter()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _sample(self) -> None:
+        frame = sys._current_frames().get(self.thread_id)
+        if frame is None:
+            return
+        self.samples += 1
+        seen, first, project = set(), True, None
+        while frame is not None:
+            code = frame.f_code
+            where = _where((code.co_filename, 0, code.co_name)).replace(":0(", "(")
+            if first:
+                self.own_lines[_where((code.co_filename, frame.f_lineno, code.co_name))] += 1
+                first = False
+            if project is None and code.co_filename.startswith(ROOT + os.sep):
+                project = _where((code.co_filename, frame.f_lineno, code.co_name))
+            if where not in seen:
+                self.inclusive[where] += 1
+                seen.add(where)
+            frame = frame.f_back
+        if project is not None:
+            self.project_lines[project] += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, name="stack-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.seconds = time.perf_counter() - self._t0
+
+    def as_seconds(self, counter: collections.Counter) -> dict:
+        scale = self.seconds / max(self.samples, 1)
+        return {k: v * scale for k, v in counter.items()}
+
+    def text(self, top: int) -> str:
+        out = [f"{self.samples} samples of the main thread over {self.seconds:.2f} s (wall seconds, estimated)"]
+        for title, counter in (("functions by inclusive time", self.inclusive),
+                               ("source lines by own time", self.own_lines),
+                               ("deepest line of this project on the stack", self.project_lines)):
+            out.append(f"\n== {title}")
+            secs = self.as_seconds(counter)
+            out += [f"{v:9.3f}  {k}" for k, v in sorted(secs.items(), key=lambda kv: -kv[1])[:top]]
+        return "\n".join(out) + "\n"
+
+
+def sample_growth_lines(small: StackSampler, large: StackSampler, top: int) -> list[str]:
+    out = []
+    for title, attr in (("functions by inclusive time", "inclusive"),
+                        ("deepest line of this project on the stack", "project_lines")):
+        a, b = small.as_seconds(getattr(small, attr)), large.as_seconds(getattr(large, attr))
+        rows = sorted(((b.get(k, 0.0) - a.get(k, 0.0), a.get(k, 0.0), b.get(k, 0.0), k) for k in set(a) | set(b)),
+                      key=lambda r: -r[0])
+        out.append(f"== {title}: growth (s), E, 2E")
+        out += [f"{g:+8.3f} {x:8.3f} {y:8.3f}  {k}" for g, x, y, k in rows[:top]]
     return out
 
 
@@ -100,6 +188,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="work_dirs/profile_eval", help="folder of the profile files (default: %(default)s)")
     parser.add_argument("--top", type=int, default=60, help="functions listed per table (default: %(default)s)")
     parser.add_argument("--raw", action="store_true", help="also write the cProfile files (profile_E<n>.prof)")
+    parser.add_argument("--sampler", type=float, default=None, metavar="MS",
+                        help="sample the main thread's stack every MS ms instead of cProfile (see above)")
     parser.add_argument("--torch-profiler", action="store_true",
                         help="also run the E split under torch.profiler (operators by device and CPU time)")
     args = parser.parse_args(argv)
@@ -122,19 +212,31 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {exc}") from None
     be.log(f"profile_eval: {name} on {device} ({dtype}); {args.num_videos} video(s) {splits[e1].frames} frames; "
            f"E = {e1} and {2 * e1} expressions per video; {len(modes)} mode(s)" + (" + averaging" if average else ""))
-    be.run_eval(model, tok, name, splits[e1], os.path.join(args.work_dir, "warmup"), ["uniform"], False, False, args,
+    if args.sampler is not None and not args.sampler > 0:
+        parser.error(f"--sampler: the interval must be > 0 ms, got {args.sampler}")
+    # every mode once, as benchmark_eval's warm-up: first-call costs stay out of the profiles
+    be.run_eval(model, tok, name, splits[e1], os.path.join(args.work_dir, "warmup"), modes, False, False, args,
                 device, max_videos=1)
-    profiles = {}
+    profiles, samplers = {}, {}
     for e in (e1, 2 * e1):
-        prof = cProfile.Profile()
-        prof.enable()
-        run = be.run_eval(model, tok, name, splits[e], os.path.join(args.work_dir, f"shared_{e}"), modes, average,
-                          False, args, device)
-        prof.disable()
+        prof = None if args.sampler else cProfile.Profile()
+        sampler = StackSampler(args.sampler / 1000.0) if args.sampler else None
+        with sampler if sampler is not None else contextlib.nullcontext():
+            if prof is not None:
+                prof.enable()
+            run = be.run_eval(model, tok, name, splits[e], os.path.join(args.work_dir, f"shared_{e}"), modes, average,
+                              False, args, device)
+            if prof is not None:
+                prof.disable()
         phases = run["phases_s"]
         rest = run["wall_s"] - sum(phases.values())
         be.log(f"E={e}: {run['wall_s']:.2f} s wall (profiled), " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
-               + f", rest {rest:.2f}")
+               + f", rest {rest:.2f}, {run['model_s']:.2f} s in the model")
+        if sampler is not None:
+            samplers[e] = sampler
+            with open(os.path.join(args.out, f"sample_E{e}.txt"), "w", encoding="utf-8") as f:
+                f.write(sampler.text(args.top))
+            continue
         if args.raw:
             prof.dump_stats(os.path.join(args.out, f"profile_E{e}.prof"))
         profiles[e] = pstats.Stats(prof)
@@ -142,11 +244,15 @@ def main(argv=None) -> int:
             f.write(stats_text(profiles[e], args.top))
     if args.torch_profiler:
         torch_profile(model, tok, name, splits[e1], modes, average, args, device)
-    lines = growth_lines(profiles[e1], profiles[2 * e1], args.top)
-    with open(os.path.join(args.out, "profile_growth.txt"), "w", encoding="utf-8") as f:
+    if samplers:
+        lines = sample_growth_lines(samplers[e1], samplers[2 * e1], args.top)
+        path = os.path.join(args.out, "sample_growth.txt")
+    else:
+        lines = growth_lines(profiles[e1], profiles[2 * e1], args.top)
+        path = os.path.join(args.out, "profile_growth.txt")
+    with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"\n== cumulative time growth, E={e1} -> {2 * e1} (top {min(30, args.top)}; all in "
-          f"{os.path.join(args.out, 'profile_growth.txt')})")
+    print(f"\n== time growth, E={e1} -> {2 * e1} (top {min(30, args.top)}; all in {path})")
     print("\n".join(lines[:31]))
     return 0
 
