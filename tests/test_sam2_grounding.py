@@ -1,4 +1,5 @@
 """SAM2 grounding glue: tiny build, encode/decode, veto, gradients, state-dict names, Path C."""
+import numpy as np
 import pytest
 import torch
 
@@ -160,6 +161,33 @@ def test_upsample_logits_two_steps(tiny):
     step1 = torch.nn.functional.interpolate(low[:, None], size=(256, 256), mode="bilinear", align_corners=False)
     step2 = torch.nn.functional.interpolate(step1, size=(90, 120), mode="bilinear", align_corners=False)[:, 0]
     assert out.shape == (3, 90, 120) and torch.allclose(out, step2)
+
+
+@pytest.mark.parametrize("fmt", [False, "uint8", "float32"])
+def test_logits_to_outputs_staged_transfer_gives_the_same_bits(tiny, fmt):
+    """The one-transfer path used on GPUs (staged) equals the per-chunk path bit for bit: NaN rows (Path B
+    frames without a copy), an exact-zero logit (p = 0.5: mask off, uint8 128), one and several
+    transfer groups, and an empty input."""
+    from projects.sasasa2va.hf.models.inference import logits_to_outputs
+
+    g = torch.Generator().manual_seed(3)
+    low = torch.randn(5, tiny.low_res_size, tiny.low_res_size, generator=g) * 4
+    low[1] = float("nan")
+    low[2] = 0.0
+    ref_m, ref_p = logits_to_outputs(tiny, low, (45, 70), fmt, chunk=2, staged=False)
+    assert ref_m.dtype == bool and ref_m[0].any() and not ref_m[1].any() and not ref_m[2].any()
+    for transfer_bytes in (64 << 20, 45 * 70 * 3, 45 * 70 * 9):  # one transfer / groups of one chunk / two
+        m, p = logits_to_outputs(tiny, low, (45, 70), fmt, chunk=2, staged=True, transfer_bytes=transfer_bytes)
+        assert m.dtype == bool and m.shape == (5, 45, 70) and np.array_equal(m, ref_m)
+        if not fmt:
+            assert p is None and ref_p is None
+        else:
+            assert p.dtype == ref_p.dtype == np.dtype(fmt) and np.array_equal(p, ref_p)
+            assert not np.isnan(p).any() and (p[1] == 0).all()
+    if fmt == "uint8":
+        assert (ref_p[2] == 128).all()
+    m, p = logits_to_outputs(tiny, low[:0], (45, 70), fmt, staged=True)
+    assert m.shape == (0, 45, 70) and (p is None) == (not fmt)
 
 
 def test_state_dict_g_weight_names_and_strict_reload(tmp_path, tiny):

@@ -275,6 +275,13 @@ def seg_prompt_indices(num_seg: int, num_clips: int = 10) -> list[int] | None:
 # ----------------------------------------------------------------------------------------------
 # combining decoded logits
 # ----------------------------------------------------------------------------------------------
+def long_index(values, device) -> torch.Tensor:
+    """int64 index tensor on ``device``, built on the host and copied without blocking: a blocking copy
+    waits for every kernel queued before it, and the hot loops build several per prediction."""
+    t = torch.as_tensor(values, dtype=torch.long)
+    return t if torch.device(device).type == "cpu" else t.to(device, non_blocking=True)
+
+
 def combine_decoded_logits(plan: DecodePlan, logits: torch.Tensor, average: str = "logits") -> torch.Tensor:
     """Turn the per-decode-call logits [len(decode_frames), h, w] into the plan's outputs.
 
@@ -294,12 +301,12 @@ def combine_decoded_logits(plan: DecodePlan, logits: torch.Tensor, average: str 
                          f"decode calls (path {plan.path})")
     if plan.path == "C":
         return logits
-    frames = torch.as_tensor(plan.decode_frames, dtype=torch.long, device=logits.device)
-    if plan.path == "A":
-        order = torch.argsort(frames, stable=True)
-        if frames[order].tolist() != list(range(plan.num_frames)):
+    if plan.path == "A":  # checked on the host: reading a device tensor back would be a sync
+        order = sorted(range(len(plan.decode_frames)), key=lambda i: int(plan.decode_frames[i]))  # stable
+        if [int(plan.decode_frames[i]) for i in order] != list(range(plan.num_frames)):
             raise ValueError("path A plan must decode every real frame exactly once")
-        return logits[order]
+        return logits.index_select(0, long_index(order, logits.device))
+    frames = long_index(plan.decode_frames, logits.device)
     if plan.path != "B":
         raise ValueError(f"unknown decode path {plan.path!r}; expected one of {list(PATHS)}")
     work_dtype = torch.promote_types(logits.dtype, torch.float32)

@@ -124,19 +124,21 @@ def tokenize_prompt(tokenizer, prompt: str, device) -> torch.Tensor:
     return ids.to(device)
 
 
-def canonical_boundary(ids: torch.Tensor, img_end_id: Optional[int]) -> int:
+def canonical_boundary(ids, img_end_id: Optional[int]) -> int:
     """Where the prompt is split for prefix caching: right after its last '</img>' (0 = no split).
+    ``ids``: [1, n] tensor, or the n token ids as a sequence (no device read).
 
     The split depends only on the tokens, never on what happens to be cached, so a fresh call and a
     cache hit run exactly the same two prefill chunks (bitwise-equal results on CPU).
     """
     if img_end_id is None:
         return 0
-    hits = (ids[0] == img_end_id).nonzero()
-    if hits.numel() == 0:
+    tokens = ids[0].tolist() if isinstance(ids, torch.Tensor) else ids
+    try:
+        boundary = len(tokens) - tokens[::-1].index(img_end_id)
+    except ValueError:  # no '</img>'
         return 0
-    boundary = int(hits[-1, 0]) + 1
-    return boundary if boundary < ids.shape[1] else 0
+    return boundary if boundary < len(tokens) else 0
 
 
 def token_id(tokenizer, token: str) -> Optional[int]:
@@ -205,17 +207,25 @@ def quantize_probs_tensor(p: torch.Tensor) -> torch.Tensor:
 
 
 def logits_to_outputs(grounding, low_res: torch.Tensor, size: tuple[int, int], return_probs,
-                      chunk: int = 16) -> tuple[np.ndarray, Optional[np.ndarray]]:
+                      chunk: int = 16, staged: Optional[bool] = None,
+                      transfer_bytes: int = 64 << 20) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Low-res logits [M,h,w] -> bool masks [M,H,W] (+ probabilities, ``probs_format(return_probs)``:
     float32 or uint8) on the CPU (spec §2.4).
 
     Two-step bilinear upsampling, sigmoid, > 0.5. NaN logits (a Path B frame without any copy, faithful
     Q3) give an empty mask and probability 0, so the probabilities stay consistent with the masks.
     Chunked so a long high-resolution video never holds all full-size maps on the device at once.
+    ``staged`` (default: off the CPU): masks and uint8 probabilities of up to ``transfer_bytes`` are put in
+    one device buffer and copied to the host in one transfer -- each copy (and the NaN check) is a sync in
+    which the model's thread drops the GIL and may wait for the writer threads to hand it back. Same bits.
     """
     fmt = probs_format(return_probs)
     h, w = int(size[0]), int(size[1])
     m = low_res.shape[0]
+    if staged is None:
+        staged = low_res.device.type != "cpu"
+    if staged:
+        return _logits_to_outputs_staged(grounding, low_res, (h, w), fmt, chunk, transfer_bytes)
     masks = np.zeros((m, h, w), dtype=bool)
     probs = np.zeros((m, h, w), dtype=np.dtype(fmt)) if fmt else None
     # finite logits upsample to finite ones: full-size NaNs come only from NaN low-res logits
@@ -227,6 +237,49 @@ def logits_to_outputs(grounding, low_res: torch.Tensor, size: tuple[int, int], r
         if probs is not None:
             p = torch.nan_to_num(p, nan=0.0) if has_nan else p
             probs[start:start + chunk] = (quantize_probs_tensor(p) if fmt == "uint8" else p).cpu().numpy()
+    return masks, probs
+
+
+def _logits_to_outputs_staged(grounding, low_res: torch.Tensor, size: tuple[int, int], fmt: Optional[str],
+                              chunk: int, transfer_bytes: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """logits_to_outputs with one device -> host transfer per ``transfer_bytes`` of frames (usually one
+    per prediction): planes [mask, uint8 probability] of a group of frames in one uint8 buffer; float32
+    probabilities in a buffer of their own. nan_to_num is applied without looking for NaNs first (it
+    changes nothing else), so nothing is read back before the transfer."""
+    h, w = size
+    m = low_res.shape[0]
+    if m == 0:
+        return np.zeros((0, h, w), dtype=bool), (np.zeros((0, h, w), dtype=np.dtype(fmt)) if fmt else None)
+    planes = 2 if fmt == "uint8" else 1
+    per_frame = h * w * (planes + (4 if fmt == "float32" else 0))
+    # whole chunks per group: the same chunks as the per-chunk path (a CPU kernel's bits depend on its batch)
+    chunk = max(1, int(chunk))
+    group = min(m, max(chunk, int(transfer_bytes) // max(per_frame, 1) // chunk * chunk))
+    masks = probs = None
+    if group < m:
+        masks = np.empty((m, h, w), dtype=bool)
+        probs = np.empty((m, h, w), dtype=np.dtype(fmt)) if fmt else None
+    for g0 in range(0, m, group):
+        g1 = min(m, g0 + group)
+        buf = torch.empty((planes, g1 - g0, h, w), dtype=torch.uint8, device=low_res.device)
+        fbuf = torch.empty((g1 - g0, h, w), dtype=torch.float32, device=low_res.device) if fmt == "float32" else None
+        for c0 in range(g0, g1, chunk):
+            c1 = min(g1, c0 + chunk)
+            p = torch.sigmoid(grounding.upsample_logits(low_res[c0:c1], (h, w)).float())
+            buf[0, c0 - g0:c1 - g0] = p > 0.5
+            if fmt:
+                p = torch.nan_to_num(p, nan=0.0)
+                if fmt == "uint8":
+                    buf[1, c0 - g0:c1 - g0] = quantize_probs_tensor(p)
+                else:
+                    fbuf[c0 - g0:c1 - g0] = p
+        host = buf.cpu().numpy()
+        host_p = fbuf.cpu().numpy() if fbuf is not None else (host[1] if fmt == "uint8" else None)
+        if group == m:  # one transfer: the outputs are views of the host buffer, no further copy
+            return host[0].view(np.bool_), host_p
+        masks[g0:g1] = host[0].view(np.bool_)
+        if probs is not None:
+            probs[g0:g1] = host_p
     return masks, probs
 
 

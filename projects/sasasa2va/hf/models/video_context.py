@@ -48,6 +48,7 @@ from .frame_sampling import (
     DecodePlan,
     combine_decoded_logits,
     decode_plan,
+    long_index,
     seg_prompt_indices,
     select_indices,
     split_clips,
@@ -233,6 +234,19 @@ class WorkCounters:
         return asdict(self)
 
 
+class TokenKey(tuple):
+    """A prompt's token ids as a cache key, hashed once: CPython does not cache tuple hashes, and these
+    tuples hold thousands of ids that every generation, pair and logits lookup of a prediction re-hashed."""
+
+    def __new__(cls, ids):
+        key = super().__new__(cls, ids)
+        key._hash = tuple.__hash__(key)
+        return key
+
+    def __hash__(self):
+        return self._hash
+
+
 class Generation(NamedTuple):
     key: tuple                        # (prompt ids, image keys, max_new_tokens)
     ids: torch.Tensor
@@ -341,6 +355,8 @@ class VideoContext:
         self._prefix: OrderedDict = OrderedDict()
         self._generations: dict = {}
         self._ids: dict = {}  # prompt text -> token ids [1, n] (a video has at most texts x modes prompts)
+        self._token_info: dict = {}  # id(ids) -> (ids, TokenKey, canonical boundary), see _tokens
+        self._prompts: dict = {}  # (generation key, clip order) -> SAM2 prompt vectors [num_clips, hidden]
         self._prefetched: set = set()  # generations computed ahead by prefetch_generations, not yet served
         self._logits: OrderedDict = OrderedDict()
         self._pairs: OrderedDict = OrderedDict()  # (generation key, frame, prompt row) -> low-res logits [h, w]
@@ -514,7 +530,7 @@ class VideoContext:
     # ------------------------------------------------------------------------------------ (c)+(d) generation
     def _prefix_for(self, ids: torch.Tensor, specs: Sequence[ImageSpec], boundary: int):
         """The KV cache of ``ids[:, :boundary]`` with the images of ``specs`` (LRU; counted)."""
-        pkey = (tuple(ids[0, :boundary].tolist()), tuple(k for k, _ in specs))
+        pkey = (TokenKey(self._tokens(ids)[0][:boundary]), tuple(k for k, _ in specs))
         prefix = lru_get(self._prefix, pkey)
         if prefix is None:
             vision = self.vision_tokens(specs) if specs else None
@@ -547,7 +563,7 @@ class VideoContext:
         model, n = self.model, int(ids.shape[1])
         common = dict(tokenizer=self.tokenizer, stop_words=self.stop_words, max_new_tokens=max_new_tokens,
                       max_seg_tokens=max_seg)
-        boundary = 0 if self.naive and not self.exact_rows else canonical_boundary(ids, self.img_end_id)
+        boundary = 0 if self.naive and not self.exact_rows else self._tokens(ids)[1]
         if self.naive:  # everything recomputed; with exact_rows in the shared path's two prefill chunks
             vision = self._vision_tokens_naive(specs) if specs else None
             prefix = model.build_prefix_cache(ids[:, :boundary], vision_embeds=vision) if boundary else None
@@ -564,7 +580,19 @@ class VideoContext:
 
     def generation_key(self, ids: torch.Tensor, specs: Sequence[ImageSpec], max_new_tokens: int) -> tuple:
         """Key of the generation cache: same tokens, images and decoding limits -> same greedy answer."""
-        return (tuple(ids[0].tolist()), tuple(k for k, _ in specs), int(max_new_tokens), self._max_seg(specs))
+        return (self._tokens(ids)[0], tuple(k for k, _ in specs), int(max_new_tokens), self._max_seg(specs))
+
+    def _tokens(self, ids: torch.Tensor) -> tuple:
+        """(TokenKey, canonical boundary) of prompt ``ids`` [1, n], read from the device once per prompt
+        tensor the context keeps (each read of a CUDA tensor is a sync, and a prediction needed several)."""
+        info = self._token_info.get(id(ids))
+        if info is not None and info[0] is ids:
+            return info[1], info[2]
+        tokens = TokenKey(ids[0].tolist())
+        boundary = canonical_boundary(tokens, self.img_end_id)
+        if not self.naive:  # the entry holds ids, so id(ids) cannot be reused while it is there
+            self._token_info[id(ids)] = (ids, tokens, boundary)
+        return tokens, boundary
 
     def _max_seg(self, specs) -> Optional[int]:
         """Video prompts stop generating after ``num_clips`` [SEG] states (see ``generate_answer``)."""
@@ -608,7 +636,7 @@ class VideoContext:
             gkey = self.generation_key(ids, specs, max_new)
             if gkey in self._generations or gkey in seen:
                 continue
-            boundary = canonical_boundary(ids, self.img_end_id)
+            boundary = self._tokens(ids)[1]
             if not boundary:
                 continue  # no image prefix: left to generate()
             seen.add(gkey)
@@ -681,7 +709,7 @@ class VideoContext:
         sorted distinct pairs and the naive path's every decode call give the same bits; ``features``
         (all frames, naive mode) bypasses the cache.
         """
-        index = torch.as_tensor([int(k) for _, k in pairs], dtype=torch.long, device=prompts.device)
+        index = long_index([int(k) for _, k in pairs], prompts.device)
         return self.decode_rows([int(f) for f, _ in pairs], prompts.index_select(0, index), features)
 
     def decode_rows(self, frames: Sequence[int], rows: torch.Tensor,
@@ -801,8 +829,7 @@ class VideoContext:
             unique = sorted(set((int(f), int(k)) for f, k in calls))
             position = {pair: i for i, pair in enumerate(unique)}
             low_unique = self._decode_unique(unique, prompts, pair_key)
-            index = torch.as_tensor([position[(int(f), int(k))] for f, k in calls], dtype=torch.long,
-                                    device=low_unique.device)
+            index = long_index([position[(int(f), int(k))] for f, k in calls], low_unique.device)
             low = low_unique.index_select(0, index)
         return combine_decoded_logits(plan, low, average=options.path_b_average)
 
@@ -842,9 +869,16 @@ class VideoContext:
             self._pair_bytes -= old.numel() * old.element_size()
 
     def _clip_prompts(self, gen: Generation, order: Sequence[int]) -> torch.Tensor:
-        """SAM2 prompt vectors of an answer's [SEG] states, one per clip in ``order`` (seg_prompt_indices)."""
-        index = torch.as_tensor(order, dtype=torch.long, device=self.device)
-        return seg_prompts(self.model, gen.seg_hidden_states).index_select(0, index)
+        """SAM2 prompt vectors of an answer's [SEG] states, one per clip in ``order`` (seg_prompt_indices);
+        kept per (answer, order): the modes sharing an answer, and prefetch_decodes, ask for them again."""
+        key = None if self.naive else (gen.key, tuple(int(k) for k in order))
+        prompts = None if key is None else self._prompts.get(key)
+        if prompts is None:
+            index = long_index(order, self.device)
+            prompts = seg_prompts(self.model, gen.seg_hidden_states).index_select(0, index)
+            if key is not None:
+                self._prompts[key] = prompts
+        return prompts
 
     @staticmethod
     def _logits_key(gen: Generation, plan: DecodePlan, options: InferenceOptions) -> tuple:
@@ -942,9 +976,12 @@ class VideoContext:
         prompt = build_prompt_text(text, image_tokens, cfg.template, past_text)
         ids = None if self.naive else self._ids.get(prompt)
         if ids is None:  # ~10 ms for a 20-image prompt; prefetch_generations and predict both need it
-            ids = tokenize_prompt(self.tokenizer, prompt, self.device)
+            cpu_ids = tokenize_prompt(self.tokenizer, prompt, "cpu")
+            ids = cpu_ids.to(self.device)
             if not self.naive:
                 self._ids[prompt] = ids
+                tokens = TokenKey(cpu_ids[0].tolist())  # read here, not back from the device
+                self._token_info[id(ids)] = (ids, tokens, canonical_boundary(tokens, self.img_end_id))
         return indices, specs, ids
 
     def _predict(self, text, mode, selected_fids, return_probs, past_text, options) -> dict:
