@@ -568,18 +568,18 @@ def test_prefetch_builds_images_ahead_and_tokenizes_each_prompt_once(tiny, monke
     fids = {i: _qlist(14, 30 + i) for i in range(3)}
     modes = ["uniform", "q_frame"]
     built, prompts = [], []
-    kfc, tokenize = vc.kfc_image, vc.tokenize_prompt
+    kfc, tokenize = vc.kfc_image, vc.tokenize_prompt_split
 
     def counting_kfc(frames_, clip, which, grid, size):
         built.append((tuple(clip), which))
         return kfc(frames_, clip, which, grid, size)
 
-    def counting_tokenize(tokenizer, prompt, device):
+    def counting_tokenize(tokenizer, prompt, cache):
         prompts.append(prompt)
-        return tokenize(tokenizer, prompt, device)
+        return tokenize(tokenizer, prompt, cache)
 
     monkeypatch.setattr(vc, "kfc_image", counting_kfc)
-    monkeypatch.setattr(vc, "tokenize_prompt", counting_tokenize)
+    monkeypatch.setattr(vc, "tokenize_prompt_split", counting_tokenize)
     with bench.ForcedAnswer(model, tok, "Sure, " + " ".join([SEG_TOKEN] * 10) + "."):
         monkeypatch.setattr(vc, "IMAGE_WORKERS", 1)
         ref = model.predict_video(frames, texts, tok, modes, selected_fids=fids, context=model.video_context(tok, frames))

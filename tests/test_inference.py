@@ -556,3 +556,64 @@ def test_image_input_dynamic_tiles(scripted, monkeypatch):
     text_only = model.predict_forward(text="Hello there.", tokenizer=tok)
     assert text_only["prediction_masks"] == [] and "Nothing found" in text_only["prediction"]
     set_answer(head, tok, 10)
+
+
+def _metaspace_tokenizer():
+    """A sentencepiece-style tokenizer (Metaspace, prefix '▁' on the first piece only), with our added tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    from projects.sasasa2va.models.tiny import INTERNVL_TOKENS, QWEN_SPECIAL
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    raw.decoder = decoders.Metaspace(prepend_scheme="first")
+    corpus = ["the dog that jumps over the fence", "Please segment the red car.", "a cat, café ümlaut 猫", "new\nline"]
+    raw.train_from_iterator(corpus * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.add_tokens(list(QWEN_SPECIAL + INTERNVL_TOKENS) + ["<|user|>", "<|assistant|>", "<|end|>"],
+                   special_tokens=True)
+    return tok
+
+
+class _AppendsEos:
+    """A tokenizer that appends EOS to what it encodes with special tokens (the head alone would get one)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.unk_token_id, self.unk_token = tok.unk_token_id, tok.unk_token
+
+    def convert_tokens_to_ids(self, t):
+        return self.tok.convert_tokens_to_ids(t)
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        out = self.tok(text, add_special_tokens=add_special_tokens, return_tensors=return_tensors)
+        if add_special_tokens:
+            out["input_ids"] = torch.cat([out["input_ids"], torch.tensor([[0]])], dim=1)
+        return out
+
+
+@pytest.mark.parametrize("which", ["tiny", "metaspace", "appends_eos"])
+def test_tokenize_prompt_split_equals_whole_tokenization(which):
+    """The split tokenization (head once per cache, tail after a lone '</img>') gives exactly the ids of
+    tokenizing each prompt whole, for tricky expressions and every template; a tokenizer for which it would
+    not (one appending EOS) is detected on the first prompt and tokenized whole from then on."""
+    from projects.sasasa2va.hf.models.inference import build_prompt_text, tokenize_prompt, tokenize_prompt_split
+    from projects.sasasa2va.hf.models.templates import image_token_string
+    from projects.sasasa2va.models.tiny import build_tiny_tokenizer
+
+    tok = _metaspace_tokenizer() if which == "metaspace" else build_tiny_tokenizer(seed=0)
+    if which == "appends_eos":
+        tok = _AppendsEos(tok)
+    texts = ["the dog that jumps over the fence", " leading space", "trailing  ", "café ümlaut 猫!", "new\nline",
+             "a", "with </img> inside", "  two\tspaces  "]
+    for template in ("qwen_chat", "phi3_chat", "internlm2_chat"):
+        cache: dict = {}
+        for n_images in (20, 20, 3):
+            for text in texts:
+                prompt = build_prompt_text(eval_prompt(text), image_token_string(n_images, 4), template)
+                whole = tokenize_prompt(tok, prompt, "cpu")
+                assert torch.equal(tokenize_prompt_split(tok, prompt, cache), whole), (which, template, text)
+        assert cache.get("whole", False) == (which == "appends_eos")
+        if which != "appends_eos":  # one head per image count, plus those of the texts holding '</img>'
+            assert 2 <= len(cache["heads"]) <= 4

@@ -124,6 +124,38 @@ def tokenize_prompt(tokenizer, prompt: str, device) -> torch.Tensor:
     return ids.to(device)
 
 
+def tokenize_prompt_split(tokenizer, prompt: str, cache: dict, split_token: str = IMG_END_TOKEN) -> torch.Tensor:
+    """[1, n] CPU ids equal to ``tokenize_prompt(tokenizer, prompt, "cpu")``, with the prompt's head tokenized
+    once per ``cache`` (a dict the caller keeps, e.g. one per video).
+
+    The head runs through the last ``split_token`` (the template and every image placeholder: ~5k tokens for
+    20 images, the same string for every expression and mode of a video); the tail is tokenized after a
+    lone ``split_token`` -- an added token, split off before anything else, so nothing merges across it --
+    which is then dropped. The first prompt of each head is also tokenized whole and compared: a tokenizer
+    for which the two differ (one that appends EOS, say) is tokenized whole from then on (``cache``).
+    """
+    cut = prompt.rfind(split_token)
+    if cut < 0 or cache.get("whole"):
+        return tokenize_prompt(tokenizer, prompt, "cpu")
+    cut += len(split_token)
+    heads = cache.setdefault("heads", {})
+    head_ids = heads.get(prompt[:cut])
+    check = head_ids is None
+    if check:
+        head_ids = tokenize_prompt(tokenizer, prompt[:cut], "cpu")
+    tail = tokenizer(split_token + prompt[cut:], add_special_tokens=False, return_tensors="pt").input_ids
+    ids = torch.cat([head_ids, tail[:, 1:]], dim=1) if tail.shape[1] else None
+    if tail.shape[1] and int(tail[0, 0]) != token_id(tokenizer, split_token):
+        ids = None
+    if check or ids is None:
+        whole = tokenize_prompt(tokenizer, prompt, "cpu")
+        if ids is None or not torch.equal(whole, ids):
+            cache["whole"] = True
+            return whole
+        heads[prompt[:cut]] = head_ids
+    return ids
+
+
 def canonical_boundary(ids, img_end_id: Optional[int]) -> int:
     """Where the prompt is split for prefix caching: right after its last '</img>' (0 = no split).
     ``ids``: [1, n] tensor, or the n token ids as a sequence (no device read).

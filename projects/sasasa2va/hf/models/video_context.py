@@ -71,6 +71,7 @@ from .inference import (
     to_pil,
     token_id,
     tokenize_prompt,
+    tokenize_prompt_split,
 )
 from .preprocessing import check_same_size, dynamic_preprocess, kfc_image, kfc_image_key, mllm_transform, sam2_resize
 from .sam2_grounding import FrameFeatures, propagate_masks_with_memory
@@ -357,6 +358,7 @@ class VideoContext:
         self._ids: dict = {}  # prompt text -> token ids [1, n] (a video has at most texts x modes prompts)
         self._token_info: dict = {}  # id(ids) -> (ids, TokenKey, canonical boundary), see _tokens
         self._prompts: dict = {}  # (generation key, clip order) -> SAM2 prompt vectors [num_clips, hidden]
+        self._tokenize_cache: dict = {}  # the prompts' common head, tokenized once (tokenize_prompt_split)
         self._prefetched: set = set()  # generations computed ahead by prefetch_generations, not yet served
         self._logits: OrderedDict = OrderedDict()
         self._pairs: OrderedDict = OrderedDict()  # (generation key, frame, prompt row) -> low-res logits [h, w]
@@ -976,7 +978,8 @@ class VideoContext:
         prompt = build_prompt_text(text, image_tokens, cfg.template, past_text)
         ids = None if self.naive else self._ids.get(prompt)
         if ids is None:  # ~10 ms for a 20-image prompt; prefetch_generations and predict both need it
-            cpu_ids = tokenize_prompt(self.tokenizer, prompt, "cpu")
+            cpu_ids = (tokenize_prompt(self.tokenizer, prompt, "cpu") if self.naive else
+                       tokenize_prompt_split(self.tokenizer, prompt, self._tokenize_cache))
             ids = cpu_ids.to(self.device)
             if not self.naive:
                 self._ids[prompt] = ids
