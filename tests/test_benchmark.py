@@ -412,7 +412,26 @@ def test_profile_eval_quick(tiny_dir, one_thread, tmp_path, capsys):
     grows = [float(line.split()[0]) for line in growth[1:]]
     assert grows == sorted(grows, reverse=True) and float(predict[0].split()[0]) > 0
     assert "== by self CPU time" in (out / "torch_profile_E2.txt").read_text()
-    assert "cumulative time growth, E=2 -> 4" in capsys.readouterr().out
+    assert "time growth, E=2 -> 4" in capsys.readouterr().out
+
+
+def test_profile_eval_sampler(tiny_dir, one_thread, tmp_path, capsys):
+    """--sampler: the model's thread sampled instead of cProfile; its files name the project's functions
+    and lines, the growth lists are ordered, and a bad interval is a usage error."""
+    profile_eval = _tool("profile_eval")
+    work, out = _bench_work(tiny_dir, tmp_path / "samp"), tmp_path / "out"
+    assert profile_eval.main(_bench_args(work, "--modes", "uniform,q_frame", "--out", str(out), "--sampler", "1")) == 0
+    assert sorted(os.listdir(out)) == ["sample_E2.txt", "sample_E4.txt", "sample_growth.txt"]
+    e4 = (out / "sample_E4.txt").read_text()
+    assert "samples of the main thread" in e4 and "video_context.py(predict_video)" in e4
+    deepest = e4.split("== deepest line of this project on the stack")[1]
+    assert "projects/sasasa2va/" in deepest and ".py:" in deepest
+    growth = (out / "sample_growth.txt").read_text().split("== deepest line")[0].splitlines()[1:]
+    grows = [float(line.split()[0]) for line in growth if line.strip()]
+    assert grows and grows == sorted(grows, reverse=True)
+    assert "time growth, E=2 -> 4" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        profile_eval.main(_bench_args(work, "--out", str(out), "--sampler", "0"))
 
 
 @pytest.mark.slow

@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-profiler", action="store_true",
                         help="also run the E split under torch.profiler (operators by device and CPU time)")
     args = parser.parse_args(argv)
+    if args.sampler is not None and not args.sampler > 0:
+        parser.error(f"--sampler: the interval must be > 0 ms, got {args.sampler}")
     ignored = [f"--{name.replace('_', '-')}" for name in IGNORED_BENCHMARK_ARGS
                if getattr(args, name) != parser.get_default(name)]
     if ignored:
@@ -212,8 +214,6 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {exc}") from None
     be.log(f"profile_eval: {name} on {device} ({dtype}); {args.num_videos} video(s) {splits[e1].frames} frames; "
            f"E = {e1} and {2 * e1} expressions per video; {len(modes)} mode(s)" + (" + averaging" if average else ""))
-    if args.sampler is not None and not args.sampler > 0:
-        parser.error(f"--sampler: the interval must be > 0 ms, got {args.sampler}")
     # every mode once, as benchmark_eval's warm-up: first-call costs stay out of the profiles
     be.run_eval(model, tok, name, splits[e1], os.path.join(args.work_dir, "warmup"), modes, False, False, args,
                 device, max_videos=1)
