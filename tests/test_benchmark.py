@@ -477,3 +477,24 @@ def test_bench_data_replaces_only_its_own(tmp_path):
     (own / "synthetic" / bench.BENCH_DATA_MARKER).unlink()
     assert bench.make_bench_splits(str(own), num_videos=2, exps_per_video=[2], min_frames=3, max_frames=4,
                                    sizes=((64, 48),))[2].num_videos == 2
+
+
+def test_benchmark_writer_threads_and_switch_interval_knobs(monkeypatch):
+    """--writer-threads / --switch-interval-ms (GPU A/B knobs) reach the runner and the interpreter; bad values
+    are refused."""
+    be = _tool("benchmark_eval")
+    from projects.sasasa2va.evaluation import runner
+
+    monkeypatch.setattr(runner, "WRITER_THREADS", None)
+    old = sys.getswitchinterval()
+    try:
+        assert be.effective_writer_threads() >= 1
+        be.run_settings(be.build_parser().parse_args(["--device", "cpu", "--writer-threads", "0",
+                                                      "--switch-interval-ms", "0.5"]))
+        assert runner.WRITER_THREADS == 0 and be.effective_writer_threads() == 0
+        assert abs(sys.getswitchinterval() - 0.0005) < 1e-9
+        for bad in (["--writer-threads", "-1"], ["--switch-interval-ms", "0"]):
+            with pytest.raises(SystemExit):
+                be.run_settings(be.build_parser().parse_args(["--device", "cpu", *bad]))
+    finally:
+        sys.setswitchinterval(old)

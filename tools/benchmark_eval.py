@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-average-ahead", action="store_true",
                    help="average every expression at the end of the run (runner.AVERAGE_AHEAD off) instead of on "
                         "the writer threads as soon as its modes are in")
+    p.add_argument("--writer-threads", type=int, default=None,
+                   help="output writer threads (runner.WRITER_THREADS; default: half the cores, at most 8; 0 = "
+                        "write on the model's thread)")
+    p.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="the interpreter's thread switch interval (sys.setswitchinterval; Python's default 5 ms): "
+                        "how long the model's thread may wait for the GIL held by a writer thread")
     p.add_argument("--skip-scaling", action="store_true", help="no E -> 2E scaling run")
     p.add_argument("--scaling-repeat", type=int, default=1,
                    help="time the 2E run N times, alternating with N-1 more runs of E, and keep the fastest "
@@ -206,6 +212,13 @@ def run_eval(model, tok, name: str, split, work_dir: str, modes, average: bool, 
             "phases_s": phase_s, "cuda_peak_mb": peak,
             # in "rest": the model's thread waiting for room in the writer's queue / for its last jobs
             "writer_s": {"wait": this.get("writer_wait_seconds", 0.0), "close": this.get("writer_close_seconds", 0.0)}}
+
+
+def effective_writer_threads() -> int:
+    from projects.sasasa2va.evaluation import runner
+    from projects.sasasa2va.evaluation.output_writer import writer_threads
+
+    return runner.WRITER_THREADS if runner.WRITER_THREADS is not None else writer_threads()
 
 
 def shared_context_options(args) -> dict:
@@ -411,6 +424,16 @@ def run_settings(args):
         from projects.sasasa2va.evaluation import runner
 
         runner.AVERAGE_AHEAD = False
+    if getattr(args, "writer_threads", None) is not None:
+        if args.writer_threads < 0:
+            raise SystemExit("error: --writer-threads must be >= 0")
+        from projects.sasasa2va.evaluation import runner
+
+        runner.WRITER_THREADS = args.writer_threads
+    if getattr(args, "switch_interval_ms", None) is not None:
+        if not args.switch_interval_ms > 0:
+            raise SystemExit("error: --switch-interval-ms must be > 0")
+        sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     if args.exps_per_video < 1 or args.num_videos < 1:
         raise SystemExit("error: --num-videos and --exps-per-video must be >= 1")
     if getattr(args, "scaling_repeat", 1) < 1 or args.repeat < 1:
@@ -457,9 +480,11 @@ def main(argv=None) -> int:
                      "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
                      "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
                      "torch": torch.__version__, "modes": modes, "average": average,
-                     "shared_context_options": shared_context_options(args)}
+                     "shared_context_options": shared_context_options(args),
+                     "writer_threads": effective_writer_threads(), "switch_interval_s": sys.getswitchinterval()}
     log(f"benchmark_eval: device {figures['device_name']} ({device}), dtype {figures['dtype']}, "
-        f"{figures['threads']} thread(s), torch {torch.__version__}")
+        f"{figures['threads']} thread(s), torch {torch.__version__}, {figures['writer_threads']} writer thread(s), "
+        f"switch interval {figures['switch_interval_s'] * 1000:g} ms")
 
     # ---- model
     t = time.perf_counter()

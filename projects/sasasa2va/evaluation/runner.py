@@ -59,6 +59,7 @@ MAX_LISTED_FAILURES = 20
 AVERAGE_WORKERS = min(8, os.cpu_count() or 1)  # threads averaging expressions (average_runs) ...
 AVERAGE_MEMORY_BYTES = 2 << 30  # ... holding at most about this much at once
 AVERAGE_AHEAD = True  # average an expression on its rank as soon as its member modes are in (AverageAhead)
+WRITER_THREADS = None  # None: output_writer.writer_threads(); an int overrides it (benchmark A/B runs)
 
 
 # ================================================================================================ options
@@ -719,7 +720,8 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
     budget = None if opts.feature_budget_mb is None else int(float(opts.feature_budget_mb) * 2**20)
     try:
         local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-        threads = writer_threads(local_processes=int(local) if local.isdigit() else 1)
+        threads = WRITER_THREADS if WRITER_THREADS is not None else \
+            writer_threads(local_processes=int(local) if local.isdigit() else 1)
         # drained also when the run fails: nothing computed is lost
         with BackgroundWriter(max_pending=WRITER_MAX_PENDING, threads=threads,
                               max_pending_bytes=WRITER_PENDING_BYTES) as writer:
