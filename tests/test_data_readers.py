@@ -89,6 +89,37 @@ def test_rle_round_trip_and_format():
     assert encode_mask(m)["counts"] == mu.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode()
 
 
+def test_encode_mask_stack_equals_pycocotools():
+    """The numpy encoder (run on the evaluation's writer threads without the GIL) gives pycocotools' counts
+    strings exactly: empty and full frames, single pixels at both ends, one-pixel-wide shapes, large counts
+    (deltas that need several 5-bit groups, negative ones), smooth blobs, noise (the pycocotools fallback),
+    non-bool input, and runs that continue from one frame into the next."""
+    from projects.sasasa2va.datasets.rle import encode_mask_stack
+    from pycocotools import mask as mu
+
+    def reference(frames):
+        out = []
+        for f in frames:
+            r = mu.encode(np.asfortranarray((np.asarray(f) != 0).astype(np.uint8)))
+            out.append({"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")})
+        return out
+
+    rng = np.random.default_rng(0)
+    corners = np.zeros((2, 6, 6), bool)
+    corners[0, 0, 0] = corners[1, -1, -1] = True
+    yy, xx = np.mgrid[0:360, 0:640]
+    blobs = np.stack([np.hypot(yy - 180, xx - 300 - 9 * t) < 40 + 7 * t for t in range(6)])
+    cases = [np.zeros((3, 5, 7), bool), np.ones((3, 5, 7), bool), corners, blobs, rng.random((2, 360, 640)) > 0.5,
+             (rng.random((3, 4, 4)) > 0.5).astype(np.uint8) * 7, rng.random((3, 1, 17)) > 0.3,
+             rng.random((3, 13, 1)) > 0.3, np.zeros((0, 4, 4), bool)]
+    cases += [rng.random((int(rng.integers(1, 4)), int(rng.integers(1, 9)), int(rng.integers(1, 9)))) > rng.random()
+              for _ in range(200)]
+    for masks in cases:
+        assert encode_mask_stack(masks) == reference(masks), masks.shape
+    with pytest.raises(DataError, match=r"\[T, H, W\]"):
+        encode_mask_stack(np.zeros((4, 5), bool))
+
+
 def test_rle_size_mismatch_and_bad_input():
     r = encode_mask(np.ones((4, 5), bool))
     with pytest.raises(DataError, match=r"does not match the frame size \[5, 4\]"):

@@ -22,6 +22,80 @@ def encode_mask(mask: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
 
 
+def _changes(flat: np.ndarray) -> np.ndarray:
+    """Sorted indices i >= 1 where flat[i] != flat[i - 1] (bool 1-D). Changes are usually sparse: looked for
+    8 pixels at a time (as uint64 words), then within the few words that hold one."""
+    size = flat.size - 1
+    if size <= 0:
+        return np.zeros(0, dtype=np.int64)
+    padded = np.zeros(-(-size // 8) * 8, dtype=bool)
+    np.not_equal(flat[1:], flat[:-1], out=padded[:size])
+    words = np.flatnonzero(padded.view(np.uint64))
+    if len(words) * 32 > padded.size:  # dense (noisy masks): one plain pass is faster
+        return np.flatnonzero(padded) + 1
+    row, col = np.nonzero(padded.reshape(-1, 8)[words])
+    return words[row] * 8 + col + 1
+
+
+def encode_mask_stack(masks: np.ndarray) -> list[dict]:
+    """bool/0-1 masks [T, H, W] -> one ``encode_mask`` dict per frame, the same counts strings, made with numpy
+    array operations: those run without the GIL, while pycocotools' encoder holds it (~7 ms for 20 frames of
+    360x640) and a host-bound model thread of the same process, e.g. launching GPU kernels, waits meanwhile
+    (the evaluation's writer threads encode every output)."""
+    m = np.asarray(masks)
+    if m.ndim != 3:
+        raise DataError(f"encode_mask_stack: expected masks [T, H, W], got shape {m.shape}")
+    t, h, w = (int(v) for v in m.shape)
+    n = h * w
+    if t == 0:
+        return []
+    if n == 0:
+        return [encode_mask(frame) for frame in m]
+    # column-major pixels of each frame (pycocotools reads a Fortran-ordered mask), frames one after another
+    flat = np.ascontiguousarray((m if m.dtype == bool else m != 0).transpose(0, 2, 1)).reshape(t * n)
+    starts_at = _changes(flat)
+    if len(starts_at) * 16 > t * n:  # noise-like masks (a run every few pixels): pycocotools' loop is faster
+        return [encode_mask(frame) for frame in m]
+    starts_at = starts_at[starts_at % n != 0]  # a new frame is not a run boundary
+    frame_of, where = np.divmod(starts_at, n)
+    where = where - 1  # as the index of the pixel before the change
+    changes = np.bincount(frame_of, minlength=t)
+    # counts per frame: a leading 0 when the frame starts with foreground, then each run's length
+    lead = flat[::n].astype(np.int64)
+    runs = changes + 1 + lead  # counts per frame
+    first = np.concatenate([[0], np.cumsum(runs)[:-1]])  # index of each frame's first count
+    total = int(runs.sum())
+    ends = np.full(total, n, dtype=np.int64)  # each count as (its run's end) - (its run's start)
+    starts = np.zeros(total, dtype=np.int64)
+    slot = np.arange(len(where)) - np.repeat(np.concatenate([[0], np.cumsum(changes)[:-1]]), changes)
+    inner = np.repeat(first + lead, changes) + slot  # the count that ends at each change
+    ends[inner] = where + 1
+    starts[inner + 1] = where + 1
+    if lead.any():  # the leading 0 count: start = end = 0
+        ends[first[lead == 1]] = 0
+    counts = ends - starts
+    # COCO's string form: each count minus the count two before it (from the fourth count of a frame on),
+    # in 5-bit groups, low first, 0x20 = more to come, + 48
+    index = np.arange(total) - np.repeat(first, runs)
+    x = counts.copy()
+    later = index > 2
+    x[later] -= counts[np.flatnonzero(later) - 2]
+    chars, valid = [], []
+    alive = np.ones(total, dtype=bool)
+    while alive.any():
+        c = x & 0x1F
+        x = x >> 5
+        more = np.where(c & 0x10, x != -1, x != 0)
+        chars.append((c | (more.astype(np.int64) << 5)) + 48)
+        valid.append(alive)
+        alive = alive & more
+    chars_2d, valid_2d = np.stack(chars, axis=1), np.stack(valid, axis=1)
+    stream = chars_2d[valid_2d].astype(np.uint8).tobytes()  # row-major: each count's chars in order
+    per_frame = np.bincount(np.repeat(np.arange(t), runs), weights=valid_2d.sum(axis=1), minlength=t).astype(np.int64)
+    bounds = np.concatenate([[0], np.cumsum(per_frame)])
+    return [{"size": [h, w], "counts": stream[bounds[i]:bounds[i + 1]].decode("ascii")} for i in range(t)]
+
+
 def _to_coco_rle(rle: dict, where: str) -> dict:
     """Normalise the accepted RLE spellings (str/bytes counts, uncompressed list counts)."""
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:

@@ -12,9 +12,13 @@ from projects.sasasa2va.utils.io import atomic_write_json
 
 
 def encode_masks(masks) -> list[dict]:
-    """Bool [T,H,W] (or a list of [H,W] arrays / RLE dicts) -> list of RLE dicts."""
-    from projects.sasasa2va.datasets.rle import encode_mask
+    """Bool [T,H,W] (or a list of [H,W] arrays / RLE dicts) -> list of RLE dicts. An array is encoded by
+    ``encode_mask_stack`` (numpy, without holding the GIL: the runner's writer threads call this beside the
+    model's thread)."""
+    from projects.sasasa2va.datasets.rle import encode_mask, encode_mask_stack
 
+    if isinstance(masks, np.ndarray) and masks.ndim == 3:
+        return encode_mask_stack(masks)
     out = []
     for m in masks:
         if isinstance(m, dict):
