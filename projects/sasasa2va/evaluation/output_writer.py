@@ -24,20 +24,22 @@ from typing import Callable
 
 logger = logging.getLogger("sasasa2va.eval")
 
-WRITER_THREADS_MAX = 8
+WRITER_THREADS_MAX = 4
 WRITER_MAX_PENDING = 256  # jobs queued per evaluation process (the runner's bound in count ...)
 WRITER_PENDING_BYTES = 512 << 20  # ... and in bytes of the arrays they hold
 
 
 def writer_threads(cpus: int | None = None, local_processes: int = 1) -> int:
-    """Writer threads for one evaluation process: half the cores this process may use (shared with the
-    other processes of the node), at most WRITER_THREADS_MAX, at least 1 (a 2-core machine keeps one
-    writer beside the model's thread). Their heavy work (deflate, file I/O) runs without the GIL; with a
-    quarter of 16 cores the H200 benchmark's model thread still waited ~0.5 s for the last outputs."""
+    """Writer threads for one evaluation process: a quarter of the cores this process may use (shared
+    with the other processes of the node), at most WRITER_THREADS_MAX, at least 1 (a 2-core machine keeps
+    one writer beside the model's thread). Eight (half of 16 cores) emptied the H200 benchmark's one-video
+    tail (0.51 -> 0.06 s) but its one two-video run, where a video's writes overlap the next video's
+    host-bound decoding, decoded slower than ever (6.2 s vs 3.6-3.7 s): not adopted before an A/B
+    (``benchmark_eval.py --writer-threads``)."""
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = max(1, int(cpus) // max(1, int(local_processes)))
-    return max(1, min(WRITER_THREADS_MAX, per_process // 2))
+    return max(1, min(WRITER_THREADS_MAX, per_process // 4))
 
 
 class BackgroundWriter:
