@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -553,6 +554,35 @@ def test_build_images_dedupes_and_matches_building_in_order(tiny, monkeypatch):
     one = model.video_context(tok, frames).build_images([spy(k, b) for k, b in specs])
     assert threads == {threading.current_thread().name}  # one worker: built in the calling thread
     assert all(torch.equal(one[k], built[k]) for k in built)
+
+
+def test_sam2_frames_resized_ahead_in_the_workers(tiny, monkeypatch):
+    """SAM2's frame resizes run in the image workers: a block is started ahead (prefetch_generations starts
+    the first; encoding a block starts the next) and each frame is resized once; the features equal
+    resizing every frame in order in the calling thread, bit for bit."""
+    from projects.sasasa2va.hf.models import video_context as vc
+
+    model, tok = tiny
+    frames = _frames(11)
+    monkeypatch.setattr(vc, "IMAGE_WORKERS", 1)
+    ref = model.video_context(tok, frames, encode_batch=4).gather_features(range(11))
+    calls, real = [], vc.sam2_resize
+
+    def spy(frame, size):
+        calls.append(threading.current_thread().name)
+        return real(frame, size)
+
+    monkeypatch.setattr(vc, "sam2_resize", spy)
+    monkeypatch.setattr(vc, "IMAGE_WORKERS", 3)
+    ctx = model.video_context(tok, frames, encode_batch=4)
+    assert ctx.schedule_sam2_block(1) == 4 and ctx.schedule_sam2_block(3) == 0  # frames 0-3, once
+    got = ctx.gather_features(range(11))
+    assert len(calls) == 11 and all(name.startswith("kfc-images") for name in calls)
+    assert not ctx._sam2_jobs  # every resize started ahead was used
+    assert torch.equal(got.low, ref.low) and all(torch.equal(a, b) for a, b in zip(got.high_res, ref.high_res))
+    assert ctx.schedule_sam2_block(5) == 0  # encoded already: nothing to start
+    naive = model.video_context(tok, frames, naive=True)
+    assert naive.schedule_sam2_block(0) == 0
 
 
 def test_prefetch_builds_images_ahead_and_tokenizes_each_prompt_once(tiny, monkeypatch):

@@ -368,6 +368,7 @@ class VideoContext:
         self._eval_held = False  # set by predict_video while it keeps the model in eval mode
         self._frames_loaded = False  # frames decoded before images are built in threads (build_images)
         self._image_jobs: dict = {}  # key -> Future of the pixels of an image built ahead (schedule_images)
+        self._sam2_jobs: dict = {}  # (original checkpoint or None, frame) -> Future of its SAM2-sized pixels
 
     # ------------------------------------------------------------------------------------ helpers
     def same_frames(self, frames) -> bool:
@@ -389,7 +390,7 @@ class VideoContext:
         """SAM2 features of ``frame_ids``; ``original``: with the original SAM2 weights of that checkpoint
         (propagation='memory_original_sam2') instead of the model's fine-tuned ones."""
         g = self.grounding if original is None else original_sam2_grounding(self.model, original)
-        images = torch.stack([sam2_resize(self.frames[t], g.image_size) for t in frame_ids]).to(self.device)
+        images = torch.stack(self._sam2_pixels(frame_ids, g.image_size, original)).to(self.device)
         feats = g.encode(g.preprocess(images, dtype=module_dtype(g)), chunk_size=self.encode_batch)
         if original is None:
             self.counters.sam2_frames_encoded += len(frame_ids)
@@ -397,10 +398,42 @@ class VideoContext:
             self.counters.sam2_frames_encoded_original += len(frame_ids)
         return feats
 
+    def _sam2_pixels(self, frame_ids: Sequence[int], size: int, original: Optional[str] = None) -> list:
+        """uint8 [3, size, size] of each frame for SAM2 (``sam2_resize``): taken from the resizes started ahead
+        (:meth:`schedule_sam2_block`), the others resized in the image workers -- PIL's resize releases the
+        GIL, ~25 ms a frame at 640x360 -> 1024 -- or in order with one worker. The same pixels either way."""
+        jobs = {t: self._sam2_jobs.pop((original, t), None) for t in frame_ids}
+        todo = [t for t, job in jobs.items() if job is None]
+        if IMAGE_WORKERS > 1 and len(todo) > 1:
+            self._load_frames()
+            pool = image_pool(IMAGE_WORKERS)
+            jobs.update({t: pool.submit(sam2_resize, self.frames[t], size) for t in todo})
+        return [jobs[t].result() if jobs[t] is not None else sam2_resize(self.frames[t], size) for t in frame_ids]
+
+    def schedule_sam2_block(self, frame: int, original: Optional[str] = None) -> int:
+        """Start resizing for SAM2, in the image workers, the frames of the encode block holding ``frame``
+        that are neither cached nor started, so that they are ready when the block is encoded (the host
+        has other work meanwhile: the answers' decoding, the previous block's encoding). Returns the
+        number started (0 with one worker or on the naive path)."""
+        if IMAGE_WORKERS <= 1 or self.naive or not 0 <= frame < self.num_frames:
+            return 0
+        start = frame - frame % self.encode_batch
+        todo = [t for t in range(start, min(start + self.encode_batch, self.num_frames))
+                if (original, t) not in self._sam2_jobs
+                and (t if original is None else ("original", original, t)) not in self._features]
+        if todo:
+            size = (self.grounding if original is None else original_sam2_grounding(self.model, original)).image_size
+            self._load_frames()
+            pool = image_pool(IMAGE_WORKERS)
+            for t in todo:
+                self._sam2_jobs[(original, t)] = pool.submit(sam2_resize, self.frames[t], size)
+        return len(todo)
+
     def _encode_block(self, frame: int, original: Optional[str] = None) -> dict:
         """Encode the aligned block holding ``frame``: the batch composition never depends on the cache."""
         start = frame - frame % self.encode_batch
         ids = list(range(start, min(start + self.encode_batch, self.num_frames)))
+        self.schedule_sam2_block(start + self.encode_batch, original)  # the next block, during this one
         feats = self._encode_frames(ids, original)
         out = {}
         for i, t in enumerate(ids):  # own storage per frame, so evicting a frame frees its memory
@@ -624,6 +657,7 @@ class VideoContext:
         """
         if not self.can_batch_generations() or not self.num_frames:
             return 0
+        self.schedule_sam2_block(0)  # the first SAM2 frames get resized while the answers are decoded
         options = options or InferenceOptions()
         max_new = int(options.max_new_tokens)
         groups: "OrderedDict[tuple, list]" = OrderedDict()
