@@ -57,8 +57,7 @@ def encode_mask_stack(masks: np.ndarray) -> list[dict]:
     if len(starts_at) * 16 > t * n:  # noise-like masks (a run every few pixels): pycocotools' loop is faster
         return [encode_mask(frame) for frame in m]
     starts_at = starts_at[starts_at % n != 0]  # a new frame is not a run boundary
-    frame_of, where = np.divmod(starts_at, n)
-    where = where - 1  # as the index of the pixel before the change
+    frame_of, run_start = np.divmod(starts_at, n)  # each new run: its frame and first pixel
     changes = np.bincount(frame_of, minlength=t)
     # counts per frame: a leading 0 when the frame starts with foreground, then each run's length
     lead = flat[::n].astype(np.int64)
@@ -67,10 +66,10 @@ def encode_mask_stack(masks: np.ndarray) -> list[dict]:
     total = int(runs.sum())
     ends = np.full(total, n, dtype=np.int64)  # each count as (its run's end) - (its run's start)
     starts = np.zeros(total, dtype=np.int64)
-    slot = np.arange(len(where)) - np.repeat(np.concatenate([[0], np.cumsum(changes)[:-1]]), changes)
-    inner = np.repeat(first + lead, changes) + slot  # the count that ends at each change
-    ends[inner] = where + 1
-    starts[inner + 1] = where + 1
+    slot = np.arange(len(run_start)) - np.repeat(np.concatenate([[0], np.cumsum(changes)[:-1]]), changes)
+    inner = np.repeat(first + lead, changes) + slot  # the count that ends where each new run starts
+    ends[inner] = run_start
+    starts[inner + 1] = run_start
     if lead.any():  # the leading 0 count: start = end = 0
         ends[first[lead == 1]] = 0
     counts = ends - starts
