@@ -558,7 +558,7 @@ def test_build_images_dedupes_and_matches_building_in_order(tiny, monkeypatch):
 
 def test_sam2_frames_resized_ahead_in_the_workers(tiny, monkeypatch):
     """SAM2's frame resizes run in the image workers: a block is started ahead (prefetch_generations starts
-    the first; encoding a block starts the next) and each frame is resized once; the features equal
+    the first before decoding the answers; encoding a block starts the next) and each frame is resized once; the features equal
     resizing every frame in order in the calling thread, bit for bit."""
     from projects.sasasa2va.hf.models import video_context as vc
 
@@ -583,6 +583,9 @@ def test_sam2_frames_resized_ahead_in_the_workers(tiny, monkeypatch):
     assert ctx.schedule_sam2_block(5) == 0  # encoded already: nothing to start
     naive = model.video_context(tok, frames, naive=True)
     assert naive.schedule_sam2_block(0) == 0
+    ahead = model.video_context(tok, frames, encode_batch=4)  # the answers' decoding starts the first block
+    assert ahead.prefetch_generations([(eval_prompt(TEXTS[0]), "uniform", None)]) == 1
+    assert sorted(t for _, t in ahead._sam2_jobs) == [0, 1, 2, 3]
 
 
 def test_prefetch_builds_images_ahead_and_tokenizes_each_prompt_once(tiny, monkeypatch):

@@ -657,7 +657,6 @@ class VideoContext:
         """
         if not self.can_batch_generations() or not self.num_frames:
             return 0
-        self.schedule_sam2_block(0)  # the first SAM2 frames get resized while the answers are decoded
         options = options or InferenceOptions()
         max_new = int(options.max_new_tokens)
         groups: "OrderedDict[tuple, list]" = OrderedDict()
@@ -697,6 +696,7 @@ class VideoContext:
             if len(chunk) == 1:
                 gkey, ids, specs, _ = chunk[0]
                 images_ahead(gkey)
+                self.schedule_sam2_block(0)
                 self.generate(ids, specs, max_new)
                 self._prefetched.add(gkey)
                 done += 1
@@ -706,6 +706,9 @@ class VideoContext:
                 images_ahead(gkey)
                 prefixes.append(self._prefix_for(ids, specs, boundary))
             # (decode_attention only when not the default: generate_answers of other models may lack it)
+            # the first SAM2 frames resized while the answers are decoded (after the prefixes' images: the
+            # workers build those first)
+            self.schedule_sam2_block(0)
             answers = self.model.generate_answers([ids for _, ids, _, _ in chunk], prefix_cache=prefixes,
                                                   tokenizer=self.tokenizer, stop_words=self.stop_words,
                                                   max_new_tokens=max_new, exact=self.exact_rows,
