@@ -389,7 +389,7 @@ class VideoContext:
     def _encode_frames(self, frame_ids: Sequence[int], original: Optional[str] = None) -> FrameFeatures:
         """SAM2 features of ``frame_ids``; ``original``: with the original SAM2 weights of that checkpoint
         (propagation='memory_original_sam2') instead of the model's fine-tuned ones."""
-        g = self.grounding if original is None else original_sam2_grounding(self.model, original)
+        g = self._grounding_for(original)
         images = torch.stack(self._sam2_pixels(frame_ids, g.image_size, original)).to(self.device)
         feats = g.encode(g.preprocess(images, dtype=module_dtype(g)), chunk_size=self.encode_batch)
         if original is None:
@@ -397,6 +397,20 @@ class VideoContext:
         else:
             self.counters.sam2_frames_encoded_original += len(frame_ids)
         return feats
+
+    def _grounding_for(self, original: Optional[str]):
+        """The SAM2 grounding whose features are asked for: the model's, or that of the original weights."""
+        return self.grounding if original is None else original_sam2_grounding(self.model, original)
+
+    @staticmethod
+    def _feature_key(t: int, original: Optional[str]):
+        """Key of frame ``t``'s features in the cache (the original weights' beside the model's)."""
+        return t if original is None else ("original", original, t)
+
+    def _block(self, frame: int) -> list:
+        """The frames of the aligned encode block holding ``frame``."""
+        start = frame - frame % self.encode_batch
+        return list(range(start, min(start + self.encode_batch, self.num_frames)))
 
     def _sam2_pixels(self, frame_ids: Sequence[int], size: int, original: Optional[str] = None) -> list:
         """uint8 [3, size, size] of each frame for SAM2 (``sam2_resize``): taken from the resizes started ahead
@@ -417,12 +431,10 @@ class VideoContext:
         number started (0 with one worker or on the naive path)."""
         if IMAGE_WORKERS <= 1 or self.naive or not 0 <= frame < self.num_frames:
             return 0
-        start = frame - frame % self.encode_batch
-        todo = [t for t in range(start, min(start + self.encode_batch, self.num_frames))
-                if (original, t) not in self._sam2_jobs
-                and (t if original is None else ("original", original, t)) not in self._features]
+        todo = [t for t in self._block(frame)
+                if (original, t) not in self._sam2_jobs and self._feature_key(t, original) not in self._features]
         if todo:
-            size = (self.grounding if original is None else original_sam2_grounding(self.model, original)).image_size
+            size = self._grounding_for(original).image_size
             self._load_frames()
             pool = image_pool(IMAGE_WORKERS)
             for t in todo:
@@ -431,9 +443,8 @@ class VideoContext:
 
     def _encode_block(self, frame: int, original: Optional[str] = None) -> dict:
         """Encode the aligned block holding ``frame``: the batch composition never depends on the cache."""
-        start = frame - frame % self.encode_batch
-        ids = list(range(start, min(start + self.encode_batch, self.num_frames)))
-        self.schedule_sam2_block(start + self.encode_batch, original)  # the next block, during this one
+        ids = self._block(frame)
+        self.schedule_sam2_block(ids[-1] + 1, original)  # the next block, during this one
         feats = self._encode_frames(ids, original)
         out = {}
         for i, t in enumerate(ids):  # own storage per frame, so evicting a frame frees its memory
@@ -447,7 +458,7 @@ class VideoContext:
         original SAM2 weights of that checkpoint (cached beside the others, under the same budget)."""
         if not 0 <= t < self.num_frames:
             raise ValueError(f"frame index {t} outside 0..{self.num_frames - 1}")
-        key = t if original is None else ("original", original, t)
+        key = self._feature_key(t, original)
         hit = self._features.get(key)
         if hit is not None:
             self._features.move_to_end(key)
@@ -455,7 +466,7 @@ class VideoContext:
         block = self._encode_block(t, original)
         keys = {}
         for k, v in block.items():
-            keys[k] = k if original is None else ("original", original, k)
+            keys[k] = self._feature_key(k, original)
             if keys[k] not in self._features:
                 self._features[keys[k]] = v
                 self._feature_bytes += v.nbytes
@@ -617,13 +628,14 @@ class VideoContext:
         """Key of the generation cache: same tokens, images and decoding limits -> same greedy answer."""
         return (self._tokens(ids)[0], tuple(k for k, _ in specs), int(max_new_tokens), self._max_seg(specs))
 
-    def _tokens(self, ids: torch.Tensor) -> tuple:
+    def _tokens(self, ids: torch.Tensor, host_ids: Optional[list] = None) -> tuple:
         """(TokenKey, canonical boundary) of prompt ``ids`` [1, n], read from the device once per prompt
-        tensor the context keeps (each read of a CUDA tensor is a sync, and a prediction needed several)."""
+        tensor the context keeps (each read of a CUDA tensor is a sync, and a prediction needed several);
+        ``host_ids``: the same ids as a list, when the caller has them (then nothing is read back)."""
         info = self._token_info.get(id(ids))
         if info is not None and info[0] is ids:
             return info[1], info[2]
-        tokens = TokenKey(ids[0].tolist())
+        tokens = TokenKey(ids[0].tolist() if host_ids is None else host_ids)
         boundary = canonical_boundary(tokens, self.img_end_id)
         if not self.naive:  # the entry holds ids, so id(ids) cannot be reused while it is there
             self._token_info[id(ids)] = (ids, tokens, boundary)
@@ -1020,8 +1032,7 @@ class VideoContext:
             ids = cpu_ids.to(self.device)
             if not self.naive:
                 self._ids[prompt] = ids
-                tokens = TokenKey(cpu_ids[0].tolist())  # read here, not back from the device
-                self._token_info[id(ids)] = (ids, tokens, canonical_boundary(tokens, self.img_end_id))
+                self._tokens(ids, cpu_ids[0].tolist())  # read here, not back from the device
         return indices, specs, ids
 
     def _predict(self, text, mode, selected_fids, return_probs, past_text, options) -> dict:
