@@ -341,15 +341,16 @@ def load_model(opts: EvalOptions, ctx: DistContext):
 def fill_token_ids(config, tokenizer, where: str) -> None:
     """Official exports' config.json names neither the [SEG] nor the <IMG_CONTEXT> token id (their code
     looks them up in the tokenizer); this repository's model reads them from the config: fill them in."""
+    from projects.sasasa2va.hf.models.inference import token_id
     from projects.sasasa2va.hf.models.templates import IMG_CONTEXT_TOKEN, SEG_TOKEN
 
     for attr, token in (("seg_token_id", SEG_TOKEN), ("img_context_token_id", IMG_CONTEXT_TOKEN)):
         if getattr(config, attr, None) is not None:
             continue
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if tid is None or tid == tokenizer.unk_token_id:
+        tid = token_id(tokenizer, token)
+        if tid is None:
             raise ValueError(f"{where}: config.json has no {attr} and the tokenizer has no {token} token")
-        setattr(config, attr, int(tid))
+        setattr(config, attr, tid)
 
 
 # ================================================================================================ prediction

@@ -137,22 +137,21 @@ def tokenize_prompt_split(tokenizer, prompt: str, cache: dict, split_token: str 
     cut = prompt.rfind(split_token)
     if cut < 0 or cache.get("whole"):
         return tokenize_prompt(tokenizer, prompt, "cpu")
-    cut += len(split_token)
+    head, rest = prompt[:cut + len(split_token)], prompt[cut + len(split_token):]
     heads = cache.setdefault("heads", {})
-    head_ids = heads.get(prompt[:cut])
+    head_ids = heads.get(head)
     check = head_ids is None
     if check:
-        head_ids = tokenize_prompt(tokenizer, prompt[:cut], "cpu")
-    tail = tokenizer(split_token + prompt[cut:], add_special_tokens=False, return_tensors="pt").input_ids
-    ids = torch.cat([head_ids, tail[:, 1:]], dim=1) if tail.shape[1] else None
-    if tail.shape[1] and int(tail[0, 0]) != token_id(tokenizer, split_token):
-        ids = None
+        head_ids = tokenize_prompt(tokenizer, head, "cpu")
+    tail = tokenizer(split_token + rest, add_special_tokens=False, return_tensors="pt").input_ids
+    split_off = tail.shape[1] > 0 and int(tail[0, 0]) == token_id(tokenizer, split_token)
+    ids = torch.cat([head_ids, tail[:, 1:]], dim=1) if split_off else None
     if check or ids is None:
         whole = tokenize_prompt(tokenizer, prompt, "cpu")
         if ids is None or not torch.equal(whole, ids):
             cache["whole"] = True
             return whole
-        heads[prompt[:cut]] = head_ids
+        heads[head] = head_ids
     return ids
 
 
@@ -176,7 +175,7 @@ def canonical_boundary(ids, img_end_id: Optional[int]) -> int:
 def token_id(tokenizer, token: str) -> Optional[int]:
     tid = tokenizer.convert_tokens_to_ids(token)
     unk = getattr(tokenizer, "unk_token_id", None)
-    if tid is None or (unk is not None and tid == unk and token != tokenizer.unk_token):
+    if tid is None or (unk is not None and tid == unk and token != getattr(tokenizer, "unk_token", None)):
         return None
     return int(tid)
 
