@@ -24,8 +24,6 @@ class CfgOptionsAction(DictAction):
 
 def output_file_problem(path: str, flag: str) -> str | None:
     """Why ``path`` cannot be written as an output file (checked before a long run, not after it), or None."""
-    import os
-
     if os.path.isdir(path):
         return f"{flag} {path}: is a folder; give a file path"
     parent = os.path.dirname(os.path.abspath(path))

@@ -21,8 +21,9 @@ def _process_umask() -> int:
     return mask
 
 
-FILE_MODE = 0o666 & ~_process_umask()  # what open() would give: mkstemp's temp files are 0600
-DIR_MODE = 0o777 & ~_process_umask()  # what os.makedirs would give: mkdtemp's folders are 0700
+_UMASK = _process_umask()
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give: mkstemp's temp files are 0600
+DIR_MODE = 0o777 & ~_UMASK  # what os.makedirs would give: mkdtemp's folders are 0700
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
