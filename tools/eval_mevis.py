@@ -75,8 +75,9 @@ def main(argv=None) -> int:
     from projects.sasasa2va.utils.cli import output_file_problem
 
     d = out_dir_for(args)
-    for path, flag in ((args.csv or os.path.join(d, "mevis_valu_per_expression.csv"), "--csv"),
-                       (args.json or os.path.join(d, "mevis_valu.json"), "--json")):
+    csv_path = args.csv or os.path.join(d, "mevis_valu_per_expression.csv")
+    json_path = args.json or os.path.join(d, "mevis_valu.json")
+    for path, flag in ((csv_path, "--csv"), (json_path, "--json")):
         problem = output_file_problem(path, flag)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
@@ -88,9 +89,6 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    d = out_dir_for(args)
-    csv_path = args.csv or os.path.join(d, "mevis_valu_per_expression.csv")
-    json_path = args.json or os.path.join(d, "mevis_valu.json")
     atomic_write_text(csv_path, rows_csv(scores["rows"]))
     summary = {
         # percent, rounded like the reference script; "fractions" keeps the unrounded means

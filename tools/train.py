@@ -114,6 +114,15 @@ def checkpoint_complete(path: str) -> bool:
         return False
 
 
+def earlier_checkpoints(work_dir: str) -> list[str]:
+    """The complete ``iter_<n>.pth`` of the work dir (cut-short ones hold nothing to keep), oldest first."""
+    if not osp.isdir(work_dir):
+        return []
+    return sorted((n for n in os.listdir(work_dir)
+                   if iter_number(n) is not None and checkpoint_complete(osp.join(work_dir, n))),
+                  key=lambda n: (iter_number(n), n))
+
+
 def latest_complete_checkpoint(work_dir: str) -> str | None:
     """``<work_dir>/last_checkpoint`` when it names a complete checkpoint; else (the file is missing,
     empty, or names a deleted / half-written checkpoint, e.g. after kill -9) the complete ``iter_<n>.pth``
@@ -125,13 +134,8 @@ def latest_complete_checkpoint(work_dir: str) -> str | None:
             recorded = f.read().strip() or None
     if recorded is not None and checkpoint_complete(recorded):
         return recorded
-    found = []
-    if osp.isdir(work_dir):
-        for name in os.listdir(work_dir):
-            n = iter_number(name)
-            if n is not None and checkpoint_complete(osp.join(work_dir, name)):
-                found.append((n, osp.join(work_dir, name)))
-    best = max(found)[1] if found else None
+    found = earlier_checkpoints(work_dir)
+    best = osp.join(work_dir, found[-1]) if found else None
     if recorded is not None:
         log(f"--resume auto: {marker} names {recorded!r}, which is missing or incomplete; "
             f"{'using ' + best if best else 'no other complete checkpoint found'}", logging.WARNING)
@@ -155,14 +159,6 @@ def resolve_resume(resume: str | None, work_dir: str) -> str | None:
         raise ValueError(f"--resume {resume}: not a complete checkpoint (cut short, or not a torch.save file); "
                          f"--resume auto picks the newest complete one of the work dir")
     return resume
-
-
-def earlier_checkpoints(work_dir: str) -> list[str]:
-    """The complete ``iter_<n>.pth`` of the work dir (cut-short ones hold nothing to keep), oldest first."""
-    if not osp.isdir(work_dir):
-        return []
-    return sorted((n for n in os.listdir(work_dir)
-                   if iter_number(n) is not None and checkpoint_complete(osp.join(work_dir, n))), key=iter_number)
 
 
 def check_work_dir(work_dir: str, resume: str | None, cfg) -> None:
