@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average every expression at the end of the run (runner.AVERAGE_AHEAD off) instead of on "
                         "the writer threads as soon as its modes are in")
     p.add_argument("--writer-threads", type=int, default=None,
-                   help="output writer threads (runner.WRITER_THREADS; default: half the cores, at most 8; 0 = "
-                        "write on the model's thread)")
+                   help="output writer threads (runner.WRITER_THREADS; default: a quarter of the cores, at most 4; "
+                        "0 = write on the model's thread)")
     p.add_argument("--switch-interval-ms", type=float, default=None,
                    help="the interpreter's thread switch interval (sys.setswitchinterval; Python's default 5 ms): "
                         "how long the model's thread may wait for the GIL held by a writer thread")

@@ -155,7 +155,7 @@ fi
 
 # ---- 3. where the 4B-shaped shared path's time goes (optional) -----------------------------------------
 if [ "${PROFILE:-0}" = "1" ] && [ "${SKIP_4B:-0}" != "1" ]; then
-    say "step 3: profile_eval.py --preset 4b-shaped --torch-profiler"
+    say "step 3: profile_eval.py --preset 4b-shaped ${PROFILE_ARGS:---torch-profiler}"
     # shellcheck disable=SC2086
     timeout "${PROFILE_TIMEOUT:-150}" $PY tools/profile_eval.py "${B4_COMMON[@]}" \
         ${PROFILE_ARGS:---torch-profiler} --work-dir "${BENCH_DIR:-/tmp/bench}/prof" \

@@ -76,5 +76,6 @@ def main(argv=None) -> int:
         print(f"{name}: {path}")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,12 +47,13 @@ import benchmark_eval as be  # noqa: E402  (the benchmark's model, data and run 
 
 
 def _where(key: tuple) -> str:
+    """'file:line(function)' with the file relative to site-packages or the repo; line None: 'file(function)'."""
     filename, line, func = key
     for marker in ("site-packages/", ROOT + os.sep):
         if marker in filename:
             filename = filename.split(marker, 1)[1]
             break
-    return f"{filename}:{line}({func})"
+    return f"{filename}({func})" if line is None else f"{filename}:{line}({func})"
 
 
 def growth_lines(small: pstats.Stats, large: pstats.Stats, top: int) -> list[str]:
@@ -94,7 +95,7 @@ class StackSampler:
         seen, first, project = set(), True, None
         while frame is not None:
             code = frame.f_code
-            where = _where((code.co_filename, 0, code.co_name)).replace(":0(", "(")
+            where = _where((code.co_filename, None, code.co_name))
             if first:
                 self.own_lines[_where((code.co_filename, frame.f_lineno, code.co_name))] += 1
                 first = False
