@@ -135,7 +135,9 @@ def test_checkpoint_and_save_path_mistakes_are_refused(tmp_path):
     torch.save({"state_dict": {"b": torch.ones(3)}}, work / "legacy.pth", _use_new_zipfile_serialization=False)
     assert torch.equal(conv.load_training_checkpoint(str(work / "legacy.pth"))["b"], torch.ones(3))
     os.remove(work / "legacy.pth")
-    with pytest.raises(ValueError, match=r"not a DeepSpeed checkpoint folder .*newest checkpoint is .*iter_20\.pth"):
+    (work / "iter_30.pth").write_bytes((work / "iter_20.pth").read_bytes()[:30])  # newest, but cut short
+    with pytest.raises(ValueError, match=r"not a DeepSpeed checkpoint folder .*newest complete checkpoint is "
+                                         r".*iter_20\.pth"):
         conv.load_training_checkpoint(str(work))
     # --overwrite replaces only an earlier export, never a work dir, a file or a folder holding the input
     conv.check_save_path(str(tmp_path / "new"), overwrite=False)
@@ -152,12 +154,13 @@ def test_checkpoint_and_save_path_mistakes_are_refused(tmp_path):
     (export / "config.json").write_text("{}")
     (export / "model.safetensors").write_bytes(b"")
     conv.check_save_path(str(export), overwrite=True, inputs=(str(work / "iter_20.pth"),))
-    assert sorted(os.listdir(work)) == ["iter_20.pth", "iter_3.pth", "notes.pth"]  # nothing was touched
+    assert sorted(os.listdir(work)) == ["iter_20.pth", "iter_3.pth", "iter_30.pth", "notes.pth"]  # nothing touched
     r = subprocess.run([sys.executable, os.path.join(ROOT, "projects", "sasasa2va", "hf", "convert_to_hf.py"),
                         TINY_CONFIG, "--pth-model", str(work / "iter_20.pth"), "--save-path", str(work),
                         "--overwrite"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "an input of this export" in r.stderr
-    assert "Traceback" not in r.stderr and sorted(os.listdir(work)) == ["iter_20.pth", "iter_3.pth", "notes.pth"]
+    assert "Traceback" not in r.stderr
+    assert sorted(os.listdir(work)) == ["iter_20.pth", "iter_3.pth", "iter_30.pth", "notes.pth"]
 
 
 def test_cli_arguments_and_default_save_path():

@@ -327,15 +327,15 @@ def test_train_py_helpers(tmp_path):
     assert ok.returncode == 0 and "usage: bash tools/dist.sh TOOL CONFIG NUM_GPUS" in ok.stdout
     missing = subprocess.run(["bash", dist, "train", "nope.py", "1"], capture_output=True, text=True, timeout=30)
     assert missing.returncode == 2 and "config not found: nope.py" in missing.stderr
-    assert train_tool.earlier_checkpoints("/nonexistent") == []
+    assert train_tool.complete_checkpoints("/nonexistent") == []
     work = tmp_path / "work"
     work.mkdir()
     (work / "iter_3.pth").write_bytes(b"PK cut short")  # nothing to keep: a new run may start here
     (work / ".tmp_77_iter_4.pth").write_bytes(b"half")
     (work / "notes.txt").write_text("mine")
-    assert train_tool.earlier_checkpoints(str(work)) == []
+    assert train_tool.complete_checkpoints(str(work)) == []
     torch.save({"a": torch.ones(1)}, work / "iter_0.pth")
-    assert train_tool.earlier_checkpoints(str(work)) == ["iter_0.pth"]
+    assert train_tool.complete_checkpoints(str(work)) == ["iter_0.pth"]
     assert train_tool.remove_stale_temp_checkpoints(str(work)) == [".tmp_77_iter_4.pth"]
     assert sorted(os.listdir(work)) == ["iter_0.pth", "iter_3.pth", "notes.txt"]
     with pytest.raises(SystemExit) as exc:  # an item without '=': a usage error, not a traceback

@@ -44,7 +44,8 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from projects.sasasa2va.utils.checkpoint import iter_number, remove_stale_temp_checkpoints  # noqa: E402
+from projects.sasasa2va.utils.checkpoint import (  # noqa: E402
+    checkpoint_complete, complete_checkpoints, remove_stale_temp_checkpoints)
 
 NO_DEEPSPEED = ("", "none", "None", "false", "False", "0")
 DEEPSPEED_DIR = osp.join(ROOT, "configs", "deepspeed")
@@ -98,31 +99,6 @@ def default_work_dir(config: str) -> str:
     return osp.join("./work_dirs", osp.splitext(osp.basename(config))[0])
 
 
-def checkpoint_complete(path: str) -> bool:
-    """A DeepSpeed checkpoint folder, or a .pth whose zip directory is intact (a file cut short by a kill
-    during torch.save has none)."""
-    import zipfile
-
-    if osp.isdir(path):
-        return True
-    if not osp.isfile(path):
-        return False
-    try:
-        with zipfile.ZipFile(path) as z:
-            return bool(z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def earlier_checkpoints(work_dir: str) -> list[str]:
-    """The complete ``iter_<n>.pth`` of the work dir (cut-short ones hold nothing to keep), oldest first."""
-    if not osp.isdir(work_dir):
-        return []
-    return sorted((n for n in os.listdir(work_dir)
-                   if iter_number(n) is not None and checkpoint_complete(osp.join(work_dir, n))),
-                  key=lambda n: (iter_number(n), n))
-
-
 def latest_complete_checkpoint(work_dir: str) -> str | None:
     """``<work_dir>/last_checkpoint`` when it names a complete checkpoint; else (the file is missing,
     empty, or names a deleted / half-written checkpoint, e.g. after kill -9) the complete ``iter_<n>.pth``
@@ -134,7 +110,7 @@ def latest_complete_checkpoint(work_dir: str) -> str | None:
             recorded = f.read().strip() or None
     if recorded is not None and checkpoint_complete(recorded):
         return recorded
-    found = earlier_checkpoints(work_dir)
+    found = complete_checkpoints(work_dir)
     best = osp.join(work_dir, found[-1]) if found else None
     if recorded is not None:
         log(f"--resume auto: {marker} names {recorded!r}, which is missing or incomplete; "
@@ -171,7 +147,7 @@ def check_work_dir(work_dir: str, resume: str | None, cfg) -> None:
         for name in remove_stale_temp_checkpoints(work_dir):
             log(f"removed {name} (a checkpoint save cut short by a kill)")
     if resume is None:
-        found = earlier_checkpoints(work_dir)
+        found = complete_checkpoints(work_dir)
         if found:
             raise ValueError(f"{work_dir} holds checkpoints of an earlier run ({', '.join(found[-3:])}); "
                              f"--resume auto continues it, --work-dir NEW starts another run")

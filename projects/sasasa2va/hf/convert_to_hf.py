@@ -149,19 +149,14 @@ def load_deepspeed_folder(path: str) -> "OrderedDict[str, torch.Tensor]":
     return _state_dict_from(state, path)
 
 
-def _newest_checkpoint(folder: str) -> str | None:
-    from projects.sasasa2va.utils.checkpoint import iter_number
-
-    names = [n for n in os.listdir(folder) if n.endswith(".pth") and iter_number(n) is not None]
-    return osp.join(folder, max(names, key=iter_number)) if names else None
-
-
 def load_training_checkpoint(path: str, log=print) -> "OrderedDict[str, torch.Tensor]":
     """Trainable tensors of a training checkpoint (mmengine .pth, plain state dict or DeepSpeed folder)."""
     if osp.isdir(path):
         if not any(n.endswith("model_states.pt") for n in os.listdir(path)):  # ZeRO-3: zero_pp_rank_<r>_mp_...
-            newest = _newest_checkpoint(path)
-            hint = f"; its newest checkpoint is {newest}" if newest else ""
+            from projects.sasasa2va.utils.checkpoint import complete_checkpoints
+
+            found = complete_checkpoints(path)
+            hint = f"; its newest complete checkpoint is {osp.join(path, found[-1])}" if found else ""
             raise ValueError(f"{path}: a folder but not a DeepSpeed checkpoint folder (no "
                              f"*model_states.pt){hint}")
         log(f"[convert_to_hf] {path}: DeepSpeed checkpoint folder (zero_to_fp32)")

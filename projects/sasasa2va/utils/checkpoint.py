@@ -206,3 +206,29 @@ def iter_number(name: str) -> int | None:
     if stem.startswith("iter_") and stem[5:].isdigit():
         return int(stem[5:])
     return None
+
+
+def checkpoint_complete(path: str) -> bool:
+    """A DeepSpeed checkpoint folder, or a .pth whose zip directory is intact (a file cut short by a kill
+    during torch.save has none)."""
+    import zipfile
+
+    if os.path.isdir(path):
+        return True
+    if not os.path.isfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            return bool(z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def complete_checkpoints(work_dir: str) -> list[str]:
+    """Names of the complete ``iter_<n>.pth`` of a work dir (cut-short ones hold nothing to keep), oldest
+    first."""
+    if not os.path.isdir(work_dir):
+        return []
+    return sorted((n for n in os.listdir(work_dir)
+                   if iter_number(n) is not None and checkpoint_complete(os.path.join(work_dir, n))),
+                  key=lambda n: (iter_number(n), n))
