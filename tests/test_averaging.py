@@ -282,6 +282,9 @@ def test_cli_select_then_apply(world, tmp_path):
     out = subprocess.run(base + ["--members", "q_frame", "--write-results", inside, "--overwrite"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "inside the run" in out.stderr
+    out = subprocess.run(base + ["--members", "uniform", "--write-results", os.path.join(res2, "results.json")],
+                         capture_output=True, text=True)  # under a file: refused before any work
+    assert out.returncode == 2 and f"{res2} is a file, not a folder" in out.stderr
     part = tmp_path / "runs2" / "partial"
     shutil.copytree(r["uniform"], part)
     victim = sorted(p for p in part.rglob("*.npz"))[0]

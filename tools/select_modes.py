@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from projects.sasasa2va.evaluation.averaging import (  # noqa: E402
     default_members, discover_runs, greedy_select, run_name, write_ensemble_results)
+from projects.sasasa2va.utils.cli import output_file_problem  # noqa: E402
 from projects.sasasa2va.utils.io import atomic_write_json  # noqa: E402
 
 
@@ -74,14 +75,15 @@ def evaluation_runs(runs):
 
 
 def check_output(path: str, flag: str, overwrite: bool, runs=()) -> None:
-    """An output file may be new, or (with --overwrite) replace a file -- never a folder, and never a file
-    inside one of the runs (e.g. a member run's own results.json)."""
+    """An output file may be new, or (with --overwrite) replace a file -- never a folder, a file in an
+    unwritable place, or a file inside one of the runs (e.g. a member run's own results.json)."""
     target = os.path.abspath(path)
     for r in runs:
         if os.path.commonpath([target, os.path.abspath(r)]) == os.path.abspath(r):
             raise ValueError(f"{flag} {path}: inside the run {r}; write the ensemble outside the runs")
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path}: is a folder; give a file path")
+    problem = output_file_problem(path, flag)  # a folder, or an unwritable place
+    if problem:
+        raise ValueError(problem)
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"{flag} {path}: exists; pass --overwrite to replace it")
 
