@@ -232,6 +232,13 @@ def test_write_ensemble_results_and_score(world, tmp_path):
     assert e["exp"] == "<image>\nPlease segment thing 1."
     assert evaluate_split(world["split"], results_path=out)["J&F"] == pytest.approx(1.0)
     assert [f for f in os.listdir(tmp_path / "ens")] == ["results.json"]
+    foreign = tmp_path / "foreign"  # a run holding an expression the split lacks: another split's
+    shutil.copytree(r["uniform"], foreign)
+    avg.save_probs(str(foreign), "v1", "99", avg.load_probs(str(foreign), "v1", "1"))
+    with pytest.raises(ValueError, match=r"has 1 expression\(s\) that .* does not, e.g. v1/99: a run of another"):
+        avg.write_ensemble_results([r["q_frame"], str(foreign)], str(tmp_path / "ens2" / "results.json"),
+                                   world["split"], allow_incomplete=True)
+    assert not (tmp_path / "ens2").exists()
 
 
 def test_runs_without_probs_fall_back_to_results_json(world, tmp_path):

@@ -291,7 +291,7 @@ def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: st
     Returns the __meta__ written.
     """
     from projects.sasasa2va.datasets.readers import read_meta_expressions
-    from projects.sasasa2va.evaluation.results_io import make_entry, write_results
+    from projects.sasasa2va.evaluation.results_io import make_entry, not_in_split, write_results
     from projects.sasasa2va.hf.models.templates import eval_prompt
 
     records = read_meta_expressions(os.path.join(split_dir, "meta_expressions.json"),
@@ -302,7 +302,7 @@ def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: st
     wanted = set(keys)
     for r in run_dirs:  # a member lacking expressions would silently drop out of their averages
         have = run_keys(r)
-        missing, foreign = sorted(wanted - have), sorted(have - wanted)
+        missing, foreign = sorted(wanted - have), not_in_split(sorted(have), records)
         if foreign:
             raise ValueError(f"run {r} has {len(foreign)} expression(s) that {split_dir} does not, e.g. "
                              f"{foreign[0][0]}/{foreign[0][1]}: a run of another split?")

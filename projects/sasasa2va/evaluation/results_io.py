@@ -134,11 +134,16 @@ def entry_masks(entry: dict, height: int | None = None, width: int | None = None
     return np.stack([decode_rle(r, height, width) for r in rles]).astype(bool)
 
 
+def not_in_split(pairs, records: dict) -> list[tuple[str, str]]:
+    """The (video, expression) pairs that the split's records lack, in the given order: the sign of
+    predictions made on another split (what every reader of results checks before using them)."""
+    return [(v, e) for v, e in pairs if v not in records or e not in records[v].expressions]
+
+
 def check_results_in_split(results: dict, records: dict, results_path: str, meta_path: str) -> None:
     """Refuse results ({video: {exp: entry}}) holding expressions the split's records lack: results made on
     another split (scoring or showing them against this one would be meaningless)."""
-    foreign = [f"{v}/{e}" for v, es in results.items() for e in es
-               if v not in records or e not in records[v].expressions]
+    foreign = [f"{v}/{e}" for v, e in not_in_split(((v, e) for v, es in results.items() for e in es), records)]
     if foreign:
         raise ValueError(f"{results_path}: {len(foreign)} prediction(s) for expressions that {meta_path} does not "
                          f"have (first: {', '.join(foreign[:5])}); were these results made on another split?")
