@@ -565,7 +565,7 @@ def test_runner_asks_models_for_uint8_probabilities(syn_root, split, fake_env, t
     """A model listing "uint8" in probs_formats is asked for uint8 probabilities (quantized where it runs;
     FAKE_EVAL_UINT8: the fake model lists it and fails any other request); the stored probabilities, the
     results and the average equal those of a float32 run."""
-    from projects.sasasa2va.evaluation import runner
+    from projects.sasasa2va.evaluation import predictions
     from projects.sasasa2va.evaluation.averaging import load_probs
 
     args = ("--mode", "uniform,wrap_around", "--average")
@@ -587,15 +587,15 @@ def test_runner_asks_models_for_uint8_probabilities(syn_root, split, fake_env, t
                     stored += 1
     assert stored > 0
     u8 = FakeModel(uint8=True)
-    assert runner.probs_request(FakeModel(), True) is True and runner.probs_request(u8, False) is False
-    assert runner.probs_request(u8, True) == "uint8"
+    assert predictions.probs_request(FakeModel(), True) is True and predictions.probs_request(u8, False) is False
+    assert predictions.probs_request(u8, True) == "uint8"
     from PIL import Image
 
     from projects.sasasa2va.evaluation.averaging import quantize_probs
 
     frames = [Image.new("RGB", (32, 24))] * 2
-    out = runner.normalize_output(u8.predict_forward(frames, "x", None, "uniform", return_probs="uint8"), 2, (24, 32))
-    ref = runner.normalize_output(FakeModel().predict_forward(frames, "x", None, "uniform"), 2, (24, 32))
+    out = predictions.normalize_output(u8.predict_forward(frames, "x", None, "uniform", return_probs="uint8"), 2, (24, 32))
+    ref = predictions.normalize_output(FakeModel().predict_forward(frames, "x", None, "uniform"), 2, (24, 32))
     assert ref.probs.dtype == np.float32 and out.probs.dtype == np.uint8
     assert np.array_equal(out.probs, quantize_probs(ref.probs)) and len(np.unique(out.probs)) > 2
 
@@ -792,7 +792,7 @@ def test_official_predict_forward_signature(syn_root, split, fake_env, tmp_path,
 def test_token_ids_filled_from_the_tokenizer():
     from types import SimpleNamespace
 
-    from projects.sasasa2va.evaluation.runner import fill_token_ids
+    from projects.sasasa2va.evaluation.model_loading import fill_token_ids
 
     class Tok:
         unk_token_id = 0

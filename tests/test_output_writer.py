@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from projects.sasasa2va.evaluation import averaging, runner
+from projects.sasasa2va.evaluation import averaging, predictions, runner
 from projects.sasasa2va.evaluation.output_writer import BackgroundWriter
 from test_eval_runner import failing, fake_env, read_bytes, run_inproc, split, syn_root  # noqa: F401
 
@@ -313,11 +313,11 @@ def test_store_output_encodes_shared_outputs_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "encode_probs", counted("npz", averaging.encode_probs))
     monkeypatch.setattr(runner, "encode_masks", counted("rle", results_io.encode_masks))
-    task = runner.ExpressionTask(index=0, video_id="v", exp_id="0", text="x", prompt="<image>\nx")
+    task = predictions.ExpressionTask(index=0, video_id="v", exp_id="0", text="x", prompt="<image>\nx")
     frames = ["00000", "00001", "00002"]
 
     def store(run_dir, m, p):
-        out = runner.ExpressionOutput("ok", "Sure [SEG]", m, p, 1)
+        out = predictions.ExpressionOutput("ok", "Sure [SEG]", m, p, 1)
         runner._store_output(str(tmp_path / run_dir), task, frames, out, p, (8, 10))
 
     store("writable_a", masks, probs)

@@ -5,7 +5,7 @@ results.json must be byte-identical to the uninterrupted single-process one.
 
 The export and the scripted LM head come from tests/test_export.py / tests/test_inference.py: a random
 LLM emits arbitrary text (and would generate up to 2048 tokens), so the factory below loads the folder
-exactly like the runner does (``runner.load_model``, remote code) and then replaces only the LM head by
+exactly like the runner does (``model_loading.load_model``, remote code) and then replaces only the LM head by
 one that answers ten [SEG]; vision, LLM hidden states, [SEG] projection and SAM2 run for real.
 """
 from __future__ import annotations
@@ -37,7 +37,9 @@ def scripted_factory(hf_dir, device, dtype, remote_code, rank=0):
     from test_export import ANSWER_STOP, _install_script
     from test_inference import set_answer
 
-    from projects.sasasa2va.evaluation.runner import DistContext, EvalOptions, load_model
+    from projects.sasasa2va.evaluation.distributed import DistContext
+    from projects.sasasa2va.evaluation.model_loading import load_model
+    from projects.sasasa2va.evaluation.runner import EvalOptions
 
     model, tok = load_model(EvalOptions(hf_dir=hf_dir, remote_code=remote_code, dtype="float32"),
                             DistContext(device=device))

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from projects.sasasa2va.evaluation.runner import resolve_dtype
+    from projects.sasasa2va.evaluation.model_loading import resolve_dtype
     from projects.sasasa2va.hf.models.modeling_sasasa2va_chat import _gqa_decode_attention
     from projects.sasasa2va.utils.io import atomic_write_json
 

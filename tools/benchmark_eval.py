@@ -170,7 +170,9 @@ def load_bench_model(args, device: str, dtype):
     if args.model == "tiny":
         model, tok = bench.build_tiny_model(cache, device=device, dtype=dtype, seed=args.seed)
         return model, tok, "tiny"
-    from projects.sasasa2va.evaluation.runner import DistContext, EvalOptions, load_model
+    from projects.sasasa2va.evaluation.distributed import DistContext
+    from projects.sasasa2va.evaluation.model_loading import load_model
+    from projects.sasasa2va.evaluation.runner import EvalOptions
 
     opts = EvalOptions(hf_dir=args.model, remote_code=args.remote_code, device=device,
                        dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
@@ -416,7 +418,8 @@ def run_settings(args):
     """(device, dtype, modes, average) of a parsed command line (torch threads set; bad values exit)."""
     import torch
 
-    from projects.sasasa2va.evaluation.runner import parse_modes, resolve_dtype
+    from projects.sasasa2va.evaluation.model_loading import resolve_dtype
+    from projects.sasasa2va.evaluation.runner import parse_modes
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -117,8 +117,9 @@ def prepare_masks_dir(masks_dir: str, video: str, names: list[str]) -> list[str]
 
 def load_model(hf_dir: str, device: str, dtype: str, remote_code: bool):
     """(model, tokenizer) in eval mode on ``device``: the evaluation runner's own loading."""
-    from projects.sasasa2va.evaluation.runner import DistContext, EvalOptions
-    from projects.sasasa2va.evaluation.runner import load_model as runner_load_model
+    from projects.sasasa2va.evaluation.distributed import DistContext
+    from projects.sasasa2va.evaluation.model_loading import load_model as runner_load_model
+    from projects.sasasa2va.evaluation.runner import EvalOptions
 
     # (its check_hf_dir raises FileNotFoundError / ValueError for a folder that is not an export)
     return runner_load_model(EvalOptions(hf_dir=hf_dir, remote_code=remote_code, dtype=dtype),

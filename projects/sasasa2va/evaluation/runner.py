@@ -12,7 +12,7 @@ reports done)::
     <run_dir>/preds/<video>/<exp_id>.json   the results.json entry (atomic; the "done" marker)
     <run_dir>/probs/<video>/<exp_id>.npz    uint8 probabilities (averaging.save_probs)
 
-so a killed run resumes on rerun. When every rank has finished (marker files, see ``_wait_for_ranks``),
+so a killed run resumes on rerun. When every rank has finished (marker files, see ``distributed.wait_for_ranks``),
 rank 0 assembles ``<run_dir>/results.json`` in dataset order from the per-expression files, averages
 modes (``--average``) and writes the submission PNGs (``--submit``). ``run_dir`` is the work dir for one
 mode and ``<work_dir>/modes/<mode>`` for several.
@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
-import importlib.util
 import itertools
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 import traceback
 import uuid
@@ -42,8 +39,16 @@ import numpy as np
 from projects.sasasa2va.evaluation import sharding
 from projects.sasasa2va.evaluation.average_ahead import AverageAhead, ahead_dir, averaged_entry, read_ahead
 from projects.sasasa2va.evaluation.averaging import encode_probs, load_probs, probs_path, quantize_probs, save_probs
+from projects.sasasa2va.evaluation.distributed import (
+    DistContext, barrier, clean_markers, init_distributed, shutdown_distributed, wait_for_ranks, write_marker,
+)
+from projects.sasasa2va.evaluation.model_loading import check_hf_dir, load_model
 from projects.sasasa2va.evaluation.output_writer import (
     WRITER_MAX_PENDING, WRITER_PENDING_BYTES, BackgroundWriter, writer_threads,
+)
+from projects.sasasa2va.evaluation.predictions import (
+    ExpressionOutput, ExpressionTask, PredictOptions, failed_output, fit_options_to_model, normalize_output,
+    predict_video, probs_request,
 )
 from projects.sasasa2va.evaluation.results_io import encode_masks, make_entry, read_entry, write_results
 from projects.sasasa2va.evaluation.shared_encodings import encode_once
@@ -54,7 +59,6 @@ from projects.sasasa2va.utils.io import atomic_write_json
 
 logger = logging.getLogger("sasasa2va.eval")
 
-DIST_DIR = ".dist"
 MAX_LISTED_FAILURES = 20
 AVERAGE_WORKERS = min(8, os.cpu_count() or 1)  # threads averaging expressions (average_runs) ...
 AVERAGE_MEMORY_BYTES = 2 << 30  # ... holding at most about this much at once
@@ -116,410 +120,6 @@ def default_work_dir(dataset: str, modes: Sequence[str]) -> str:
     return os.path.join("work_dirs", "eval", f"{dataset}_{tag}")
 
 
-# ================================================================================================ dist
-@dataclass
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: str = "cpu"
-    initialized: bool = False
-    nonce: str = ""
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _env_int(name: str) -> int:
-    v = os.environ.get(name)
-    if v is None:
-        raise RuntimeError(f"--launcher pytorch needs the {name} environment variable (start the job with "
-                           "projects/sasasa2va/evaluation/dist_test.sh or torchrun)")
-    try:
-        return int(v)
-    except ValueError:
-        raise RuntimeError(f"environment variable {name}={v!r} is not an integer") from None
-
-
-def init_distributed(launcher: str, device: str | None, timeout_s: float) -> DistContext:
-    """launcher 'none' -> one process; 'pytorch' -> RANK/WORLD_SIZE/LOCAL_RANK from the environment,
-    nccl on CUDA, gloo on CPU, with a timeout."""
-    import torch
-
-    if launcher not in ("none", "pytorch"):
-        raise ValueError(f"unknown launcher {launcher!r}; expected 'none' or 'pytorch'")
-    ctx = DistContext()
-    if launcher == "pytorch":
-        ctx.rank, ctx.world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
-        ctx.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda":
-        device = f"cuda:{ctx.local_rank}"
-    ctx.device = device
-    if launcher == "pytorch":
-        import datetime
-
-        import torch.distributed as dist
-
-        cuda = device.startswith("cuda")
-        if cuda:
-            torch.cuda.set_device(torch.device(device))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-        ctx.initialized = True
-        obj = [uuid.uuid4().hex if ctx.rank == 0 else None]
-        dist.broadcast_object_list(obj, src=0)  # also the start barrier
-        ctx.nonce = str(obj[0])
-    return ctx
-
-
-def _sync(ctx: DistContext) -> None:
-    if ctx.initialized:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def shutdown_distributed(ctx: DistContext) -> None:
-    if ctx.initialized:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        ctx.initialized = False
-
-
-def _marker_path(work_dir: str, ctx: DistContext, rank: int) -> str:
-    return os.path.join(work_dir, DIST_DIR, f"rank{rank}.{ctx.nonce}.json")
-
-
-def _write_marker(work_dir: str, ctx: DistContext, status: str, **info) -> None:
-    if ctx.world_size > 1:
-        atomic_write_json(_marker_path(work_dir, ctx, ctx.rank), {"rank": ctx.rank, "status": status, **info})
-
-
-def _wait_for_ranks(work_dir: str, ctx: DistContext, timeout_s: float, poll_s: float = 0.2) -> list[dict]:
-    """Rank 0: wait for every rank's done/failed marker; a failed rank's error is raised here."""
-    markers: dict[int, dict] = {}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        for r in range(ctx.world_size):
-            if r in markers:
-                continue
-            path = _marker_path(work_dir, ctx, r)
-            if os.path.isfile(path):
-                with open(path, "r", encoding="utf-8") as f:
-                    markers[r] = json.load(f)
-                if markers[r].get("status") != "done":
-                    raise RuntimeError(f"rank {r} failed:\n{markers[r].get('error', '(no error text)')}")
-        if len(markers) == ctx.world_size:
-            return [markers[r] for r in range(ctx.world_size)]
-        if time.monotonic() > deadline:
-            missing = sorted(set(range(ctx.world_size)) - set(markers))
-            raise TimeoutError(f"ranks {missing} did not finish within {timeout_s:.0f} s (no marker in "
-                               f"{os.path.join(work_dir, DIST_DIR)})")
-        time.sleep(poll_s)
-
-
-def _clean_markers(work_dir: str, keep_nonce: str | None) -> None:
-    d = os.path.join(work_dir, DIST_DIR)
-    if not os.path.isdir(d):
-        return
-    for name in os.listdir(d):
-        if keep_nonce is None or f".{keep_nonce}." not in name:
-            try:
-                os.unlink(os.path.join(d, name))
-            except FileNotFoundError:
-                pass
-    if keep_nonce is None:
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
-
-
-# ================================================================================================ model
-def resolve_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; expected auto, float32 or bfloat16")
-    return table[dtype]
-
-
-def _import_factory(spec: str) -> Callable:
-    """'pkg.module:function' or 'path/to/file.py:function'."""
-    if ":" not in spec:
-        raise ValueError(f"model factory {spec!r} must look like module:function or file.py:function")
-    target, func = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        path = os.path.abspath(target)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: model factory file not found")
-        name = "_eval_model_factory_" + uuid.uuid5(uuid.NAMESPACE_URL, path).hex
-        mod = sys.modules.get(name)
-        if mod is None:
-            s = importlib.util.spec_from_file_location(name, path)
-            mod = importlib.util.module_from_spec(s)
-            sys.modules[name] = mod
-            s.loader.exec_module(mod)
-    else:
-        mod = importlib.import_module(target)
-    if not hasattr(mod, func):
-        raise AttributeError(f"model factory {spec!r}: no function {func!r}")
-    return getattr(mod, func)
-
-
-CHAT_MODEL_TYPES = ("sasasa2va_chat", "sa2va_chat")  # this repository's exports; the official Sa2VA-family ones
-
-
-def check_hf_dir(hf_dir: str) -> None:
-    """An exported model folder (convert_to_hf.py --save-path), not e.g. a training work dir."""
-    if not os.path.isdir(hf_dir):
-        raise FileNotFoundError(f"{hf_dir}: HF model folder not found")
-    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-        raise ValueError(f"{hf_dir}: not an exported model folder (no config.json); make one from a training "
-                         f"checkpoint with: python projects/sasasa2va/hf/convert_to_hf.py CONFIG --pth-model PTH "
-                         f"--save-path HF_DIR")
-    with open(os.path.join(hf_dir, "config.json"), "r", encoding="utf-8") as f:
-        try:
-            model_type = json.load(f).get("model_type")
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise ValueError(f"{hf_dir}/config.json: not a model config ({exc})") from None
-    if model_type not in CHAT_MODEL_TYPES:
-        raise ValueError(f"{hf_dir}/config.json: model_type {model_type!r}, expected one of {CHAT_MODEL_TYPES} (an "
-                         f"export of convert_to_hf.py, or an official Sa2VA / SaSaSa2VA export)")
-
-
-def check_layout(work_dir: str, multi: bool) -> None:
-    """A work dir holds one kind of run: one mode (its run_config.json and results.json at the top) or
-    several (modes/<mode>/, and results.json = their average); one kind must not replace the other's
-    results.json (use another --work-dir, or --overwrite)."""
-    single = os.path.isfile(os.path.join(work_dir, "run_config.json"))
-    modes_dir = os.path.join(work_dir, "modes")
-    several = os.path.isdir(modes_dir) and any(os.path.isfile(os.path.join(modes_dir, m, "run_config.json"))
-                                               for m in os.listdir(modes_dir))
-    if multi and single:
-        raise ValueError(f"{work_dir} holds a single-mode run (run_config.json, results.json); a run of several "
-                         f"modes would replace its results.json; use another --work-dir or --overwrite")
-    if not multi and several:
-        raise ValueError(f"{work_dir} holds a run of several modes (modes/, results.json = their average); a "
-                         f"single-mode run would replace that results.json; use another --work-dir (or "
-                         f"--overwrite to discard it)")
-
-
-def load_model(opts: EvalOptions, ctx: DistContext):
-    """(model, tokenizer) in eval mode on ctx.device. Remote code by default, the repo's own classes
-    with remote_code=False, or a test factory."""
-    import torch
-
-    dtype = resolve_dtype(opts.dtype, ctx.device)
-    if opts.model_factory is not None:
-        factory = opts.model_factory if callable(opts.model_factory) else _import_factory(opts.model_factory)
-        return factory(hf_dir=opts.hf_dir, device=ctx.device, dtype=dtype, remote_code=opts.remote_code,
-                       rank=ctx.rank)
-    from transformers import AutoModel, AutoTokenizer
-
-    check_hf_dir(opts.hf_dir)
-    kwargs = dict(torch_dtype=dtype, low_cpu_mem_usage=True)
-    if opts.remote_code:
-        model = AutoModel.from_pretrained(opts.hf_dir, trust_remote_code=True, **kwargs)
-    else:
-        from projects.sasasa2va.hf.models.modeling_sasasa2va_chat import SaSaSa2VAChatModel
-
-        model = SaSaSa2VAChatModel.from_pretrained(opts.hf_dir, **kwargs)
-    model = model.to(torch.device(ctx.device)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(opts.hf_dir, trust_remote_code=opts.remote_code)
-    fill_token_ids(model.config, tokenizer, opts.hf_dir)
-    return model, tokenizer
-
-
-def fill_token_ids(config, tokenizer, where: str) -> None:
-    """Official exports' config.json names neither the [SEG] nor the <IMG_CONTEXT> token id (their code
-    looks them up in the tokenizer); this repository's model reads them from the config: fill them in."""
-    from projects.sasasa2va.hf.models.inference import token_id
-    from projects.sasasa2va.hf.models.templates import IMG_CONTEXT_TOKEN, SEG_TOKEN
-
-    for attr, token in (("seg_token_id", SEG_TOKEN), ("img_context_token_id", IMG_CONTEXT_TOKEN)):
-        if getattr(config, attr, None) is not None:
-            continue
-        tid = token_id(tokenizer, token)
-        if tid is None:
-            raise ValueError(f"{where}: config.json has no {attr} and the tokenizer has no {token} token")
-        setattr(config, attr, tid)
-
-
-# ================================================================================================ prediction
-@dataclass
-class ExpressionTask:
-    """One expression of the current video, ready for the model."""
-
-    index: int
-    video_id: str
-    exp_id: str
-    text: str               # expression fed to the model (the blind text in the language-blind control)
-    prompt: str             # eval_prompt(text), also stored as results "exp"
-    selected_fids: list[int] | None = None
-
-
-@dataclass
-class ExpressionOutput:
-    """Normalised model output for one expression. status: ok | no_seg | failed."""
-
-    status: str
-    prediction: str = ""
-    masks: np.ndarray | None = None   # bool [T,H,W]
-    probs: np.ndarray | None = None   # [T,H,W]: float32 in [0,1], or uint8 round(255 p) (quantize_probs)
-    num_seg: int = 0
-    error: str | None = None
-    seconds: float = 0.0
-
-
-@dataclass
-class PredictOptions:
-    return_probs: bool | str = True  # True: float32; evaluate_shard asks models that offer it for "uint8"
-    extra_kwargs: dict = field(default_factory=dict)  # forwarded to predict_forward (model fix options)
-    pass_return_probs: bool = True  # False: predict_forward does not take it (e.g. an official export's code)
-    fitted: bool = False  # fit_options_to_model has checked these against the model
-
-
-def predict_forward_accepts(model, names) -> dict:
-    """{name: whether model.predict_forward takes that keyword} (a ``**kwargs`` takes every name)."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.predict_forward).parameters
-    except (TypeError, ValueError):
-        return {n: True for n in names}
-    var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    return {n: var_kw or n in params for n in names}
-
-
-def fit_options_to_model(model, options: PredictOptions) -> PredictOptions:
-    """The official Sa2VA / SaSaSa2VA exports' predict_forward has the reference signature: without
-    ``return_probs`` (their binary masks then serve as 0/1 probabilities for averaging) and without this
-    repository's option keywords, which are refused here, before any prediction, by name."""
-    if options.fitted:
-        return options
-    accepts = predict_forward_accepts(model, ["mode", "selected_fids", "return_probs", *options.extra_kwargs])
-    if not (accepts["mode"] and accepts["selected_fids"]):
-        raise ValueError("the model's predict_forward takes no mode / selected_fids (a Sa2VA export's own code? "
-                         "SaSaSa2VA's five modes need them); load it with --no-remote-code")
-    refused = sorted(k for k in options.extra_kwargs if not accepts[k])
-    if refused:
-        raise ValueError(f"the model's predict_forward takes no {refused} (its folder's own code, e.g. an official "
-                         f"export); drop these options, or load it with --no-remote-code")
-    if not accepts["return_probs"]:
-        logger.warning("the model's predict_forward takes no return_probs (an official export's code?): its "
-                       "binary masks are stored as 0/1 probabilities for selective averaging")
-    return dataclasses.replace(options, pass_return_probs=accepts["return_probs"], fitted=True)
-
-
-def failed_output(error: str, prediction: str = "", seconds: float = 0.0) -> ExpressionOutput:
-    return ExpressionOutput(status="failed", prediction=prediction, error=error, seconds=seconds)
-
-
-def _first_array(value, what: str, shape: tuple[int, int, int], dtype) -> np.ndarray | None:
-    """The first [T,H,W] array of a result field as ``dtype``; ``dtype=None`` (probabilities): uint8
-    stays uint8 (already quantized), anything else becomes float32."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        if len(value) == 0:
-            return None
-        value = value[0]
-    if hasattr(value, "detach"):
-        value = value.detach()
-        if dtype is None and value.dtype.is_floating_point:
-            value = value.float()
-        value = value.cpu().numpy()
-    arr = np.asarray(value)
-    if arr.shape != shape:
-        raise ValueError(f"model returned {what} of shape {arr.shape}, expected [T,H,W] = {list(shape)}")
-    if dtype is None:
-        dtype = np.uint8 if arr.dtype == np.uint8 else np.float32
-    return arr.astype(dtype, copy=False)
-
-
-def normalize_output(raw: Any, num_frames: int, hw: tuple[int, int]) -> ExpressionOutput:
-    """Check a predict_forward result against the video and convert it (raises ValueError)."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"predict_forward returned {type(raw).__name__}, expected a dict")
-    shape = (num_frames, int(hw[0]), int(hw[1]))
-    status = raw.get("status", "ok")
-    if status not in ("ok", "no_seg"):
-        raise ValueError(f"predict_forward returned status {status!r}, expected 'ok' or 'no_seg'")
-    text = raw.get("prediction", "")
-    text = text if isinstance(text, str) else str(text)
-    masks = _first_array(raw.get("prediction_masks"), "prediction_masks", shape, bool)
-    probs = _first_array(raw.get("probabilities"), "probabilities", shape, None)
-    if masks is None:
-        if status == "ok":
-            raise ValueError("predict_forward returned status 'ok' without prediction_masks")
-        masks = np.zeros(shape, dtype=bool)
-    if probs is None:
-        probs = masks.astype(np.float32)
-    num_seg = int(raw.get("num_seg", 0 if status == "no_seg" else 1))
-    if status == "no_seg":
-        return ExpressionOutput("no_seg", text, masks, probs, num_seg,
-                                error=f"no [SEG] token in the generated text (status no_seg, num_seg={num_seg})")
-    return ExpressionOutput("ok", text, masks, probs, num_seg)
-
-
-def probs_request(model, return_probs):
-    """What to ask ``model`` for: uint8 probabilities (quantized on its device, what the run stores anyway)
-    when it lists them in ``probs_formats``, else ``return_probs`` as given."""
-    if return_probs is True and "uint8" in getattr(model, "probs_formats", ()):
-        return "uint8"
-    return return_probs
-
-
-def predict_one(model, tokenizer, frames, task: ExpressionTask, mode: str, options: PredictOptions,
-                hw: tuple[int, int]) -> ExpressionOutput:
-    """predict_forward for one expression; any exception becomes a failed output."""
-    import torch
-
-    t0 = time.perf_counter()
-    try:
-        with torch.no_grad():
-            probs = {"return_probs": options.return_probs} if options.pass_return_probs else {}
-            raw = model.predict_forward(video=frames, text=task.prompt, tokenizer=tokenizer, mode=mode,
-                                        selected_fids=task.selected_fids, **probs, **options.extra_kwargs)
-        out = normalize_output(raw, len(frames), hw)
-    except Exception as exc:  # recorded per expression; the run goes on
-        logger.debug("expression %s/%s failed", task.video_id, task.exp_id, exc_info=True)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return failed_output(f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
-    out.seconds = time.perf_counter() - t0
-    return out
-
-
-def predict_video(model, tokenizer, frames, items: Sequence[ExpressionTask], mode: str,
-                  options: PredictOptions, on_result: Callable[[int, ExpressionOutput], None] | None = None
-                  ) -> list[ExpressionOutput]:
-    """Outputs for every expression of one video in one mode (same order as ``items``): one
-    predict_forward call per expression.
-
-    The runner uses this per-expression path for models without ``predict_video`` (see
-    ``supports_shared_path``; SaSaSa2VAChatModel goes through ``_run_video_shared`` instead). A
-    replacement may report each output early through ``on_result(i, output)`` (written immediately)
-    and return the rest.
-    """
-    hw = (frames[0].size[1], frames[0].size[0])
-    outs = []
-    for i, task in enumerate(items):
-        out = predict_one(model, tokenizer, frames, task, mode, options, hw)
-        if on_result is not None:
-            on_result(i, out)
-        outs.append(out)
-    return outs
-
-
 # ================================================================================================ data
 def select_records(records: dict, videos: Sequence[str] | None, max_videos: int | None) -> dict:
     """Subset for quick runs: --videos (dataset order kept) then the first --max-videos."""
@@ -559,6 +159,23 @@ def _fallback_hw(record) -> tuple[int, int]:
 
 
 # ================================================================================================ layout
+def check_layout(work_dir: str, multi: bool) -> None:
+    """A work dir holds one kind of run: one mode (its run_config.json and results.json at the top) or
+    several (modes/<mode>/, and results.json = their average); one kind must not replace the other's
+    results.json (use another --work-dir, or --overwrite)."""
+    single = os.path.isfile(os.path.join(work_dir, "run_config.json"))
+    modes_dir = os.path.join(work_dir, "modes")
+    several = os.path.isdir(modes_dir) and any(os.path.isfile(os.path.join(modes_dir, m, "run_config.json"))
+                                               for m in os.listdir(modes_dir))
+    if multi and single:
+        raise ValueError(f"{work_dir} holds a single-mode run (run_config.json, results.json); a run of several "
+                         f"modes would replace its results.json; use another --work-dir or --overwrite")
+    if not multi and several:
+        raise ValueError(f"{work_dir} holds a run of several modes (modes/, results.json = their average); a "
+                         f"single-mode run would replace that results.json; use another --work-dir (or "
+                         f"--overwrite to discard it)")
+
+
 def run_dir_for(work_dir: str, mode: str, modes: Sequence[str], multi: bool | None = None) -> str:
     """The work dir for a single-mode run, else <work_dir>/modes/<mode> (also when averaging)."""
     multi = len(modes) > 1 if multi is None else multi
@@ -1089,7 +706,7 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
     run_id = ctx.nonce or uuid.uuid4().hex  # tags the averages computed ahead in this run (all ranks)
     os.makedirs(work_dir, exist_ok=True)
     if ctx.is_main:
-        _clean_markers(work_dir, keep_nonce=ctx.nonce)
+        clean_markers(work_dir, keep_nonce=ctx.nonce)
     try:
         split = resolve_split(opts.dataset, opts.data_root, opts.split_dir, opts.qframe_file)
         all_records = split.load_records()
@@ -1111,7 +728,7 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
                         shutil.rmtree(p)
                     elif os.path.exists(p):
                         os.unlink(p)
-            _sync(ctx)
+            barrier(ctx)
         else:
             check_layout(work_dir, multi)
             for m in modes:
@@ -1122,7 +739,7 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
         if ctx.is_main:  # after the model loaded: a run that could not start claims no work dir
             for m in modes:
                 atomic_write_json(os.path.join(run_dirs[m], "run_config.json"), configs[m], indent=1)
-        _sync(ctx)  # no rank writes a prediction before the work dir names the run it belongs to
+        barrier(ctx)  # no rank writes a prediction before the work dir names the run it belongs to
         path = ("naive" if opts.naive else "shared") if supports_shared_path(model) else "per-expression"
         averager = None
         if AVERAGE_AHEAD and members is not None and all(n in run_dirs and d == run_dirs[n]
@@ -1138,17 +755,17 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
                                averager=averager)
         del model
     except BaseException as exc:
-        _write_marker(work_dir, ctx, "failed", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        write_marker(work_dir, ctx, "failed", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         raise
     own = {"rank": ctx.rank, "status": "done", "processed": stats.processed, "failed": stats.failed,
            "skipped": stats.skipped, "model_seconds": stats.model_seconds, "work": dict(stats.work),
            "writer_wait_seconds": stats.writer_wait_seconds, "writer_close_seconds": stats.writer_close_seconds}
-    _write_marker(work_dir, ctx, "done", **{k: v for k, v in own.items() if k not in ("rank", "status")})
+    write_marker(work_dir, ctx, "done", **{k: v for k, v in own.items() if k not in ("rank", "status")})
     if not ctx.is_main:
         return None
 
-    markers = _wait_for_ranks(work_dir, ctx, opts.dist_timeout) if ctx.world_size > 1 else [own]
-    _clean_markers(work_dir, keep_nonce=None)
+    markers = wait_for_ranks(work_dir, ctx, opts.dist_timeout) if ctx.world_size > 1 else [own]
+    clean_markers(work_dir, keep_nonce=None)
     meta = _split_meta(split, opts, all_records, records, items)
     runs: dict[str, dict] = {}
     for m in modes:
