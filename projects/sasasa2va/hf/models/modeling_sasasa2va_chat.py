@@ -282,7 +282,7 @@ def _row_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     if attention_mask is None or attention_mask.dim() != 4 or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    from .video_context import RowExact
+    from .row_exact import RowExact
 
     lengths = (attention_mask[:, 0, -1, : key.shape[-2]] == 0).sum(-1).tolist()
     gqa = {"enable_gqa": True} if query.shape[1] != key.shape[1] else {}
@@ -342,7 +342,7 @@ def _attention_interface():
 
 
 def _exact_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    from .video_context import RowExact
+    from .row_exact import RowExact
 
     return RowExact._linear(x, module.weight, module.bias)
 
@@ -683,7 +683,7 @@ class SaSaSa2VAChatModel(PreTrainedModel):
         ``exact`` (default: True on CPU) makes every row bit-for-bit what ``generate_answer`` computes
         for it alone: every batched pass runs one GEMM per row for each linear layer and attention row
         by row on each row's own keys (the GEMM / SDPA shapes of a single prompt; see
-        ``video_context.RowExact``), and prompt remainders are prefilled together only when their
+        ``row_exact.RowExact``), and prompt remainders are prefilled together only when their
         lengths are equal (else alone). ``exact=False`` prefills the remainders as one right-padded
         batch and runs plain batched steps with a padding mask: same answers up to floating-point
         rounding (the usual choice on GPUs, where batch-invariant kernels are not available anyway).
@@ -727,7 +727,7 @@ class SaSaSa2VAChatModel(PreTrainedModel):
                                  "in the prefix (build_prefix_cache)")
             suffixes.append(suffix)
 
-        from .video_context import RowExact
+        from .row_exact import RowExact
 
         decoder = self.language_model.get_decoder()
         head = self.language_model.get_output_embeddings()
