@@ -594,7 +594,8 @@ def test_runner_asks_models_for_uint8_probabilities(syn_root, split, fake_env, t
     from projects.sasasa2va.evaluation.averaging import quantize_probs
 
     frames = [Image.new("RGB", (32, 24))] * 2
-    out = predictions.normalize_output(u8.predict_forward(frames, "x", None, "uniform", return_probs="uint8"), 2, (24, 32))
+    raw = u8.predict_forward(frames, "x", None, "uniform", return_probs="uint8")
+    out = predictions.normalize_output(raw, 2, (24, 32))
     ref = predictions.normalize_output(FakeModel().predict_forward(frames, "x", None, "uniform"), 2, (24, 32))
     assert ref.probs.dtype == np.float32 and out.probs.dtype == np.uint8
     assert np.array_equal(out.probs, quantize_probs(ref.probs)) and len(np.unique(out.probs)) > 2
