@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-all quickstart data clean-venv
+.PHONY: venv test test-slow test-all quickstart data clean-venv
 
 venv:
 	@bash tools/setup_env.sh
@@ -11,6 +11,10 @@ venv:
 test: venv
 	@export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: venv
+	@export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 test-all: venv
 	@export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
