@@ -82,12 +82,16 @@ def test_add_offsets_gives_shared_and_per_clip_parts_of_the_asked_size():
         add_offsets(lang, frames, offset, clips[:2], 0.0, 1.0)
 
 
-def test_cli_rejects_oracle_options_on_the_model_path():
-    with pytest.raises(SystemExit):
-        main(["--prompt", "model", "--oracle-offset", "2"])
-    with pytest.raises(SystemExit):
-        main(["--prompt", "oracle-colour", "--prompt-scale", "0"])
-    with pytest.raises(SystemExit):
-        main(["--prompt", "model", "--model-after", "10"])
-    with pytest.raises(SystemExit):
-        main(["--prompt", "oracle-colour", "--iters", "10", "--model-after", "10"])
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "model", "--oracle-offset", "2"], "apply to oracle prompts, not --prompt model"),
+    (["--prompt", "oracle-colour", "--prompt-scale", "0"], "--prompt-scale > 0"),
+    (["--prompt", "model", "--model-after", "10"], "--model-after needs an oracle --prompt"),
+    (["--prompt", "oracle-colour", "--iters", "10", "--model-after", "10"], "0 <= K < --iters"),
+])
+def test_cli_rejects_oracle_options_on_the_model_path(argv, message, capsys):
+    """Refused as usage errors naming the option, before any model or data is looked for."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "not found" not in err

@@ -62,12 +62,38 @@ def test_forward_shapes_and_interpolation():
     torch.testing.assert_close(grid.flatten(2).transpose(1, 2), vit.embeddings._patch_positions(4, 4, torch.float32))
 
 
-def test_drop_path_and_checkpointing_train():
-    vit = _vit(False, drop_path_rate=0.5).train()
+def test_drop_path_drops_whole_samples_and_rescales():
+    from projects.sasasa2va.hf.models.modeling_intern_vit import drop_path
+
+    x = torch.ones(256, 3, 4)
+    torch.manual_seed(0)
+    y = drop_path(x, 0.5, training=True)
+    per_sample = y.reshape(256, -1)
+    assert torch.equal(per_sample.min(1).values, per_sample.max(1).values)  # each sample kept or dropped whole
+    assert set(per_sample[:, 0].tolist()) == {0.0, 2.0}  # kept ones scaled by 1 / keep_prob
+    assert torch.equal(drop_path(x, 0.5, training=False), x) and torch.equal(drop_path(x, 0.0, training=True), x)
+    vit = _vit(False, drop_path_rate=0.5)  # stochastic depth grows linearly over the layers, 0 at the first
+    assert [layer.drop_path1.drop_prob for layer in vit.encoder.layers] == [0.0, 0.5]
+
+
+def test_gradient_checkpointing_runs_each_layer_checkpointed_in_training_only(monkeypatch):
+    x = torch.randn(2, 3, 56, 56)
+    plain = _vit(False).train()
+    plain(pixel_values=x).last_hidden_state.square().sum().backward()
+    vit = _vit(False).train()
     vit.gradient_checkpointing_enable()
-    out = vit(pixel_values=torch.randn(2, 3, 56, 56)).last_hidden_state
-    out.sum().backward()
-    assert vit.embeddings.patch_embedding.weight.grad is not None
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda fn, *a, **kw: calls.append(fn) or real(fn, *a, **kw))
+    vit(pixel_values=x).last_hidden_state.square().sum().backward()
+    assert vit.encoder.gradient_checkpointing and calls == list(vit.encoder.layers)
+    for (name, p), q in zip(vit.named_parameters(), plain.parameters()):  # same gradients as without it
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    calls.clear()
+    with torch.no_grad():
+        vit.eval()(pixel_values=x)
+    assert calls == []
 
 
 def test_pixel_shuffle_hand_example():

@@ -74,9 +74,13 @@ def test_submit_blocks_while_max_pending_jobs_wait():
     gate.set()
     t.join(timeout=10)
     assert not t.is_alive() and returned == [0, 1, 2]
-    assert w.wait_seconds > 0  # the producer's wait for room is counted
+    assert w.wait_seconds > 0  # the producer's wait for room is counted ...
     w.close()
-    assert w.close_seconds > 0
+    roomy = BackgroundWriter(max_pending=8)  # ... and a submit that found room adds nothing
+    for _ in range(3):
+        roomy.submit(lambda: None)
+    roomy.close()
+    assert roomy.wait_seconds == 0.0 and roomy.jobs == 3
 
 
 def test_submit_sized_waits_for_room_in_bytes():

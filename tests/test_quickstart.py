@@ -23,9 +23,8 @@ def test_quickstart_short_run(tmp_path):
     for name in runs:
         assert set(summary[name]) == {"J", "F", "J&F"}
         assert 0.0 <= summary[name]["J&F"] <= 100.0
-    for stage in ("data", "pretrained", "stand_in_pretraining", "train", "export", "eval_valid_u", "eval_blind", "metrics", "submission",
-                  "visualize", "total"):
-        assert summary["times_s"][stage] >= 0.0
+    assert set(summary["times_s"]) == {"data", "pretrained", "stand_in_pretraining", "train", "export", "eval_valid_u",
+                                       "eval_blind", "metrics", "submission", "visualize", "total"}  # every stage ran
     kinds = summary["average_by_kind"]
     meta = json.loads((tmp_path / "data" / "synthetic" / "mevis" / "valid_u" / "meta_expressions.json").read_text())
     assert set(kinds) == {"colour", "shape", "motion-only", "plural"}

@@ -75,15 +75,17 @@ def _dotted(node) -> str:
     return ".".join(reversed(parts))
 
 
-# Reviewed exceptions: (file relative to the repo, function called)
+# Reviewed exceptions: (file relative to the repo, function called) -> the keyword that marks the reviewed
+# call; another call of that function in that file is audited like any other.
 ALLOWED = {
-    # the inert reader: standard Unpickler whose find_class only resolves torch's weights-only allow-list
-    ("projects/sasasa2va/hf/convert_to_hf.py", "torch.load"),
+    # the inert reader: torch.load with a pickle_module whose Unpickler.find_class only resolves torch's
+    # weights-only allow-list
+    ("projects/sasasa2va/hf/convert_to_hf.py", "torch.load"): "pickle_module",
 }
 
 
 def test_every_deserialisation_call_is_restricted():
-    problems = []
+    problems, exempted = [], []
     for path in _py_files():
         rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
         with open(path, encoding="utf-8") as f:
@@ -93,7 +95,9 @@ def test_every_deserialisation_call_is_restricted():
                 continue
             name = _dotted(node.func)
             where = f"{rel}:{node.lineno} {name}"
-            if (rel, name) in ALLOWED:
+            marker = ALLOWED.get((rel, name))
+            if marker is not None and _kw(node, marker) is not None:
+                exempted.append(where)
                 continue
             if name == "torch.load" and _kw(node, "weights_only") is not True:
                 problems.append(f"{where} without weights_only=True")
@@ -107,6 +111,7 @@ def test_every_deserialisation_call_is_restricted():
             elif name in ("eval", "exec", "builtins.eval", "builtins.exec"):
                 problems.append(where)
     assert problems == [], "unrestricted deserialisation / code execution:\n" + "\n".join(problems)
+    assert len(exempted) == len(ALLOWED), f"each reviewed exception is one call, found: {exempted}"
 
 
 # ================================================================================================ mmengine checkpoints
