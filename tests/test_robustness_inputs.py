@@ -27,7 +27,7 @@ from PIL import Image
 from projects.sasasa2va.datasets.errors import DataError
 from projects.sasasa2va.datasets.readers import expression_masks, load_mask_dict, read_meta_expressions
 from projects.sasasa2va.datasets.rle import encode_mask
-from projects.sasasa2va.hf.models.frame_sampling import MODES, decode_plan, select_indices, training_indices
+from projects.sasasa2va.hf.models.frame_sampling import MODES, decode_plan, select_indices, split_clips, training_indices
 from projects.sasasa2va.hf.models.templates import eval_prompt
 
 from test_conversation import _train
@@ -132,11 +132,12 @@ def _train_ds(split, tok, **kw):
 
 
 def test_training_short_videos_and_bad_samples(tmp_path, tok, caplog):
-    """1- and 2-frame videos give full samples; a video with a frame of another size, and one whose
-    mask_dict masks have the wrong size, are skipped with a warning naming the file (counted)."""
+    """1-, 2- and 1000-frame videos give full samples (the long one's masks from its key frames); a video
+    with a frame of another size, and one whose mask_dict masks have the wrong size, are skipped with a
+    warning naming the file (counted)."""
     exps = {"0": "the box", "1": "the thing"}
     split = write_split(str(tmp_path / "train"), {"one": (1, exps), "two": (2, exps), "mixed": (3, exps),
-                                                  "badmask": (3, exps)},
+                                                  "badmask": (3, exps), "long": (1000, exps)},
                         odd_size=("mixed", 2, (W + 4, H)))
     with open(os.path.join(split, "mask_dict.json")) as f:
         md = json.load(f)
@@ -151,6 +152,12 @@ def test_training_short_videos_and_bad_samples(tmp_path, tok, caplog):
         assert s["input_ids"].count(seg) == 50 and s["masks"].shape == (50, H, W)
         assert s["pixel_values"].shape == (20, 3, 28, 28) and len(s["g_pixel_values"]) == 10
         assert s["masks"].sum() > 0 and s["sample_info"]["video_id"] == vid
+    long = ds._prepare(by_vid["long"], np.random.default_rng(0))  # 1000 frames: the first 100, 10 clips
+    keys = [c[0] for c in split_clips(training_indices(1000), 10)]
+    assert keys == list(range(0, 100, 10)) and long["input_ids"].count(seg) == 50
+    assert long["masks"].shape == (50, H, W) and len(long["g_pixel_values"]) == 10
+    for row in range(50):  # object-major rows: expression row // 10 on key frame keys[row % 10]
+        assert np.array_equal(long["masks"][row].numpy().astype(bool), _box(keys[row % 10])), row
     mixed_file = os.path.join(split, "JPEGImages", "mixed", "00002.jpg")
     with pytest.raises(DataError, match=r"mixed/00002.jpg: frame size 20x12 \(WxH\) differs from 16x12"):
         ds._prepare(by_vid["mixed"], np.random.default_rng(0))
@@ -158,7 +165,7 @@ def test_training_short_videos_and_bad_samples(tmp_path, tok, caplog):
         ds._prepare(by_vid["badmask"], np.random.default_rng(0))
     with caplog.at_level(logging.WARNING):
         samples = [ds[i] for i in range(len(ds))]
-    assert all(s["sample_info"]["video_id"] in ("one", "two") for s in samples)
+    assert all(s["sample_info"]["video_id"] in ("one", "two", "long") for s in samples)
     assert ds.num_bad >= 2 and ds.num_attempts == len(ds) + ds.num_bad
     msgs = [r.getMessage() for r in caplog.records if "skipping bad sample" in r.getMessage()]
     assert any(mixed_file in m for m in msgs) and any("badmask_0" in m for m in msgs)
