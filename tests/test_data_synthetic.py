@@ -96,16 +96,54 @@ def test_mevis_masks_match_frames(synth, split):
         assert _saturation(frames[~union]) < 40  # everything outside the objects is grey background
 
 
+MOTION_MEANING = {  # phrase -> the property it names, derived below from each object's drawn geometry
+    "that does not move": "static", "that stays still": "static",
+    "that leaves the frame": "leaves", "that moves out of the view": "leaves",
+    "that appears later": "late", "that shows up in the middle of the video": "late",
+    **{f"{verb} {word}": d for d, word in (("left", "to the left"), ("right", "to the right"), ("up", "up"),
+                                          ("down", "down"))
+       for verb in ("moving", "that keeps moving", "that moves")},
+}
+
+
+def _observed_motion(scene) -> list[set]:
+    """Per object, what its pixels do over the video (drawn without occlusion, the labels on the
+    object not used): its direction or 'static', 'leaves' (gone at the end), 'late' (absent at first)."""
+    out = []
+    for o in scene.objects:
+        centres = []
+        for t in range(scene.num_frames):
+            u = t / (scene.num_frames - 1)
+            m = S._raster(S.shape_polygon(o.shape, *o.center(u), o.size, o.rotation), scene.height, scene.width) \
+                if o.drawn(u) else np.zeros((scene.height, scene.width), bool)
+            ys, xs = np.nonzero(m)
+            centres.append((xs.mean(), ys.mean()) if len(xs) else None)
+        seen = [c for c in centres if c is not None]
+        dx, dy = seen[-1][0] - seen[0][0], seen[-1][1] - seen[0][1]
+        props = {"static"} if max(abs(dx), abs(dy)) < 1 else \
+            {("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")}
+        if centres[-1] is None:
+            props.add("leaves")
+        elif "static" not in props and centres[-1] == centres[-2]:
+            props.add("stops")  # moved, then still over the last frames
+        if centres[0] is None:
+            props.add("late")
+        out.append(props)
+    return out
+
+
 def test_expressions_are_unambiguous():
-    """Check each generated expression against the attributes of every object in the scene."""
+    """Each generated expression names exactly its targets among all objects of the scene: appearance
+    words by the objects' colours and shapes, motion phrases by what the objects' pixels do."""
     opts = S.SyntheticOptions()
-    n_exp, n_app, multi = 0, 0, 0
+    n_exp, n_app, multi, n_motion_only = 0, 0, 0, 0
     for i in range(40):
         rng = S._rng(7, "check", i)
         scene = S.make_scene(rng, "v", opts)
         exps = S.make_expressions(scene, rng, 0.5)
         assert 2 <= len(scene.objects) <= 4 and len({(o.color, o.shape) for o in scene.objects}) == len(scene.objects)
         multi += len(scene.objects) >= 3
+        observed = _observed_motion(scene) if scene.num_frames > 1 else None
         for e in exps:
             n_exp += 1
             n_app += e.kind == "appearance"
@@ -114,9 +152,15 @@ def test_expressions_are_unambiguous():
             shapes = [s for s in S.SHAPES if s in words or S.PLURAL[s] in words]
             match = [o.obj_id for o in scene.objects
                      if all(o.color == c for c in colors) and all(o.shape == s for s in shapes)]
-            if e.kind != "motion" or colors:
-                assert sorted(e.obj_ids) == match, (e.text, [(o.color, o.shape) for o in scene.objects])
-    assert n_app / n_exp > 0.5 and multi > 20
+            if e.kind == "motion":
+                stops = e.text.endswith(" and then stops")
+                text = e.text[:-len(" and then stops")] if stops else e.text
+                phrase = max((ph for ph in MOTION_MEANING if text.endswith(" " + ph)), key=len)
+                match = [k for k in match if MOTION_MEANING[phrase] in observed[k]]
+                assert not stops or all("stops" in observed[k] for k in e.obj_ids), e.text
+                n_motion_only += not colors
+            assert sorted(e.obj_ids) == match, (e.text, [(o.color, o.shape) for o in scene.objects], observed)
+    assert n_app / n_exp > 0.5 and multi > 20 and n_motion_only > 5
 
 
 def test_qframe_files(synth):
