@@ -27,7 +27,9 @@ from PIL import Image
 from projects.sasasa2va.datasets.errors import DataError
 from projects.sasasa2va.datasets.readers import expression_masks, load_mask_dict, read_meta_expressions
 from projects.sasasa2va.datasets.rle import encode_mask
-from projects.sasasa2va.hf.models.frame_sampling import MODES, decode_plan, select_indices, split_clips, training_indices
+from projects.sasasa2va.hf.models.frame_sampling import (
+    MODES, decode_plan, select_indices, split_clips, training_indices,
+)
 from projects.sasasa2va.hf.models.templates import eval_prompt
 
 from test_conversation import _train
