@@ -36,6 +36,29 @@ def output_file_problem(path: str, flag: str) -> str | None:
     return None
 
 
+def device_problem(device: str | None, flag: str = "--device") -> str | None:
+    """Why ``device`` cannot run the model here (checked before a model is loaded), or None. None and
+    "auto" mean: CUDA when available, else the CPU."""
+    if device is None or device == "auto":
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"{flag} {device}: expected cpu, cuda or cuda:N"
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":
+        return f"{flag} {device}: expected cpu, cuda or cuda:N (other device types are not supported)"
+    if not torch.cuda.is_available():
+        return f"{flag} {device}: no CUDA device on this machine; use {flag} cpu"
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        return f"{flag} {device}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})"
+    return None
+
+
 def run_reporting_user_errors(fn, *args, **kwargs) -> int:
     """Run ``fn``; 0 when it returns. A ValueError / OSError -- a bad input, whose message names the file,
     key or option -- ends as ``error: ...`` and status 2 instead of a traceback (SASASA2VA_TRACEBACK=1
