@@ -284,7 +284,7 @@ def test_bad_options(tmp_path):
         S.generate_all(str(tmp_path), formats="mevis,kitti")
 
 
-def test_cli(tmp_path, capsys, caplog):
+def test_cli(tmp_path, capsys):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -301,7 +301,8 @@ def test_cli(tmp_path, capsys, caplog):
     out = json.loads(capsys.readouterr().out)
     assert out["mevis"]["train"]["videos"] == 1 and out["mevis"]["train"]["sizes"] == ["64x48"]
     assert mod.main(["--root", str(tmp_path), "--quiet", "--max-objects", "9"]) == 2
-    assert "max_objects" in caplog.text and "other settings" not in caplog.text
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--max-objects" in err and "other settings" not in err
     # the same settings again: regenerated; other settings: refused without --force, and --force leaves no
     # video of the earlier data behind
     small = ["--root", str(tmp_path), "--quiet", "--formats", "mevis", "--num-valid-u-videos", "1",
@@ -309,7 +310,7 @@ def test_cli(tmp_path, capsys, caplog):
     assert mod.main(small + ["--num-train-videos", "1"]) == 0
     capsys.readouterr()
     assert mod.main(small + ["--num-train-videos", "2"]) == 2
-    assert "made with other settings (num_train_videos differ" in caplog.text
+    assert "made with other settings (num_train_videos differ" in capsys.readouterr().err
     assert len(os.listdir(tmp_path / "mevis" / "train" / "JPEGImages")) == 1
     (tmp_path / "notes.txt").write_text("mine")
     assert mod.main(small + ["--num-train-videos", "2", "--force"]) == 0

@@ -163,16 +163,17 @@ def test_checkpoint_and_save_path_mistakes_are_refused(tmp_path):
     assert sorted(os.listdir(work)) == ["iter_20.pth", "iter_3.pth", "iter_30.pth", "notes.pth"]
 
 
-def test_cli_arguments_and_default_save_path():
+def test_cli_arguments_and_default_save_path(capsys):
     assert conv.default_save_path("work_dirs/tiny/iter_3.pth") == "work_dirs/tiny_iter_3_hf"
     assert conv.default_save_path("iter_3.pth") == "iter_3_hf"
     args = conv.build_parser().parse_args(["cfg.py", "a.pth", "--save-path", "out", "--cfg-options", "model.x=1"])
     assert args.pth == "a.pth" and args.save_path == "out" and args.cfg_options == {"model.x": 1}
     assert conv.build_parser().parse_args(["cfg.py", "--pth-model", "b.pth"]).pth_model == "b.pth"
-    with pytest.raises(SystemExit, match="two different"):
-        conv.main(["cfg.py", "a.pth", "--pth-model", "b.pth"])
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        conv.main(["cfg.py"])
+    for argv, message in ((["cfg.py", "a.pth", "--pth-model", "b.pth"], "error: two different"),
+                          (["cfg.py"], "error: no checkpoint")):
+        with pytest.raises(SystemExit) as exc:  # usage errors
+            conv.main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
     assert conv.resolve_config_path("sasasa2va_tiny") == TINY_CONFIG
 
 

@@ -31,6 +31,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from projects.sasasa2va.utils.cli import (  # noqa: E402
+    device_problem,
+    exit_user_error,
+    output_file_problem,
+    positive_int,
+    resolve_device,
+    run_reporting_user_errors,
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=128, help="(default: %(default)s)")
     p.add_argument("--layers", type=int, default=36, help="LLM layers, for the per-step figure (default: %(default)s)")
     p.add_argument("--iters", type=int, default=20, help="timed calls per case (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     return p
@@ -101,7 +110,11 @@ def time_call(fn, iters: int, cuda: bool, device) -> tuple[float, float | None, 
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_reporting_user_errors(benchmark, build_parser().parse_args(argv))
+
+
+def benchmark(args) -> None:
+    """Time both attentions at every batch size (bad option values exit with status 2 first)."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -112,14 +125,17 @@ def main(argv=None) -> int:
     try:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
     except ValueError:
-        raise SystemExit(f"error: --batches must be a comma list of integers, got {args.batches!r}")
+        exit_user_error(f"--batches must be a comma list of integers, got {args.batches!r}")
     if not batches or min(batches) < 1 or args.context < 1 or args.iters < 1 or args.layers < 1:
-        raise SystemExit("error: --batches, --context, --iters and --layers must be >= 1")
+        exit_user_error("--batches, --context, --iters and --layers must be >= 1")
     if args.kv_heads < 1 or args.heads % args.kv_heads:
-        raise SystemExit(f"error: --heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+        exit_user_error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    problem = device_problem(args.device) or (args.json and output_file_problem(args.json, "--json"))
+    if problem:  # (the figures are written after the timing)
+        exit_user_error(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     device = "cuda:0" if device == "cuda" else device
     dtype = resolve_dtype(args.dtype, device)
     cuda = device.startswith("cuda")
@@ -163,7 +179,6 @@ def main(argv=None) -> int:
     last = rows[-1]
     print(f"decode_attention batch {last['batch']} sdpa_ms {last['sdpa_ms']:.3f} matmul_ms {last['matmul_ms']:.3f} "
           f"ratio {last['ratio']:.2f}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

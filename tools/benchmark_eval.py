@@ -57,6 +57,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from projects.sasasa2va.utils.cli import (  # noqa: E402
+    device_problem,
+    exit_user_error,
+    output_dir_problem,
+    output_file_problem,
+    positive_int,
+    resolve_device,
+    run_reporting_user_errors,
+)
+
 T0 = time.perf_counter()
 COUNTER_LABELS = (("sam2_frames_encoded", "sam2_frames"), ("mllm_images_encoded", "mllm_images"),
                   ("tokens_prefilled", "tok_prefill"), ("tokens_decoded", "tok_decoded"),
@@ -86,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="auto = bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--num-videos", type=int, default=2, help="videos of the synthetic split (default: %(default)s)")
     p.add_argument("--exps-per-video", type=int, default=5, help="expressions per video, E (default: %(default)s)")
     p.add_argument("--min-frames", type=int, default=12, help="synthetic video length, min (default: %(default)s)")
@@ -94,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-size", type=_size, default=(160, 96), help="synthetic frame WxH (default: 160x96)")
     p.add_argument("--split-dir", default=None,
                    help="use this split's videos instead of synthetic ones (expressions re-worded/trimmed to E)")
-    p.add_argument("--qframe-file", default=None, help="selected_frames.json of --split-dir")
+    p.add_argument("--qframe-file", default=None, help="selected_frames.json of --split-dir (needs --split-dir)")
     p.add_argument("--modes", default="all", help="modes (comma list or 'all'; default: all five)")
     p.add_argument("--no-average", action="store_true", help="do not run selective averaging")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default: the model's, 2048)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="generation limit (default: the model's, 2048)")
     p.add_argument("--answer", default=None, help="forced answer text (default: 'Sure, Clip_1 [SEG], ..., Clip_10 [SEG].')")
     p.add_argument("--no-force-answer", action="store_true", help="let the model generate freely")
     p.add_argument("--feature-budget-mb", type=float, default=None, help="shared path's SAM2 feature budget per video")
@@ -415,7 +426,8 @@ def measure_scaling(model, tok, name, splits, e1: int, shared: dict, bound: dict
 
 
 def run_settings(args):
-    """(device, dtype, modes, average) of a parsed command line (torch threads set; bad values exit)."""
+    """(device, dtype, modes, average) of a parsed command line (torch threads set; bad values exit with
+    status 2 before any model or data is built)."""
     import torch
 
     from projects.sasasa2va.evaluation.model_loading import resolve_dtype
@@ -429,48 +441,61 @@ def run_settings(args):
         runner.AVERAGE_AHEAD = False
     if getattr(args, "writer_threads", None) is not None:
         if args.writer_threads < 0:
-            raise SystemExit("error: --writer-threads must be >= 0")
+            exit_user_error("--writer-threads must be >= 0")
         from projects.sasasa2va.evaluation import runner
 
         runner.WRITER_THREADS = args.writer_threads
     if getattr(args, "switch_interval_ms", None) is not None:
         if not args.switch_interval_ms > 0:
-            raise SystemExit("error: --switch-interval-ms must be > 0")
+            exit_user_error("--switch-interval-ms must be > 0")
         sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     if args.exps_per_video < 1 or args.num_videos < 1:
-        raise SystemExit("error: --num-videos and --exps-per-video must be >= 1")
+        exit_user_error("--num-videos and --exps-per-video must be >= 1")
     if getattr(args, "scaling_repeat", 1) < 1 or args.repeat < 1:
-        raise SystemExit("error: --repeat and --scaling-repeat must be >= 1")
+        exit_user_error("--repeat and --scaling-repeat must be >= 1")
     if args.decode_batch_prompts is not None and args.decode_batch_prompts < 1:
-        raise SystemExit("error: --decode-batch-prompts must be >= 1")
+        exit_user_error("--decode-batch-prompts must be >= 1")
     if args.decode_batch_kv_mb is not None and args.decode_batch_kv_mb < 0:
-        raise SystemExit("error: --decode-batch-kv-mb must be >= 0")
+        exit_user_error("--decode-batch-kv-mb must be >= 0")
     if args.pair_cache_mb is not None and args.pair_cache_mb < 0:
-        raise SystemExit("error: --pair-cache-mb must be >= 0")
+        exit_user_error("--pair-cache-mb must be >= 0")
     if args.output_cache_mb is not None and args.output_cache_mb < 0:
-        raise SystemExit("error: --output-cache-mb must be >= 0")
-    from projects.sasasa2va.utils.cli import output_file_problem
-
-    problem = getattr(args, "json", None) and output_file_problem(args.json, "--json")
+        exit_user_error("--output-cache-mb must be >= 0")
+    if getattr(args, "train_steps", 1) < 1 or getattr(args, "train_warmup", 0) < 0:
+        exit_user_error("--train-steps must be >= 1 and --train-warmup >= 0")
+    if not getattr(args, "time_budget", 0.0) >= 0:  # (not "< 0": NaN too)
+        exit_user_error("--time-budget must be >= 0 seconds (0 = no limit)")
+    problem = (getattr(args, "json", None) and output_file_problem(args.json, "--json")) or \
+        output_dir_problem(args.work_dir, "--work-dir") or device_problem(args.device)
     if problem:
-        raise SystemExit(f"error: {problem}")
+        exit_user_error(problem)
     if getattr(args, "split_dir", None) and not os.path.isfile(os.path.join(args.split_dir, "meta_expressions.json")):
-        raise SystemExit(f"error: --split-dir {args.split_dir}: no meta_expressions.json there")
+        exit_user_error(f"--split-dir {args.split_dir}: no meta_expressions.json there")
     if getattr(args, "model", "tiny") != "tiny" and not os.path.isdir(args.model):
-        raise SystemExit(f"error: --model {args.model}: no such folder (an export of convert_to_hf.py)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        exit_user_error(f"--model {args.model}: no such folder (an export of convert_to_hf.py)")
+    qframe_file = getattr(args, "qframe_file", None)
+    if qframe_file and not getattr(args, "split_dir", None):
+        exit_user_error("--qframe-file is the selected_frames.json of --split-dir; give --split-dir too (the "
+                        "synthetic split brings its own)")
+    if qframe_file and not os.path.isfile(qframe_file):
+        exit_user_error(f"--qframe-file {qframe_file}: no such file")
+    device = resolve_device(args.device)
     if device == "cuda":
         device = "cuda:0"
     try:
         modes = parse_modes(args.modes)
     except ValueError as exc:
-        raise SystemExit(f"error: --modes: {exc}") from None
+        exit_user_error(f"--modes: {exc}")
     return device, resolve_dtype(args.dtype, device), modes, len(modes) > 1 and not args.no_average
 
 
 # ================================================================================================ main
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_reporting_user_errors(benchmark, build_parser().parse_args(argv))
+
+
+def benchmark(args) -> None:
+    """The whole benchmark of a parsed command line (run_settings checks its options first)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
@@ -508,15 +533,11 @@ def main(argv=None) -> int:
     e1 = args.exps_per_video
     e_list = [e1] if args.skip_scaling else [e1, 2 * e1]
     data_root = os.path.join(args.work_dir, "data")
-    try:
-        if args.split_dir:
-            splits = bench.expand_split(args.split_dir, args.qframe_file, data_root, e_list, args.seed,
-                                        args.num_videos)
-        else:
-            splits = bench.make_bench_splits(data_root, args.num_videos, e_list, args.seed, args.min_frames,
-                                             args.max_frames, (args.frame_size,))
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    if args.split_dir:
+        splits = bench.expand_split(args.split_dir, args.qframe_file, data_root, e_list, args.seed, args.num_videos)
+    else:
+        splits = bench.make_bench_splits(data_root, args.num_videos, e_list, args.seed, args.min_frames,
+                                         args.max_frames, (args.frame_size,))
     sp = splits[e1]
     n_exp = sp.num_videos * e1
     figures["data"] = {"num_videos": sp.num_videos, "frames_per_video": sp.frames, "exps_per_video": e1,
@@ -651,7 +672,6 @@ def main(argv=None) -> int:
         print(f"scaling_pct {pct} work_over_lower_bound {worst:.2f}", flush=True)
     else:
         print(f"speedup {speedup:.2f} work_over_lower_bound {worst:.2f}", flush=True)
-    return 0
 
 
 def _format_train(r: dict) -> str:

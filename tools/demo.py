@@ -30,6 +30,14 @@ NUM_SAMPLED_FRAMES = 100  # frames the model samples per video (spec: 10 clips o
 MASKS_MANIFEST = ".demo_masks.json"  # the masks a run wrote into --masks-dir (a rerun may replace them)
 
 from projects.sasasa2va.evaluation.inference_flags import add_inference_flags, predict_options  # noqa: E402
+from projects.sasasa2va.utils.cli import (  # noqa: E402
+    device_problem,
+    output_dir_problem,
+    output_file_problem,
+    positive_int,
+    resolve_device,
+    run_reporting_user_errors,
+)
 
 
 def load_video(path: str, step: int = 1) -> tuple[list, list[str]]:
@@ -74,6 +82,9 @@ def parse_selected_fids(value: str | None, num_frames: int) -> list[int] | None:
     if os.path.isfile(value):
         with open(value, encoding="utf-8") as f:
             text = f.read()
+    elif not value.lstrip().startswith("["):  # not an inline list: the name of a file that is not there
+        raise ValueError(f"--selected-fids {value}: no such file (give a JSON list of frame indices, or a file "
+                         f"holding one)")
     try:
         fids = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -93,8 +104,9 @@ def prepare_masks_dir(masks_dir: str, video: str, names: list[str]) -> list[str]
     """Check --masks-dir before the model runs; returns the earlier demo masks it holds (listed in its
     MASKS_MANIFEST, or named like this run's frames or NNNNN.png), which this run replaces. Refused: a
     file, the input frame folder itself, a folder with other files."""
-    if os.path.exists(masks_dir) and not os.path.isdir(masks_dir):
-        raise ValueError(f"--masks-dir {masks_dir}: exists and is not a folder")
+    problem = output_dir_problem(masks_dir, "--masks-dir")  # a file, or under one
+    if problem:
+        raise ValueError(problem)
     target, source = os.path.realpath(masks_dir), os.path.realpath(video)
     if os.path.isdir(source) and target == source:
         raise ValueError(f"--masks-dir {masks_dir}: is the input frame folder; the masks would overwrite the frames")
@@ -165,7 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-remote-code", action="store_true",
                    help="load with this repository's classes instead of the folder's modeling code (by default "
                         "the folder's *.py files run: use folders you exported or reviewed)")
-    p.add_argument("--max-new-tokens", type=int, default=2048, help="answer length limit (default: 2048)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=2048, help="answer length limit (default: 2048)")
     p.add_argument("--fps", type=float, default=8.0, help="GIF frame rate (default: 8)")
     p.add_argument("--max-side", type=int, default=480, help="GIF frame size limit (default: 480 px)")
     add_inference_flags(p)
@@ -174,10 +186,15 @@ def main(argv=None) -> int:
         p.error("--text is empty; give the sentence that refers to the object")
     if not args.out.lower().endswith(".gif"):
         p.error(f"--out {args.out!r}: expected a .gif path")
+    problem = output_file_problem(args.out, "--out") or device_problem(args.device)
+    if problem:
+        p.error(problem)
+    if not args.fps > 0 or args.max_side < 16:  # (not "<= 0": NaN too)
+        p.error("--fps must be > 0 and --max-side >= 16")
     try:
         frames, names = load_video(args.video, args.video_step)
         fids = parse_selected_fids(args.selected_fids, len(frames))
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         p.error(str(exc))
     if args.mode == "q_frame" and fids is None:
         p.error("--mode q_frame needs --selected-fids (the 100 frame indices chosen for this expression)")
@@ -192,17 +209,16 @@ def main(argv=None) -> int:
         stale_masks = prepare_masks_dir(masks_dir, args.video, names) if masks_dir else []
     except ValueError as exc:
         p.error(str(exc))
+    return run_reporting_user_errors(segment, args, frames, names, fids, options, masks_dir, stale_masks)
 
-    import torch
 
+def segment(args, frames, names, fids, options, masks_dir, stale_masks) -> None:
+    """Load the model, segment the video, write the outputs (main checked every option first)."""
     from projects.sasasa2va.hf.models.templates import eval_prompt
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     t0 = time.time()
-    try:
-        model, tokenizer = load_model(args.model, device, args.dtype, not args.no_remote_code)
-    except (ValueError, FileNotFoundError) as exc:
-        p.error(str(exc))
+    model, tokenizer = load_model(args.model, device, args.dtype, not args.no_remote_code)
     print(f"[demo] model {args.model} on {device}; video {args.video}: {len(frames)} frames "
           f"{frames[0].size[0]}x{frames[0].size[1]}; mode {args.mode}", flush=True)
     out = model.predict_forward(video=frames, text=eval_prompt(args.text), tokenizer=tokenizer, mode=args.mode,
@@ -213,7 +229,6 @@ def main(argv=None) -> int:
     print(f"[demo] answer: {out['prediction']!r} (status {out['status']}, {out['num_seg']} [SEG])", flush=True)
     print(f"[demo] {nonempty}/{len(masks)} frames with a non-empty mask; GIF {args.out}"
           + (f"; masks {masks_dir}/" if masks_dir else "") + f" ({time.time() - t0:.1f} s)", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from projects.sasasa2va.metrics.jf import evaluate_split, format_summary_line  # noqa: E402
+from projects.sasasa2va.utils.cli import output_file_problem, positive_int, run_reporting_user_errors  # noqa: E402
 from projects.sasasa2va.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--csv", help="per-expression CSV (default: mevis_valu_per_expression.csv beside results.json, "
                                  "or beside (not inside) the --pred-dir folder; replaced if present)")
     p.add_argument("--json", help="summary JSON (default: mevis_valu.json, in the same place as the CSV)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     p.add_argument("--only-present", action="store_true",
                    help="score only the expressions that --results holds (partial runs); default: all of the "
                         "split's, absent ones scored 0")
@@ -72,8 +73,6 @@ def main(argv=None) -> int:
     if args.results is not None and not os.path.isfile(args.results):
         print(f"error: results file not found: {args.results}", file=sys.stderr)
         return 2
-    from projects.sasasa2va.utils.cli import output_file_problem
-
     d = out_dir_for(args)
     csv_path = args.csv or os.path.join(d, "mevis_valu_per_expression.csv")
     json_path = args.json or os.path.join(d, "mevis_valu.json")
@@ -83,12 +82,13 @@ def main(argv=None) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
     warnings.showwarning = _show_warning
-    try:
-        scores = evaluate_split(args.split_dir, results_path=args.results, pred_dir=args.pred_dir,
-                                workers=args.workers, only_present=args.only_present)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_user_errors(score_and_report, args, csv_path, json_path)
+
+
+def score_and_report(args, csv_path: str, json_path: str) -> None:
+    """Score the predictions, write the CSV and JSON, print the summary (main checked the paths)."""
+    scores = evaluate_split(args.split_dir, results_path=args.results, pred_dir=args.pred_dir,
+                            workers=args.workers, only_present=args.only_present)
     atomic_write_text(csv_path, rows_csv(scores["rows"]))
     summary = {
         # percent, rounded like the reference script; "fractions" keeps the unrounded means
@@ -117,7 +117,6 @@ def main(argv=None) -> int:
     for k in ("J", "F", "J&F"):
         print(f"{k:<14}{100 * scores[k]:6.2f}")
     print(format_summary_line(scores), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,29 @@ from projects.sasasa2va.evaluation.submission import (  # noqa: E402
     pack_submission,
     write_submission_pngs,
 )
+from projects.sasasa2va.utils.cli import (  # noqa: E402
+    output_dir_problem,
+    output_file_problem,
+    positive_int,
+    run_reporting_user_errors,
+)
+
+
+def make_zip(args) -> None:
+    """Check the output paths first (a file under a file is found before the PNGs are written), then write
+    the PNGs of --results (if given), check the folder and pack it."""
+    check_zip_target(args.out)
+    problem = output_file_problem(args.out, "--out") or \
+        (args.results and output_dir_problem(args.ann_dir, "--ann-dir"))  # --ann-dir is written only then
+    if problem:
+        raise ValueError(problem)
+    if args.results:
+        check_results_against_split(args.results, args.split_dir)
+        n = write_submission_pngs(args.results, args.ann_dir)
+        print(f"wrote {n} PNGs to {args.ann_dir}")
+    info = pack_submission(args.ann_dir, args.out, args.split_dir, workers=args.workers)
+    print(f"wrote {info['zip']}: {info['num_videos']} videos, {info['num_expressions']} expressions, "
+          f"{info['num_png']} PNGs")
 
 
 def main(argv=None) -> int:
@@ -27,21 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="zip to write (outside --ann-dir; an earlier zip there is replaced, "
                                                 "any other file is refused)")
     p.add_argument("--results", help="optional results.json: write its masks as PNGs into --ann-dir first")
-    p.add_argument("--workers", type=int, default=1, help="processes for the check (default 1)")
-    args = p.parse_args(argv)
-    try:
-        check_zip_target(args.out)
-        if args.results:
-            check_results_against_split(args.results, args.split_dir)
-            n = write_submission_pngs(args.results, args.ann_dir)
-            print(f"wrote {n} PNGs to {args.ann_dir}")
-        info = pack_submission(args.ann_dir, args.out, args.split_dir, workers=args.workers)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {info['zip']}: {info['num_videos']} videos, {info['num_expressions']} expressions, "
-          f"{info['num_png']} PNGs")
-    return 0
+    p.add_argument("--workers", type=positive_int, default=1, help="processes for the check (default 1)")
+    return run_reporting_user_errors(make_zip, p.parse_args(argv))
 
 
 if __name__ == "__main__":

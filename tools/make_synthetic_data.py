@@ -9,9 +9,11 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -28,12 +30,29 @@ from projects.sasasa2va.datasets.synthetic import (  # noqa: E402
     parse_sizes,
     planned_info,
 )
+from projects.sasasa2va.utils.cli import run_reporting_user_errors  # noqa: E402
+from projects.sasasa2va.utils.cli import output_dir_problem  # noqa: E402
 
 logger = logging.getLogger("make_synthetic_data")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+    """'100,130' -> (100, 130); a list without a number is a mistake, not 'none'."""
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of integers, e.g. 100,130") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"{text!r}: no length given; leave the option out for none")
+    return out
+
+
+def as_flags(message: str) -> str:
+    """The library's messages name SyntheticOptions fields; on the command line they are the flags of the
+    same names (num_train_videos -> --num-train-videos)."""
+    names = [f.name for f in dataclasses.fields(SyntheticOptions)] + ["seed"]
+    return re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace synthetic data made with other settings in --root (its generated folders are "
                         "removed first, so no video of the earlier data stays behind)")
-    p.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                   help="logging level (default: %(default)s)")
     return p
 
 
@@ -79,8 +99,9 @@ def prepare_root(root: str, seed: int, options: dict, force: bool) -> None:
     """--root may be new, hold other files, or hold synthetic data: made with the same settings it is
     regenerated (the same bytes); with other settings only --force replaces it (else the earlier data's
     extra videos would stay, mixed with the new ones)."""
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise ValueError(f"--root {root}: exists and is not a folder")
+    problem = output_dir_problem(root, "--root")
+    if problem:
+        raise ValueError(problem)
     planned = planned_info(seed, **options)
     info_path = os.path.join(root, "synthetic_info.json")
     if not os.path.isfile(info_path):
@@ -110,7 +131,12 @@ def prepare_root(root: str, seed: int, options: dict, force: bool) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_reporting_user_errors(generate, args)
+
+
+def generate(args: argparse.Namespace) -> None:
+    """Check every option and --root (before announcing any work), then generate."""
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     options = dict(
         num_train_videos=args.num_train_videos, num_valid_u_videos=args.num_valid_u_videos,
@@ -122,20 +148,15 @@ def main(argv=None) -> int:
         max_object_size=args.max_object_size, motion_expression_prob=args.motion_expression_prob,
         formats=formats)
     try:
-        prepare_root(args.root, args.seed, options, args.force)
+        planned_info(args.seed, **options)  # the options' checks, in the flags' names
     except ValueError as exc:
-        logger.error("%s", exc)
-        return 2
+        raise ValueError(as_flags(str(exc))) from exc
+    prepare_root(args.root, args.seed, options, args.force)
     t0 = time.time()
     logger.info("generating %s under %s (seed %d)", ",".join(formats), args.root, args.seed)
-    try:
-        summary = generate_all(args.root, seed=args.seed, progress=not args.quiet, **options)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 2
+    summary = generate_all(args.root, seed=args.seed, progress=not args.quiet, **options)
     print(json.dumps(summary, indent=1))
     logger.info("done in %.1f s", time.time() - t0)
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,20 +18,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from projects.sasasa2va.models.tiny import ARCHS, make_tiny_pretrained  # noqa: E402
+from projects.sasasa2va.utils.cli import output_dir_problem  # noqa: E402
 
 TINY_CONFIG = "projects/sasasa2va/configs/sasasa2va_tiny.py"
 
 
 def config_defaults(config_path: str) -> dict:
-    """The config's ``auto_prepare.tiny_pretrained`` settings (``out_dir`` aside)."""
-    from mmengine.config import Config
+    """The config's ``auto_prepare.tiny_pretrained`` settings (``out_dir`` aside), each checked: a bad
+    value is named with the config file and key, not met later as a traceback."""
+    from projects.sasasa2va.utils.tool_inputs import config_section, load_tool_config
 
-    if not os.path.isfile(config_path):
-        raise ValueError(f"--config {config_path}: no such file")
-    spec = dict(Config.fromfile(config_path).get("auto_prepare", {}).get("tiny_pretrained") or {})
+    key = "auto_prepare.tiny_pretrained"
+    spec = dict(config_section(load_tool_config(config_path), key, config_path))
     if not spec:
-        raise ValueError(f"--config {config_path}: no auto_prepare.tiny_pretrained entry to take the settings from")
+        raise ValueError(f"--config {config_path}: no {key} entry to take the settings from")
     spec.pop("out_dir", None)
+    for name in ("image_size", "seed", "sam2_hidden_dim"):
+        if spec.get(name) is not None:
+            try:
+                spec[name] = int(spec[name])
+            except (TypeError, ValueError):
+                raise ValueError(f"{config_path}: {key}.{name} = {spec[name]!r}: expected an integer") from None
+    if "arch" in spec and spec["arch"] not in ARCHS:
+        raise ValueError(f"{config_path}: {key}.arch = {spec['arch']!r}: expected one of {sorted(ARCHS)}")
     return spec
 
 
@@ -52,16 +61,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         spec = config_defaults(args.config or os.path.join(ROOT, TINY_CONFIG))
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))
     arch = args.arch or spec.get("arch", "qwen2")
-    image_size = args.image_size if args.image_size is not None else int(spec.get("image_size", 112))
-    seed = args.seed if args.seed is not None else int(spec.get("seed", 0))
+    image_size = args.image_size if args.image_size is not None else spec.get("image_size", 112)
+    seed = args.seed if args.seed is not None else spec.get("seed", 0)
     sam2_hidden_dim = args.sam2_hidden_dim if args.sam2_hidden_dim is not None else spec.get("sam2_hidden_dim")
     if image_size <= 0 or image_size % 28:
         parser.error(f"--image-size {image_size}: must be a positive multiple of 28 (patch 14, pixel shuffle 0.5)")
     if sam2_hidden_dim is not None and (sam2_hidden_dim < 8 or sam2_hidden_dim % 8):
         parser.error(f"--sam2-hidden-dim {sam2_hidden_dim}: must be a positive multiple of 8 (8 decoder heads)")
+    if seed < 0:
+        parser.error(f"--seed {seed}: must be >= 0 (as in tools/make_synthetic_data.py)")
+    problem = output_dir_problem(args.out, "--out")
+    if problem:
+        parser.error(problem)
     manifest = os.path.join(args.out, "tiny_manifest.json")
     if os.path.exists(manifest) and not args.force:
         parser.error(f"{args.out} already holds tiny checkpoints ({manifest}); replacing them also discards the "

@@ -44,6 +44,7 @@ for path in (ROOT, os.path.join(ROOT, "tools")):
         sys.path.insert(0, path)
 
 import benchmark_eval as be  # noqa: E402  (the benchmark's model, data and run helpers)
+from projects.sasasa2va.utils.cli import output_dir_problem, positive_int, run_reporting_user_errors  # noqa: E402
 
 
 def _where(key: tuple) -> str:
@@ -187,7 +188,8 @@ def main(argv=None) -> int:
     parser = be.build_parser()
     parser.description = __doc__
     parser.add_argument("--out", default="work_dirs/profile_eval", help="folder of the profile files (default: %(default)s)")
-    parser.add_argument("--top", type=int, default=60, help="functions listed per table (default: %(default)s)")
+    parser.add_argument("--top", type=positive_int, default=60,
+                        help="functions listed per table (default: %(default)s)")
     parser.add_argument("--raw", action="store_true", help="also write the cProfile files (profile_E<n>.prof)")
     parser.add_argument("--sampler", type=float, default=None, metavar="MS",
                         help="sample the main thread's stack every MS ms instead of cProfile (see above)")
@@ -201,6 +203,14 @@ def main(argv=None) -> int:
     if ignored:
         parser.error(f"{', '.join(ignored)}: benchmark_eval options that profile_eval does not use (it profiles the "
                      f"shared path on synthetic splits of E and 2E expressions per video)")
+    problem = output_dir_problem(args.out, "--out")
+    if problem:
+        parser.error(problem)
+    return run_reporting_user_errors(profile, args)
+
+
+def profile(args) -> None:
+    """Profile the shared path at E and 2E expressions per video (main and run_settings check the options)."""
     from projects.sasasa2va.evaluation import bench
 
     device, dtype, modes, average = be.run_settings(args)
@@ -208,11 +218,8 @@ def main(argv=None) -> int:
     model, tok, name = be.load_bench_model(args, device, dtype)
     forced = None if args.no_force_answer else bench.ForcedAnswer(model, tok, args.answer)  # noqa: F841 (hooked)
     e1 = args.exps_per_video
-    try:
-        splits = bench.make_bench_splits(os.path.join(args.work_dir, "data"), args.num_videos, [e1, 2 * e1],
-                                         args.seed, args.min_frames, args.max_frames, (args.frame_size,))
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    splits = bench.make_bench_splits(os.path.join(args.work_dir, "data"), args.num_videos, [e1, 2 * e1],
+                                     args.seed, args.min_frames, args.max_frames, (args.frame_size,))
     be.log(f"profile_eval: {name} on {device} ({dtype}); {args.num_videos} video(s) {splits[e1].frames} frames; "
            f"E = {e1} and {2 * e1} expressions per video; {len(modes)} mode(s)" + (" + averaging" if average else ""))
     # every mode once, as benchmark_eval's warm-up: first-call costs stay out of the profiles
@@ -255,7 +262,6 @@ def main(argv=None) -> int:
         f.write("\n".join(lines) + "\n")
     print(f"\n== time growth, E={e1} -> {2 * e1} (top {min(30, args.top)}; all in {path})")
     print("\n".join(lines[:31]))
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from projects.sasasa2va.evaluation.averaging import (  # noqa: E402
     default_members, discover_runs, greedy_select, run_name, write_ensemble_results)
-from projects.sasasa2va.utils.cli import output_file_problem  # noqa: E402
+from projects.sasasa2va.utils.cli import output_file_problem, positive_int, run_reporting_user_errors  # noqa: E402
 from projects.sasasa2va.utils.io import atomic_write_json  # noqa: E402
 
 
@@ -56,6 +56,8 @@ def read_members_json(path: str) -> dict:
             chosen = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"--members-json {path}: not valid JSON ({exc})") from None
+    except OSError as exc:  # missing, a folder, unreadable: say which option named it
+        raise ValueError(f"--members-json {path}: cannot read it ({exc.strerror or exc})") from None
     names = chosen.get("names") if isinstance(chosen, dict) else None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"--members-json {path}: expected a chosen set with a non-empty list 'names' (as "
@@ -100,12 +102,15 @@ def main(argv=None) -> int:
                    help="threshold of the mean (default: the --members-json's, else 0.5)")
     p.add_argument("--weights", nargs="+", help="one weight per run, or NAME=W pairs (default: equal weights)")
     p.add_argument("--max-members", type=int, default=None, help="largest member set tried (default: all runs)")
-    p.add_argument("--workers", type=int, default=1, help="processes scoring candidate sets (default: 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes scoring candidate sets (default: 1)")
     p.add_argument("--write-results", help="apply mode: write the ensemble's results.json here")
-    p.add_argument("--members-json", help="apply mode: chosen set written by a selection (its names, weights, "
-                                          "voting and threshold; explicit --voting/--threshold/--weights win)")
-    p.add_argument("--members", nargs="+",
-                   help="apply mode: member run names, space- or comma-separated (default: the five modes' runs)")
+    members = p.add_mutually_exclusive_group()  # a chosen set names its members: two lists would conflict
+    members.add_argument("--members-json",
+                         help="apply mode: chosen set written by a selection (its names, weights, voting and "
+                              "threshold; explicit --voting/--threshold/--weights win; not with --members)")
+    members.add_argument("--members", nargs="+",
+                         help="apply mode: member run names, space- or comma-separated (default: the five "
+                              "modes' runs)")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="apply mode: accept members lacking expressions (each is averaged over the members "
                         "that have it); default: refused")
@@ -117,6 +122,11 @@ def main(argv=None) -> int:
         p.error("--max-members must be >= 1")
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         p.error("--threshold must be in (0, 1)")
+    return run_reporting_user_errors(select_or_apply, args)
+
+
+def select_or_apply(args) -> None:
+    """Apply a member set (--write-results) or select one (--out); main checked the options."""
     try:
         for given in args.runs:
             if os.path.isdir(os.path.join(given, "modes")):
@@ -153,7 +163,7 @@ def main(argv=None) -> int:
                                           threshold=threshold, voting=voting, allow_incomplete=args.allow_incomplete)
             print(f"wrote {args.write_results}: {meta['num_expressions']} expressions, members "
                   f"{' + '.join(meta['members'])} ({voting} voting, threshold {threshold})")
-            return 0
+            return
         if not args.out:
             raise ValueError("selection needs --out (or use --write-results to apply a set)")
         check_output(args.out, "--out", args.overwrite, evaluation_runs(runs))
@@ -161,9 +171,8 @@ def main(argv=None) -> int:
                             threshold=0.5 if args.threshold is None else args.threshold,
                             voting=args.voting or "probs", max_members=args.max_members,
                             workers=args.workers, log=lambda s: print(s, flush=True))
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyError as e:  # e.g. a probs .npz without its array
+        raise ValueError(str(e)) from None
     print(res["table"])
     out = {k: res[k] for k in ("names", "weights", "J", "F", "J&F", "threshold", "voting", "steps")}
     out["run_dirs"] = [os.path.abspath(r) for r in res["members"]]
@@ -171,7 +180,6 @@ def main(argv=None) -> int:
     atomic_write_json(args.out, out, indent=1)
     print(f"chosen: {' + '.join(res['names'])}  J&F {100 * res['J&F']:.2f} J {100 * res['J']:.2f} "
           f"F {100 * res['F']:.2f}  -> {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -278,12 +278,10 @@ def main(argv=None) -> None:
     import torch
     from mmengine.config import Config
 
+    from projects.sasasa2va.utils.tool_inputs import load_tool_config
+
     has_cuda = torch.cuda.is_available()
-    if not osp.isfile(args.config):
-        raise FileNotFoundError(f"config not found: {args.config}")
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_tool_config(args.config, args.cfg_options, required=("model", "optim_wrapper"))
     warn_top_level_options(args.cfg_options)
     work_dir = args.work_dir or cfg.get("work_dir") or default_work_dir(args.config)
     if osp.exists(work_dir) and not osp.isdir(work_dir):

@@ -13,6 +13,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from projects.sasasa2va.evaluation.visualize import visualize_split  # noqa: E402
+from projects.sasasa2va.utils.cli import output_dir_problem, run_reporting_user_errors  # noqa: E402
+
+
+def write_page(args) -> None:
+    """The GIFs and index.html (main checked the options)."""
+    items = visualize_split(args.split_dir, args.results, args.out, args.max_expressions, args.csv,
+                            args.max_side, args.fps, args.max_frames)
+    print(f"wrote {len(items)} GIFs and {os.path.join(args.out, 'index.html')}")
 
 
 def main(argv=None) -> int:
@@ -26,21 +34,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-frames", type=int, default=None, help="subsample long videos to this many frames")
     p.add_argument("--fps", type=float, default=8.0, help="GIF frame rate (default: 8)")
     args = p.parse_args(argv)
-    if args.fps <= 0 or args.max_side < 16:
+    if not args.fps > 0 or args.max_side < 16:  # (not "<= 0": NaN too)
         p.error("--fps must be > 0 and --max-side >= 16")
     if (args.max_expressions is not None and args.max_expressions < 1) or \
             (args.max_frames is not None and args.max_frames < 1):
         p.error("--max-expressions and --max-frames must be >= 1")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out}: exists and is not a folder")
-    try:
-        items = visualize_split(args.split_dir, args.results, args.out, args.max_expressions, args.csv,
-                                args.max_side, args.fps, args.max_frames)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(items)} GIFs and {os.path.join(args.out, 'index.html')}")
-    return 0
+    problem = output_dir_problem(args.out, "--out")  # a file, or under one: refused before any GIF is made
+    if problem:
+        p.error(problem)
+    return run_reporting_user_errors(write_page, args)
 
 
 if __name__ == "__main__":

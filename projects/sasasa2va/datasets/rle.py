@@ -2,6 +2,7 @@
 results.json: pycocotools on a Fortran-ordered uint8 mask, ``counts`` stored as ``str``."""
 from __future__ import annotations
 
+import numbers
 from typing import Iterable
 
 import numpy as np
@@ -95,22 +96,38 @@ def encode_mask_stack(masks: np.ndarray) -> list[dict]:
     return [{"size": [h, w], "counts": stream[bounds[i]:bounds[i + 1]].decode("ascii")} for i in range(t)]
 
 
+def rle_size(rle: dict, where: str = "RLE") -> tuple[int, int]:
+    """(H, W) of an RLE dict; a 'size' that is not two non-negative integers is a DataError naming ``where``
+    (int() on it would fail with a message that names nothing)."""
+    size = rle.get("size") if isinstance(rle, dict) else None
+    if (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in size)):
+        return int(size[0]), int(size[1])
+    raise DataError(f"{where}: RLE 'size' must be [H, W] (two non-negative integers), got {size!r}")
+
+
 def _to_coco_rle(rle: dict, where: str) -> dict:
     """Normalise the accepted RLE spellings (str/bytes counts, uncompressed list counts)."""
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
         raise DataError(f"{where}: expected a COCO RLE dict with 'size' and 'counts', got {type(rle).__name__}")
-    size = rle["size"]
-    if not (isinstance(size, (list, tuple)) and len(size) == 2):
-        raise DataError(f"{where}: RLE 'size' must be [H, W], got {size!r}")
-    h, w = int(size[0]), int(size[1])
+    h, w = rle_size(rle, where)
     counts = rle["counts"]
     if isinstance(counts, list):
-        # Uncompressed RLE (COCO crowd annotations): let pycocotools compress it.
+        # Uncompressed RLE (COCO crowd annotations): let pycocotools compress it. Counts that do not cover
+        # the H*W pixels would decode to whatever memory held.
+        if not (all(isinstance(c, numbers.Integral) and not isinstance(c, bool) and c >= 0 for c in counts)
+                and sum(counts) == h * w):
+            raise DataError(f"{where}: uncompressed RLE 'counts' must be non-negative integers summing to "
+                            f"H*W = {h * w}")
         return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
     if isinstance(counts, str):
+        if not counts.isascii():
+            raise DataError(f"{where}: RLE 'counts' must be an ASCII string (COCO compressed RLE)")
         counts = counts.encode("ascii")
     if not isinstance(counts, bytes):
         raise DataError(f"{where}: RLE 'counts' must be str, bytes or list, got {type(counts).__name__}")
+    if not counts and h * w:  # (pycocotools would decode it to whatever memory held)
+        raise DataError(f"{where}: RLE 'counts' is empty for a {h}x{w} mask")
     return {"size": [h, w], "counts": counts}
 
 

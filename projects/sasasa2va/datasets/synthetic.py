@@ -85,9 +85,13 @@ class SyntheticOptions:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= 4, got {self.min_objects}, {self.max_objects}")
         if not 0.05 <= self.min_object_size <= self.max_object_size <= 0.5:
             raise ValueError("need 0.05 <= min_object_size <= max_object_size <= 0.5")
+        if not 0.0 <= self.motion_expression_prob <= 1.0:
+            raise ValueError(f"motion_expression_prob is a probability, in [0, 1], got {self.motion_expression_prob}")
         for n in self.extra_lengths:
             if n < 1:
                 raise ValueError(f"extra_lengths must be positive, got {n}")
+        if not self.formats:  # nothing would be generated
+            raise ValueError(f"formats must name at least one of {list(FORMATS)}")
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown:
             raise ValueError(f"unknown formats {unknown}; choose from {list(FORMATS)}")
@@ -891,12 +895,16 @@ def synthetic_options(**options) -> SyntheticOptions:
     return opts
 
 
+def check_seed(seed: int) -> None:
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+
+
 def generate_all(root: str, seed: int = 0, **options) -> dict:
     """Generate every requested layout under ``root`` from one seeded world; returns a summary dict
     (also written, deterministically, to <root>/synthetic_info.json)."""
     opts = synthetic_options(**options)
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    check_seed(seed)
     os.makedirs(root, exist_ok=True)
     fmts = set(opts.formats)
     summary: dict = {"seed": seed, "formats": list(opts.formats)}
@@ -953,6 +961,7 @@ GENERATED_ENTRIES = ("mevis", "mevis_q_frame", "revos", "rvos", "sam_v_full", "R
 def planned_info(seed: int, **options) -> dict:
     """The ``seed`` and ``options`` part synthetic_info.json would record for these arguments (ValueError
     for invalid options, as generate_all)."""
+    check_seed(seed)
     return {"seed": seed, "options": _options_json(synthetic_options(**options))}
 
 

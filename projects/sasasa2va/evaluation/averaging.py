@@ -78,18 +78,35 @@ def save_probs(run_dir: str, video_id: str, exp_id: str, probs: np.ndarray, enco
 
 
 def load_probs(run_dir: str, video_id: str, exp_id: str) -> np.ndarray:
-    """uint8 [T,H,W]; FileNotFoundError naming the file when the run lacks the expression."""
+    """uint8 [T,H,W]; FileNotFoundError naming the file when the run lacks the expression, ValueError naming it
+    when it is not what save_probs writes. numpy's own message for pickled data suggests unpickling the
+    file: never passed on (an evaluation folder may come from anywhere)."""
     path = probs_path(run_dir, video_id, exp_id)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no stored probabilities for {video_id}/{exp_id}")
+    redo = f"delete the file and rerun the evaluation to recompute {video_id}/{exp_id}"
+    foreign = (f"{path}: not a probability file written by this project (expected an .npz holding a uint8 array "
+               f"'probs' [T,H,W]")
+    unreadable = (zipfile.BadZipFile, EOFError, OSError, zlib.error)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if "probs" not in z.files:
-                raise ValueError(f"{path}: missing array 'probs' (found {z.files})")
+        z = np.load(path, allow_pickle=False)
+    except unreadable as exc:
+        raise ValueError(f"{path}: unreadable probabilities ({type(exc).__name__}: {exc}); {redo}") from None
+    except ValueError:  # neither a zip nor an .npy array: numpy took it for a pickle
+        raise ValueError(f"{foreign}); {redo}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{foreign}, got a bare .npy array); {redo}")
+    with z:
+        if "probs" not in z.files:
+            raise ValueError(f"{path}: missing array 'probs' (found {z.files})")
+        try:
             p = z["probs"]
-    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
-        raise ValueError(f"{path}: unreadable probabilities ({type(exc).__name__}: {exc}); delete the file and "
-                         f"rerun the evaluation to recompute {video_id}/{exp_id}") from None
+        except unreadable as exc:
+            raise ValueError(f"{path}: unreadable probabilities ({type(exc).__name__}: {exc}); {redo}") from None
+        except ValueError as exc:
+            why = "holds Python objects, never unpickled (allow_pickle=False)" if "allow_pickle" in str(exc) \
+                else "has a broken array header"
+            raise ValueError(f"{foreign}; its 'probs' {why}); {redo}") from None
     if p.dtype != np.uint8 or p.ndim != 3:
         raise ValueError(f"{path}: 'probs' must be uint8 [T,H,W], got {p.dtype} {p.shape}")
     return p
@@ -203,7 +220,14 @@ def load_member(run_dir: str, video_id: str, exp_id: str) -> np.ndarray | None:
         return None
     from projects.sasasa2va.evaluation.results_io import entry_masks
 
-    return entry_masks(entry).astype(np.uint8) * 255
+    where = f"{os.path.join(run_dir, 'results.json')}: {video_id}/{exp_id}"
+    return entry_masks(entry, where=where).astype(np.uint8) * 255
+
+
+def member_source(run_dir: str, video_id: str, exp_id: str) -> str:
+    """The file ``load_member`` reads the expression from (named in errors about what it held)."""
+    path = probs_path(run_dir, video_id, exp_id)
+    return path if os.path.isfile(path) else os.path.join(run_dir, "results.json")
 
 
 # ----------------------------------------------------------------------------- ensembling
@@ -260,13 +284,16 @@ def ensemble(run_dirs: Sequence[str], weights=None, threshold: float = 0.5, voti
     that expression's mean, and None is yielded when no run has it."""
     w = _norm_weights(weights, len(run_dirs))
     for vid, eid in (keys if keys is not None else _expression_keys(run_dirs)):
-        got = [(load_member(r, vid, eid), wi) for r, wi in zip(run_dirs, w)]
-        got = [(p, wi) for p, wi in got if p is not None]
+        got = [(load_member(r, vid, eid), wi, r) for r, wi in zip(run_dirs, w)]
+        got = [(p, wi, r) for p, wi, r in got if p is not None]
         if not got:
             yield vid, eid, None
             continue
+        if len({p.shape for p, _, _ in got}) > 1:  # named here: ensemble_masks knows no files
+            listed = ", ".join(f"{member_source(r, vid, eid)} {list(p.shape)}" for p, _, r in got)
+            raise ValueError(f"{vid}/{eid}: the members' probabilities differ in shape [T, H, W]: {listed}")
         try:
-            masks = ensemble_masks([p for p, _ in got], [wi for _, wi in got], threshold, voting)
+            masks = ensemble_masks([p for p, _, _ in got], [wi for _, wi, _ in got], threshold, voting)
         except ValueError as e:
             raise ValueError(f"{vid}/{eid}: {e}") from e
         yield vid, eid, masks
@@ -319,8 +346,9 @@ def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: st
             if masks is None:  # (only with allow_incomplete) left out: scorers give it J = F = 0
                 continue
             if masks.shape[0] != rec.num_frames:
+                files = ", ".join(member_source(r, vid, eid) for r in run_dirs if (vid, eid) in run_keys(r))
                 raise ValueError(f"{vid}/{eid}: members have {masks.shape[0]} frames, the split has "
-                                 f"{rec.num_frames}")
+                                 f"{rec.num_frames} (expected [T, H, W] with T = {rec.num_frames}): {files}")
             yield make_entry(index, vid, eid, rec.frame_names, masks, text_prediction="",
                              exp=eval_prompt(rec.expressions[eid].text), status=status, error=error)
 
@@ -341,17 +369,19 @@ def _score_candidates(task: dict) -> list[tuple[float, float]]:
 
     record, eid, run_dirs = task["record"], task["exp_id"], task["run_dirs"]
     needed = sorted({i for s in task["subsets"] for i in s})
+    n = record.num_frames
+    size = frame_size_from_masks(task["mask_dict"])  # None: the ground truth is empty, the first member's size
     probs = {}
     for i in needed:
         p = load_member(run_dirs[i], record.video_id, eid)
         if p is None:
             raise FileNotFoundError(f"run {run_dirs[i]} has no prediction for {record.video_id}/{eid}")
-        if p.shape[0] != record.num_frames:
-            raise ValueError(f"run {run_dirs[i]}: {record.video_id}/{eid} has {p.shape[0]} frames, the "
-                             f"split has {record.num_frames}")
+        size = size or tuple(p.shape[1:])
+        if p.shape != (n, *size):  # (named here: the scorer's shape error would name no file)
+            raise ValueError(f"{member_source(run_dirs[i], record.video_id, eid)}: {record.video_id}/{eid} has "
+                             f"probabilities of shape {list(p.shape)}, expected [T, H, W] = {[n, *size]} (the "
+                             f"split's frames)")
         probs[i] = p
-    n = record.num_frames
-    size = frame_size_from_masks(task["mask_dict"]) or tuple(next(iter(probs.values())).shape[1:])
     j_sum = np.zeros(len(task["subsets"]))
     f_sum = np.zeros(len(task["subsets"]))
     for start in range(0, n, _CHUNK):

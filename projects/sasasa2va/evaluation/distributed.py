@@ -28,7 +28,7 @@ class DistContext:
         return self.rank == 0
 
 
-def _env_int(name: str) -> int:
+def env_int(name: str) -> int:
     v = os.environ.get(name)
     if v is None:
         raise RuntimeError(f"--launcher pytorch needs the {name} environment variable (start the job with "
@@ -48,7 +48,7 @@ def init_distributed(launcher: str, device: str | None, timeout_s: float) -> Dis
         raise ValueError(f"unknown launcher {launcher!r}; expected 'none' or 'pytorch'")
     ctx = DistContext()
     if launcher == "pytorch":
-        ctx.rank, ctx.world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+        ctx.rank, ctx.world_size = env_int("RANK"), env_int("WORLD_SIZE")
         ctx.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else "cpu"

@@ -69,6 +69,23 @@ def check_hf_dir(hf_dir: str) -> None:
     if model_type not in CHAT_MODEL_TYPES:
         raise ValueError(f"{hf_dir}/config.json: model_type {model_type!r}, expected one of {CHAT_MODEL_TYPES} (an "
                          f"export of convert_to_hf.py, or an official Sa2VA / SaSaSa2VA export)")
+    check_weight_files(hf_dir)
+
+
+def check_weight_files(hf_dir: str) -> None:
+    """Every ``*.safetensors`` of the folder has a readable header that its size covers (a junk or cut-short
+    file is named here, before the model loads, instead of a SafetensorError from deep in from_pretrained)."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in sorted(os.listdir(hf_dir)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(hf_dir, name)
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def load_model(opts: EvalOptions, ctx: DistContext):

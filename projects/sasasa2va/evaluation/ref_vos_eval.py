@@ -30,7 +30,11 @@ from projects.sasasa2va.utils.cli import run_reporting_user_errors  # noqa: E402
 
 
 def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+    """'a,b' -> ['a', 'b']; a list without an item is a mistake (for --videos it would mean every video)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r}: empty list; leave the option out instead")
+    return items
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--average", action="store_true", help="average the modes' probabilities into OUT/results.json")
     p.add_argument("--average-members", type=_csv, default=None,
                    help="comma list of modes (or other run dirs) to average (default: all given modes)")
-    p.add_argument("--average-threshold", type=float, default=0.5, help="threshold of the mean probability (default: 0.5)")
+    p.add_argument("--average-threshold", type=float, default=None,
+                   help="threshold of the mean probability, with --average (default: 0.5)")
     p.add_argument("--submit", action="store_true", help="also write Annotations/<video>/<exp>/<frame>.png (0/255)")
     p.add_argument("--blind-expression", default=None, metavar="TEXT",
                    help="language-blind control: use TEXT as the expression of every object")
@@ -74,16 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bound on the SAM2 frame features cached for the current video; frames evicted past it "
                         "are recomputed (default: keep the whole video)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="cap on generated answer tokens (default: the model's 2048; smoke runs of barely trained models)")
+                   help="cap on generated answer tokens, >= 1 (default: the model's 2048; smoke runs of barely "
+                        "trained models)")
     p.add_argument("--model-factory", default=None, help=argparse.SUPPRESS)  # tests: module:function
     add_inference_flags(p)
     return p
 
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
+    threshold = {}
+    if args.average_threshold is not None:  # given: it must have an average to apply to
+        if not (args.average or args.average_members):
+            raise ValueError("--average-threshold thresholds the averaged probabilities: add --average "
+                             "(or --average-members)")
+        threshold = {"average_threshold": args.average_threshold}
     return EvalOptions(
         hf_dir=args.hf_dir, dataset=args.dataset, work_dir=args.work_dir, modes=parse_modes(args.mode),
-        average=args.average, average_members=args.average_members, average_threshold=args.average_threshold,
+        average=args.average, average_members=args.average_members, **threshold,
         submit=args.submit, blind_expression=args.blind_expression, max_videos=args.max_videos, videos=args.videos,
         dtype=args.dtype, device=args.device, remote_code=args.remote_code, shard_by=args.shard_by,
         launcher=args.launcher, data_root=args.data_root, split_dir=args.split_dir, qframe_file=args.qframe_file,
@@ -91,7 +103,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         dist_timeout=args.dist_timeout, progress=args.progress, naive=args.naive,
         feature_budget_mb=args.feature_budget_mb,
         predict_options={**predict_options(args),
-                         **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {})})
+                         **({} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens})})
 
 
 def main(argv=None) -> int:

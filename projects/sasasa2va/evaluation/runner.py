@@ -40,7 +40,7 @@ from projects.sasasa2va.evaluation import sharding
 from projects.sasasa2va.evaluation.average_ahead import AverageAhead, ahead_dir, averaged_entry, read_ahead
 from projects.sasasa2va.evaluation.averaging import encode_probs, load_probs, probs_path, quantize_probs, save_probs
 from projects.sasasa2va.evaluation.distributed import (
-    DistContext, barrier, clean_markers, init_distributed, shutdown_distributed, wait_for_ranks, write_marker,
+    DistContext, barrier, clean_markers, env_int, init_distributed, shutdown_distributed, wait_for_ranks, write_marker,
 )
 from projects.sasasa2va.evaluation.model_loading import check_hf_dir, load_model
 from projects.sasasa2va.evaluation.output_writer import (
@@ -55,6 +55,7 @@ from projects.sasasa2va.evaluation.shared_encodings import encode_once
 from projects.sasasa2va.evaluation.splits import ResolvedSplit, resolve_split
 from projects.sasasa2va.hf.models.frame_sampling import MODES
 from projects.sasasa2va.hf.models.templates import eval_prompt
+from projects.sasasa2va.utils.cli import device_problem
 from projects.sasasa2va.utils.io import atomic_write_json
 
 logger = logging.getLogger("sasasa2va.eval")
@@ -226,8 +227,15 @@ def _check_run_config(run_dir: str, cfg: dict) -> None:
     path = os.path.join(run_dir, "run_config.json")
     if not os.path.isfile(path):
         return
-    with open(path, "r", encoding="utf-8") as f:
-        old = json.load(f)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            old = json.load(f)
+    except ValueError as exc:  # (not JSON, or not text: UnicodeDecodeError is a ValueError too)
+        raise ValueError(f"{path}: not a run config (unreadable JSON: {exc}); use another --work-dir or "
+                         "--overwrite") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{path}: not a run config (a JSON object expected, got {type(old).__name__}); use "
+                         "another --work-dir or --overwrite")
     diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
     if old.get("predict_options", {}) != cfg.get("predict_options", {}):  # recorded only when given
         diff["predict_options"] = (old.get("predict_options", {}), cfg.get("predict_options", {}))
@@ -674,14 +682,37 @@ def _resolve_members(opts: EvalOptions, modes: Sequence[str]) -> tuple[list[str]
     return names, dirs
 
 
+def check_options(opts: EvalOptions) -> None:
+    """Option values that cannot work, refused before the work dir, the process group or the model."""
+    if opts.feature_budget_mb is not None and not float(opts.feature_budget_mb) >= 0:
+        raise ValueError(f"--feature-budget-mb must be >= 0, got {opts.feature_budget_mb}")
+    if not float(opts.dist_timeout) > 0:
+        raise ValueError(f"--dist-timeout must be > 0 seconds, got {opts.dist_timeout}")
+    max_new = opts.predict_options.get("max_new_tokens")
+    if max_new is not None and not (isinstance(max_new, int) and max_new >= 1):
+        raise ValueError(f"--max-new-tokens must be an integer >= 1, got {max_new!r}")
+    if opts.videos is not None and not list(opts.videos):
+        raise ValueError("--videos: no video id given (leave it out to evaluate every video)")
+    if opts.blind_expression is not None and not opts.blind_expression.strip():
+        raise ValueError("--blind-expression: empty text; give the generic expression every object is asked for")
+    problem = device_problem(opts.device)
+    if problem:
+        raise ValueError(problem)
+    if opts.launcher == "pytorch":
+        for name in ("RANK", "WORLD_SIZE"):
+            try:
+                env_int(name)
+            except RuntimeError as exc:  # a launch mistake, not a failure of the run
+                raise ValueError(str(exc)) from None
+
+
 def run_evaluation(opts: EvalOptions) -> dict | None:
     """Run the whole evaluation on this process; returns the summary on rank 0 (None elsewhere).
 
     Any error of this rank is written to its marker file and re-raised, so the job fails loudly.
     """
     modes = parse_modes(opts.modes)
-    if opts.feature_budget_mb is not None and not float(opts.feature_budget_mb) >= 0:
-        raise ValueError(f"--feature-budget-mb must be >= 0, got {opts.feature_budget_mb}")
+    check_options(opts)
     if opts.shard_by not in sharding.SCHEMES:
         raise ValueError(f"--shard-by must be one of {sharding.SCHEMES}, got {opts.shard_by!r}")
     if opts.work_dir is None:

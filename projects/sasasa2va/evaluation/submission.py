@@ -41,18 +41,26 @@ def encode_png(mask: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _entries(source) -> Iterable[dict]:
-    from projects.sasasa2va.evaluation.results_io import iter_results
+def _entries(source) -> Iterable[tuple[str, str, dict, str]]:
+    """(video, expression, entry, where) of a results.json path, a loaded dict or entries; every entry passes
+    results_io.check_entry, and ``where`` (file: video/exp) is what an error about it starts with."""
+    from projects.sasasa2va.evaluation.results_io import check_entry, iter_results
 
     if isinstance(source, (str, os.PathLike)):
         source = str(source)
-        for _, _, e in iter_results(source):
-            yield e
+        for vid, eid, e in iter_results(source):
+            yield vid, eid, e, f"{source}: {vid}/{eid}"
     elif isinstance(source, dict):
-        for _, _, e in iter_results(source):
-            yield e
+        for vid, eid, e in iter_results(source):
+            yield vid, eid, e, f"{vid}/{eid}"
     else:
-        yield from source
+        for i, e in enumerate(source):
+            if not isinstance(e, dict) or "video_id" not in e or "exp_id" not in e:
+                raise ValueError(f"results entry {i}: expected a dict with 'video_id', 'exp_id' and "
+                                 f"'prediction_masks', got {type(e).__name__}")
+            vid, eid = str(e["video_id"]), str(e["exp_id"])
+            check_entry(e, f"{vid}/{eid}")
+            yield vid, eid, e, f"{vid}/{eid}"
 
 
 def write_submission_pngs(source, out_dir: str) -> int:
@@ -63,16 +71,16 @@ def write_submission_pngs(source, out_dir: str) -> int:
     from projects.sasasa2va.evaluation.results_io import entry_masks
 
     count = 0
-    for e in _entries(source):
-        vid, eid = str(e["video_id"]), str(e["exp_id"])
+    for vid, eid, e, where in _entries(source):
         frames = e.get("frames")
-        rles = e.get("prediction_masks") or []
+        rles = e["prediction_masks"]
         if not isinstance(frames, list) or len(frames) != len(rles):
-            raise ValueError(f"{vid}/{eid}: entry needs a 'frames' list matching its "
-                             f"{len(rles)} prediction_masks")
+            got = f"{len(frames)} names" if isinstance(frames, list) else "none"
+            raise ValueError(f"{where}: 'frames' must name the frame of each of its {len(rles)} prediction_masks "
+                             f"(the PNG file names), got {got}")
         if not rles:
             continue
-        masks = entry_masks(e)
+        masks = entry_masks(e, where=where)
         d = os.path.join(out_dir, vid, eid)
         os.makedirs(d, exist_ok=True)
         for name, m in zip(frames, masks):
@@ -87,9 +95,8 @@ def check_results_against_split(source, split_dir: str) -> int:
     land in an annotation folder. Returns the number of entries."""
     records = _split_records(split_dir)
     problems, count = [], 0
-    for e in _entries(source):
+    for vid, eid, e, _ in _entries(source):
         count += 1
-        vid, eid = str(e["video_id"]), str(e["exp_id"])
         rec = records.get(vid)
         if rec is None:
             problems.append(f"{vid}: not a video of the split")

@@ -79,25 +79,47 @@ def write_gif(frames: list[Image.Image], out_path: str, fps: float = 8.0) -> Non
     atomic_write_bytes(out_path, buf.getvalue())
 
 
+_METRICS = "the per-expression CSV (columns video, exp_id, J&F) or JSON ({'rows': [...]}) of tools/eval_mevis.py"
+
+
 def load_metrics(path: str) -> dict[tuple[str, str], float]:
-    """{(video, exp_id): J&F} from the per-expression CSV or the JSON written by tools/eval_mevis.py."""
+    """{(video, exp_id): J&F} from the per-expression CSV or the JSON written by tools/eval_mevis.py; any other
+    file is refused naming it and what was expected (csv / json alone would not say which file failed)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: metrics file not found")
-    rows = []
-    if path.lower().endswith(".json"):
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
-        rows = data.get("rows") if isinstance(data, dict) else data
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a list of per-expression rows under 'rows'")
-    else:
+    try:
         with open(path, "r", encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
+            if path.lower().endswith(".json"):
+                data = json.load(f)
+                rows = data.get("rows") if isinstance(data, dict) else data
+                if not isinstance(rows, list):
+                    raise ValueError(f"{path}: expected a list of per-expression rows under 'rows'")
+            else:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                if reader.fieldnames is None:
+                    raise ValueError(f"{path}: empty; expected {_METRICS}")
+                if not {"video", "exp_id", "J&F"} <= set(reader.fieldnames):  # (even with no rows)
+                    raise ValueError(f"{path}: rows need 'video', 'exp_id' and 'J&F' columns, got "
+                                     f"{sorted(reader.fieldnames)}; expected {_METRICS}")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; expected {_METRICS}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected {_METRICS}") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: not a readable CSV ({e}); expected {_METRICS}") from None
     out = {}
-    for r in rows:
+    for k, r in enumerate(rows, 1):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: row {k}: expected an object with 'video', 'exp_id' and 'J&F', got "
+                             f"{type(r).__name__}")
         if "video" not in r or "exp_id" not in r or "J&F" not in r:
-            raise ValueError(f"{path}: rows need 'video', 'exp_id' and 'J&F' columns, got {sorted(r)}")
-        out[(str(r["video"]), str(r["exp_id"]))] = float(r["J&F"])
+            raise ValueError(f"{path}: rows need 'video', 'exp_id' and 'J&F' columns, got {sorted(map(str, r))}")
+        try:
+            score = float(r["J&F"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: row {k}: 'J&F' must be a number, got {r['J&F']!r}") from None
+        out[(str(r["video"]), str(r["exp_id"]))] = score
     return out
 
 
@@ -196,7 +218,7 @@ def visualize_split(split_dir: str, results_path: str, out_dir: str, max_express
             idx = _sample(rec.num_frames, max_frames)
             first = np.asarray(Image.open(rec.frame_path(0)).convert("RGB"))
             h, w = first.shape[:2]
-            pred = entry_masks(entry, h, w)
+            pred = entry_masks(entry, h, w, where=f"{results_path}: {vid}/{eid}")
             if pred.shape[0] != rec.num_frames:
                 raise ValueError(f"{results_path}: {vid}/{eid} has {pred.shape[0]} masks for "
                                  f"{rec.num_frames} frames")

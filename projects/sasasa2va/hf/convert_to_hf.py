@@ -32,7 +32,6 @@ checkpoints you produced.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import os.path as osp
 import pickle
@@ -194,13 +193,23 @@ def resolve_config_path(config: str) -> str:
 
 def build_training_model(config: str, cfg_options: dict | None = None):
     """The mmengine training model of ``config``, built like tools/train.py's runner builds it."""
-    from mmengine.config import Config
     from mmengine.registry import MODELS
 
-    cfg = Config.fromfile(resolve_config_path(config))
-    if cfg_options:
-        cfg.merge_from_dict(copy.deepcopy(dict(cfg_options)))  # merging consumes '_delete_' keys
+    from projects.sasasa2va.utils.tool_inputs import load_tool_config
+
+    cfg = load_tool_config(resolve_config_path(config), cfg_options, required=("model",))
     return MODELS.build(cfg.model), cfg
+
+
+def check_shapes(state, model, pth: str, config: str) -> None:
+    """A checkpoint tensor whose shape differs from the model's is named with both shapes (torch's
+    load_state_dict raises a bare 'size mismatch'); the usual cause is a checkpoint of another config."""
+    own = model.all_state_dict() if hasattr(model, "all_state_dict") else model.state_dict()
+    for key, tensor in state.items():
+        if key in own and tuple(own[key].shape) != tuple(tensor.shape):
+            raise ValueError(f"{pth}: tensor {key} has shape {tuple(tensor.shape)} in the checkpoint but "
+                             f"{tuple(own[key].shape)} in the model built from {config}: a checkpoint of another "
+                             f"config (architecture, image size, vocabulary)?")
 
 
 # =============================================================================================== saving
@@ -308,6 +317,7 @@ def convert(config: str, pth: str, save_path: str | None = None, cfg_options: di
         if not allow_base_mismatch:
             raise ValueError(msg + "; --allow-base-mismatch exports anyway")
         log(f"[convert_to_hf] WARNING (--allow-base-mismatch): {msg}")
+    check_shapes(state, model, pth, config)
     model.load_state_dict(state, strict=False)
     report = getattr(model, "last_load_report", None) or {}
     loaded = report.get("loaded", [])
@@ -352,12 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> str:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.pth and args.pth_model and args.pth != args.pth_model:
-        raise SystemExit(f"two different checkpoints given: {args.pth} and --pth-model {args.pth_model}")
+        parser.error(f"two different checkpoints given: {args.pth} and --pth-model {args.pth_model}")
     pth = args.pth_model or args.pth
     if not pth:
-        raise SystemExit("no checkpoint given: pass --pth-model PTH (or PTH after the config)")
+        parser.error("no checkpoint given: pass --pth-model PTH (or PTH after the config)")
     return convert(args.config, pth, args.save_path, cfg_options=args.cfg_options, overwrite=args.overwrite,
                    allow_partial=args.allow_partial, allow_base_mismatch=args.allow_base_mismatch)
 

@@ -259,6 +259,7 @@ def _eval_task(task: dict) -> dict:
     if absent:
         return {"video": record.video_id, "exp_id": exp_id, "J": 0.0, "F": 0.0, "J&F": 0.0, "num_frames": num,
                 "notes": notes}
+    source = f"{task['results_path']}: " if task.get("results_path") else ""  # (names the file in errors)
     size = frame_size_from_masks(task["mask_dict"], task["entry"])
     j_all, f_all = [], []
     missing_png = []
@@ -271,7 +272,7 @@ def _eval_task(task: dict) -> dict:
         for k, i in enumerate(idx):
             if pred_rles is not None:
                 if pred_rles[i] is not None:
-                    pred[k] = decode_rle(pred_rles[i], h, w, where=f"{where} frame {names[i]} prediction")
+                    pred[k] = decode_rle(pred_rles[i], h, w, where=f"{source}{where} frame {names[i]} prediction")
             else:
                 p = os.path.join(task["pred_dir"], record.video_id, exp_id, names[i] + ".png")
                 if os.path.isfile(p):
@@ -327,7 +328,7 @@ def sub_mask_dict(mask_dict: dict, anno_ids) -> dict:
 
 
 def _tasks(records: dict, mask_dict: dict, results: dict | None, pred_dir: str | None,
-           bound_th: float, only_present: bool = False) -> Iterable[dict]:
+           bound_th: float, only_present: bool = False, results_path: str | None = None) -> Iterable[dict]:
     for vid, record in records.items():
         for exp_id, exp in record.expressions.items():
             if only_present and exp_id not in (results.get(vid) or {}):
@@ -337,7 +338,7 @@ def _tasks(records: dict, mask_dict: dict, results: dict | None, pred_dir: str |
             if results is not None:
                 entry = (results.get(vid) or {}).get(exp_id)
             yield {"record": record, "exp_id": exp_id, "mask_dict": sub, "entry": entry,
-                   "pred_dir": pred_dir, "bound_th": bound_th}
+                   "pred_dir": pred_dir, "bound_th": bound_th, "results_path": results_path}
 
 
 def evaluate_split(split_dir: str, results_path: str | None = None, pred_dir: str | None = None,
@@ -386,7 +387,7 @@ def evaluate_split(split_dir: str, results_path: str | None = None, pred_dir: st
         if not present:
             raise ValueError(f"{pred_dir}: no video folder of the split (<video>/<exp_id>/<frame>.png expected)")
     mask_dict = load_mask_dict(mask_path)
-    tasks = list(_tasks(records, mask_dict, results, pred_dir, bound_th, only_present))
+    tasks = list(_tasks(records, mask_dict, results, pred_dir, bound_th, only_present, results_path))
     if workers and workers > 1:
         import multiprocessing as mp
 

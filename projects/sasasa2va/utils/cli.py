@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from mmengine.config import DictAction
 
@@ -36,6 +37,35 @@ def output_file_problem(path: str, flag: str) -> str | None:
     return None
 
 
+def output_dir_problem(path: str, flag: str) -> str | None:
+    """Why ``path`` cannot be used or made as an output folder (checked before a long run), or None: the
+    folder counterpart of ``output_file_problem``."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return f"{flag} {path}: exists and is not a folder"
+    if os.path.isdir(path):
+        return None if os.access(path, os.W_OK) else f"{flag} {path}: is not writable"
+    return output_file_problem(path, flag)  # a new folder: its nearest existing ancestor must be a writable folder
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of a count that must be >= 1 (workers, threads, tokens): 0 or less is a usage error
+    naming the option, not a silent default or a traceback after the work."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def exit_user_error(message: str) -> NoReturn:
+    """A bad option found after parsing, before the work: ``error: message`` and status 2, as argparse's
+    usage errors (``raise SystemExit("error: ...")`` would exit with status 1)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def device_problem(device: str | None, flag: str = "--device") -> str | None:
     """Why ``device`` cannot run the model here (checked before a model is loaded), or None. None and
     "auto" mean: CUDA when available, else the CPU."""
@@ -57,6 +87,16 @@ def device_problem(device: str | None, flag: str = "--device") -> str | None:
     if dev.index is not None and dev.index >= count:
         return f"{flag} {device}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})"
     return None
+
+
+def resolve_device(device: str | None) -> str:
+    """The device to run on: ``device`` as given, or for None / "auto" (which device_problem accepts) CUDA
+    when available, else the CPU."""
+    if device is not None and device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_reporting_user_errors(fn, *args, **kwargs) -> int:
