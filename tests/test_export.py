@@ -271,6 +271,15 @@ def test_convert_lora_checkpoint_and_reload_without_remote_code(in_root):
     with pytest.raises(ValueError, match="does not fit"):  # LoRA tensors unknown to the plain tiny config
         conv.convert(TINY_CONFIG, pth, str(in_root / "hf_bad"), log=lambda *a: None)
     assert not os.path.exists(in_root / "hf_bad")
+    # the reference layout (mllm.model.*) with a tensor of another shape: named with the file, not a bare
+    # RuntimeError from load_state_dict
+    key = next(k for k in trainable if k.startswith("model.text_hidden_fcs.") and k.endswith("weight"))
+    ref_pth = str(in_root / "ref_layout.pth")
+    torch.save({"state_dict": {key[len("model."):]: torch.zeros(3, 5)}}, ref_pth)
+    with pytest.raises(ValueError, match=r"(?s)ref_layout.pth: tensors of another shape than the model built from "
+                                         r".*size mismatch for .*text_hidden_fcs"):
+        conv.convert(TINY_CONFIG, ref_pth, str(in_root / "hf_ref"), cfg_options=LORA, log=lambda *a: None)
+    assert not os.path.exists(in_root / "hf_ref")
 
 
 SUBPROCESS = r"""

@@ -318,7 +318,13 @@ def convert(config: str, pth: str, save_path: str | None = None, cfg_options: di
             raise ValueError(msg + "; --allow-base-mismatch exports anyway")
         log(f"[convert_to_hf] WARNING (--allow-base-mismatch): {msg}")
     check_shapes(state, model, pth, config)
-    model.load_state_dict(state, strict=False)
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a reference-layout key (mllm.model.*) of another shape: check_shapes' names miss it
+        if "size mismatch" not in str(exc):
+            raise
+        raise ValueError(f"{pth}: tensors of another shape than the model built from {config} (a checkpoint of "
+                         f"another config?): {str(exc).strip()}") from None
     report = getattr(model, "last_load_report", None) or {}
     loaded = report.get("loaded", [])
     groups = ", ".join(f"{g}: {n}" for g, n in report.get("groups", {}).items()) or "none"
