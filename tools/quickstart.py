@@ -47,8 +47,12 @@ def parse_args(argv=None):
     p.add_argument("--skip-train", action="store_true",
                    help="reuse the last checkpoint in the work dir (and the tiny checkpoints it was trained from)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="cap on generated answer tokens in evaluation (short smoke runs of barely trained models)")
-    return p.parse_args(argv)
+                   help="cap on generated answer tokens in evaluation, >= 1 (short smoke runs of barely trained "
+                        "models)")
+    args = p.parse_args(argv)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:  # as ref_vos_eval.py, which it is passed to
+        p.error(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    return args
 
 
 def tiny_checkpoint_args() -> list[str]:
@@ -174,7 +178,7 @@ def main(argv=None) -> dict:
     eval_common = ["--data-root", os.path.join(run_root, "data"), "--overwrite"]
     if args.max_videos:
         eval_common += ["--max-videos", str(args.max_videos)]
-    if args.max_new_tokens:
+    if args.max_new_tokens is not None:
         eval_common += ["--max-new-tokens", str(args.max_new_tokens)]
     dist_test = ["bash", tool("projects/sasasa2va/evaluation/dist_test.sh"),
                  tool("projects/sasasa2va/evaluation/ref_vos_eval.py"), hf_dir, str(args.gpus)]
