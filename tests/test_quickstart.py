@@ -41,15 +41,17 @@ def test_quickstart_short_run(tmp_path):
     assert "language_blind" in proc.stdout and "stage times" in proc.stdout and "by expression kind" in proc.stdout
 
 
-def test_quickstart_refuses_a_token_cap_below_one(capsys):
-    """--max-new-tokens is passed on to ref_vos_eval.py, which refuses 0: refused here first, before any stage."""
+def test_quickstart_refuses_counts_below_one(capsys):
+    """0 would silently mean 'the default' (--iters, --pretrain-steps, --max-videos), be refused by
+    ref_vos_eval.py (--max-new-tokens) or by dist.sh after the slow stages (--gpus): refused before any stage."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("quickstart_tool", os.path.join(ROOT, "tools", "quickstart.py"))
     quickstart = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quickstart)
     assert quickstart.parse_args(["--max-new-tokens", "1"]).max_new_tokens == 1
-    for bad in ("0", "-3"):
-        with pytest.raises(SystemExit) as exit_info:
-            quickstart.parse_args(["--max-new-tokens", bad])
-        assert exit_info.value.code == 2 and f"--max-new-tokens {bad}: must be >= 1" in capsys.readouterr().err
+    for flag in ("--iters", "--pretrain-steps", "--gpus", "--max-videos", "--max-new-tokens"):
+        for bad in ("0", "-3"):
+            with pytest.raises(SystemExit) as exit_info:
+                quickstart.parse_args([flag, bad])
+            assert exit_info.value.code == 2 and f"{flag} {bad}: must be >= 1" in capsys.readouterr().err

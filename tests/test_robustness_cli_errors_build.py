@@ -239,3 +239,25 @@ def test_ref_vos_eval_empty_lists_and_threshold_with_average(capsys):
                                                         "--average-threshold", "0.4"]))
     assert opts.average_threshold == 0.4
     assert ref_vos_eval.options_from_args(p.parse_args(["hf", "--mode", "all", "--average"])).average_threshold == 0.5
+
+
+def test_pretrain_tiny_config_errors_name_the_file(tmp_path, capsys):
+    """tools/pretrain_tiny.py loads its config like train.py: a syntax error, or a model without the
+    pretrained_pth the stand-in pretraining writes, end as `error: <config>: ...` before any work."""
+    pretrain = _tool("pretrain_tiny")
+    broken = tmp_path / "broken.py"
+    broken.write_text("x = (\n")
+    assert_error(pretrain.main([str(broken)]), capsys.readouterr().err, f"{broken}: syntax error at line 1")
+    assert_error(pretrain.main([TINY_CONFIG, "--cfg-options", "model.pretrained_pth=None"]),
+                 capsys.readouterr().err, "model.pretrained_pth is not set")
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main([TINY_CONFIG, "--threads", "0"])
+    assert exit_info.value.code == 2 and "--threads must be >= 1" in capsys.readouterr().err
+
+
+def test_benchmark_train_refuses_a_bad_device(capsys):
+    bench = _tool("benchmark_train")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "foo"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--device foo: expected cpu, cuda or cuda:N" in err and "Traceback" not in err

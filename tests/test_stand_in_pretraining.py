@@ -197,12 +197,16 @@ def test_pretrain_tiny_cli_runs_once_and_validates_its_arguments(in_root, capsys
     assert record["steps"] == 1 and record["accumulate"] == 1 and record["word_target"] == "relabel"
     assert main([TINY_CONFIG]) == 0
     assert "already done" in capsys.readouterr().out
-    # a failing --force run (here: a typo in --cfg-options) leaves the pretrained checkpoint as it was
     before = (in_root / "pretrained" / "tiny" / "sa2va_tiny.pth").read_bytes()
     marker = (in_root / "pretrained" / "tiny" / sip.MARKER).read_bytes()
-    with pytest.raises(TypeError, match="freeze_vison"):
+    # a typo in a model key is refused with the config's name before anything runs ...
+    assert main([TINY_CONFIG, "--force", "--cfg-options", "model.freeze_vison=True"]) == 2
+    assert "does not take 'freeze_vison'" in capsys.readouterr().err
+    # ... and a --force run failing once started (here: an unknown stand-in pretraining option) leaves the
+    # pretrained checkpoint as it was
+    with pytest.raises(TypeError, match="bogus_option"):
         main([TINY_CONFIG, "--steps", "1", "--accumulate", "1", "--force", "--no-progress", "--threads", "1",
-              "--cfg-options", "model.freeze_vison=True"])
+              "--cfg-options", "auto_prepare.stand_in_pretraining.bogus_option=1"])
     assert (in_root / "pretrained" / "tiny" / "sa2va_tiny.pth").read_bytes() == before
     assert (in_root / "pretrained" / "tiny" / sip.MARKER).read_bytes() == marker
     assert not (in_root / "pretrained" / "tiny" / "sa2va_tiny.pth.before_force").exists()

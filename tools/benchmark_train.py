@@ -182,18 +182,20 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
-    from projects.sasasa2va.utils.cli import output_file_problem
+    from projects.sasasa2va.utils.cli import device_problem, output_file_problem, resolve_device
 
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    problem = args.json and output_file_problem(args.json, "--json")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    problem = (args.json and output_file_problem(args.json, "--json")) or device_problem(args.device)
     if problem:
         p.error(problem)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     r = run(device, args.steps, args.warmup, args.work_dir, args.seed)
     print(format_result(r), flush=True)
     if args.json:

@@ -27,9 +27,7 @@ DEFAULT_CONFIG = os.path.join("projects", "sasasa2va", "configs", "sasasa2va_tin
 
 
 def main(argv=None) -> int:
-    from mmengine.config import Config
-
-    from projects.sasasa2va.utils.cli import CfgOptionsAction
+    from projects.sasasa2va.utils.cli import CfgOptionsAction, run_reporting_user_errors
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"config file (default: {DEFAULT_CONFIG})")
@@ -52,8 +50,16 @@ def main(argv=None) -> int:
         p.error("--lr must be > 0")
     if not os.path.isfile(args.config):
         p.error(f"config not found: {args.config}")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    return run_reporting_user_errors(pretrain, p, args)
 
+
+def pretrain(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Load the config (errors name it), then run the stand-in pretraining unless its marker says done."""
     import torch
+
+    from projects.sasasa2va.utils.tool_inputs import load_tool_config
 
     from projects.sasasa2va.models.stand_in_pretraining import marker_path, run_stand_in_pretraining
     from tools.benchmark_train import ensure_config_imports
@@ -63,14 +69,15 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ensure_config_imports()
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_tool_config(args.config, args.cfg_options, required=("model",))
     spec = dict((cfg.get("auto_prepare") or {}).get("stand_in_pretraining") or {})
-    marker = marker_path(cfg.model.get("pretrained_pth") or ".")
+    if not cfg.model.get("pretrained_pth"):
+        raise ValueError(f"{args.config}: model.pretrained_pth is not set (the checkpoint the stand-in "
+                         f"pretraining writes)")
+    marker = marker_path(cfg.model.pretrained_pth)
     if os.path.isfile(marker) and not args.force:
         print(f"already done ({marker}); --force to run again")
-        return 0
+        return
     prep = dict(cfg.get("auto_prepare") or {})
     prep.pop("stand_in_pretraining", None)
     cfg.auto_prepare = prep
@@ -103,7 +110,6 @@ def main(argv=None) -> int:
         os.remove(backup)
     print(f"loss {record['loss_first']} -> {record['loss_last']} in {record['seconds']} s; "
           f"{record['seg_tokens_named']}/{record['seg_tokens']} [SEG] tokens named; wrote {record['pth']}")
-    return 0
 
 
 if __name__ == "__main__":

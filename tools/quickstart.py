@@ -8,7 +8,6 @@ wall time lands in ``<work-dir>/summary.json``.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import re
@@ -50,8 +49,10 @@ def parse_args(argv=None):
                    help="cap on generated answer tokens in evaluation, >= 1 (short smoke runs of barely trained "
                         "models)")
     args = p.parse_args(argv)
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:  # as ref_vos_eval.py, which it is passed to
-        p.error(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    for flag in ("iters", "pretrain_steps", "gpus", "max_videos", "max_new_tokens"):  # 0 would silently mean
+        value = getattr(args, flag)  # the default (or fail after the slow stages, --gpus): refused up front
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} {value}: must be >= 1")
     return args
 
 
@@ -110,11 +111,12 @@ def latest_checkpoint(train_dir: str) -> str:
             path = f.read().strip()
         if os.path.exists(path):
             return path
-    found = sorted(glob.glob(os.path.join(train_dir, "iter_*.pth")),
-                   key=lambda p: int(re.findall(r"iter_(\d+)", p)[-1]))
+    from projects.sasasa2va.utils.checkpoint import complete_checkpoints
+
+    found = complete_checkpoints(train_dir)  # (a checkpoint cut short by a kill is not taken)
     if not found:
         raise SystemExit(f"no checkpoint found in {train_dir}")
-    return found[-1]
+    return os.path.join(train_dir, found[-1])
 
 
 def main(argv=None) -> dict:
@@ -145,14 +147,14 @@ def main(argv=None) -> dict:
         tiny = tiny_checkpoint_args()
         stage("pretrained", lambda: run([PY, tool("tools/make_tiny_pretrained.py"), "--out", pretrained, *tiny,
                                          "--force"], os.path.join(logs, "pretrained.log")))
-        steps = ["--steps", str(args.pretrain_steps)] if args.pretrain_steps else []
+        steps = ["--steps", str(args.pretrain_steps)] if args.pretrain_steps is not None else []
         stage("stand_in_pretraining", lambda: run([PY, tool("tools/pretrain_tiny.py"), tool(CONFIG), "--no-progress",
                                                    *steps], os.path.join(logs, "stand_in_pretraining.log"),
                                                   cwd=run_root))
 
     train_dir = os.path.join(wd, "train")
     cfg_opts = []
-    if args.iters:  # iteration-based run (warm-up = first 20%)
+    if args.iters is not None:  # iteration-based run (warm-up = first 20%)
         cfg_opts += ["train_cfg.max_epochs=None", f"train_cfg.max_iters={args.iters}",
                      "param_scheduler.0.end=0.2", "param_scheduler.1.begin=0.2"]
     cfg_opts += shlex.split(args.train_args)
