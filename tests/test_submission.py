@@ -63,6 +63,19 @@ def test_round_trip_values_and_no_temp_files(sub):
     assert check_submission(sub["ann"], sub["split"]) == []
 
 
+def test_rewrite_clears_temp_files_of_a_killed_writer(sub):
+    """A kill mid-write leaves .<frame>.png.<pid>.tmp; the rerun (another pid) removes it, else the packer's
+    check would refuse the folder for good."""
+    vid, eid = next(iter(sub["masks"]))
+    d = os.path.join(sub["ann"], vid, eid)
+    with open(os.path.join(d, ".00001.png.999999.tmp"), "wb") as f:
+        f.write(b"\x89PNG cut short")
+    assert any("unexpected file" in p for p in check_submission(sub["ann"], sub["split"]))
+    write_submission_pngs(sub["results"], sub["ann"])
+    assert sorted(os.listdir(d)) == ["00000.png", "00001.png", "00002.png"]
+    assert check_submission(sub["ann"], sub["split"]) == []
+
+
 def test_missing_frame_expression_and_video_detected(sub):
     os.remove(os.path.join(sub["ann"], "vidA", "1", "00002.png"))
     probs = check_submission(sub["ann"], sub["split"])

@@ -30,6 +30,15 @@ def _write_bytes_renamed(path: str, data: bytes) -> None:
         raise
 
 
+def _remove_cut_short_writes(folder: str) -> list[str]:
+    """Remove the temp files (``.<frame>.png.<pid>.tmp``) that a killed PNG writer left: a rerun has another
+    pid, so they would stay, and the packer's check refuses a folder holding them."""
+    stale = [n for n in os.listdir(folder) if n.startswith(".") and n.endswith(".tmp") and ".png." in n]
+    for name in stale:
+        os.unlink(os.path.join(folder, name))
+    return stale
+
+
 def encode_png(mask: np.ndarray) -> bytes:
     """bool/nonzero [H,W] -> 8-bit grayscale PNG bytes with values 0/255."""
     m = np.asarray(mask)
@@ -83,6 +92,7 @@ def write_submission_pngs(source, out_dir: str) -> int:
         masks = entry_masks(e, where=where)
         d = os.path.join(out_dir, vid, eid)
         os.makedirs(d, exist_ok=True)
+        _remove_cut_short_writes(d)
         for name, m in zip(frames, masks):
             _write_bytes_renamed(os.path.join(d, f"{name}.png"), encode_png(m))
             count += 1
