@@ -318,6 +318,21 @@ def test_cli(tmp_path, capsys):
     assert len(os.listdir(tmp_path / "mevis" / "train" / "JPEGImages")) == 1
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only the generator's own entries are replaced
     assert mod.main(["--root", str(tmp_path / "notes.txt"), "--quiet"]) == 2
+    # --force killed while removing the earlier data: the record (synthetic_info.json) went first, so what is
+    # left is never taken for complete data
+    capsys.readouterr()
+    real_rmtree = mod.shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    mod.shutil.rmtree = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            mod.main(small + ["--num-train-videos", "2", "--force"])
+    finally:
+        mod.shutil.rmtree = real_rmtree
+    assert not (tmp_path / "synthetic_info.json").exists() and (tmp_path / "mevis").is_dir()
 
 
 def test_expression_kind_reads_how_the_text_picks_its_target():

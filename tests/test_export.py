@@ -163,6 +163,25 @@ def test_checkpoint_and_save_path_mistakes_are_refused(tmp_path):
     assert sorted(os.listdir(work)) == ["iter_20.pth", "iter_3.pth", "iter_30.pth", "notes.pth"]
 
 
+def test_a_killed_export_is_cleaned_up_and_the_earlier_one_comes_back(tmp_path):
+    """SIGKILL runs no except clause: the next save removes the partial .<name>.tmp-* folder and, when it
+    was killed between its two renames, renames the earlier export (.<name>.old-*) back."""
+    hf = tmp_path / "hf"
+    partial, earlier = tmp_path / ".hf.tmp-abc", tmp_path / ".hf.old-def"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"cut")
+    earlier.mkdir()
+    (earlier / "config.json").write_text("{}")
+    (tmp_path / ".other.tmp-x").mkdir()  # another export's: left alone
+    logs = []
+    conv.recover_cut_short_saves(str(hf), log=logs.append)
+    assert sorted(os.listdir(tmp_path)) == [".other.tmp-x", "hf"] and (hf / "config.json").read_text() == "{}"
+    assert any("earlier export is back" in m for m in logs)
+    earlier.mkdir()  # an export that was replaced, its old copy left over: removed
+    conv.recover_cut_short_saves(str(hf), log=logs.append)
+    assert sorted(os.listdir(tmp_path)) == [".other.tmp-x", "hf"]
+
+
 def test_cli_arguments_and_default_save_path(capsys):
     assert conv.default_save_path("work_dirs/tiny/iter_3.pth") == "work_dirs/tiny_iter_3_hf"
     assert conv.default_save_path("iter_3.pth") == "iter_3_hf"

@@ -211,3 +211,17 @@ def test_pretrain_tiny_cli_runs_once_and_validates_its_arguments(in_root, capsys
     assert (in_root / "pretrained" / "tiny" / sip.MARKER).read_bytes() == marker
     assert not (in_root / "pretrained" / "tiny" / "sa2va_tiny.pth.before_force").exists()
     assert "restored as they were" in capsys.readouterr().err
+    # a --force run KILLED while it rewrote the random checkpoints (no except clause ran): the backups, no
+    # manifest, no marker, a cut-short .pth. The next run rebuilds the random files and puts the earlier
+    # pretraining back instead of pretraining from scratch
+    folder = in_root / "pretrained" / "tiny"
+    (folder / "sa2va_tiny.pth.before_force").write_bytes(before)
+    (folder / (sip.MARKER + ".before_force")).write_bytes(marker)
+    (folder / sip.MARKER).unlink()
+    (folder / "tiny_manifest.json").unlink()
+    (folder / "sa2va_tiny.pth").write_bytes(before[:100])
+    assert main([TINY_CONFIG]) == 0
+    captured = capsys.readouterr()
+    assert "before a --force run that was cut short" in captured.err and "already done" in captured.out
+    assert (folder / "sa2va_tiny.pth").read_bytes() == before and (folder / sip.MARKER).read_bytes() == marker
+    assert (folder / "tiny_manifest.json").is_file() and not list(folder.glob("*.before_force"))

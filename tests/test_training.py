@@ -338,6 +338,16 @@ def test_train_py_helpers(tmp_path):
     assert train_tool.complete_checkpoints(str(work)) == ["iter_0.pth"]
     assert train_tool.remove_stale_temp_checkpoints(str(work)) == [".tmp_77_iter_4.pth"]
     assert sorted(os.listdir(work)) == ["iter_0.pth", "iter_3.pth", "notes.txt"]
+    # DeepSpeed folders (written in place): complete only with model states and every .pt intact
+    for n, files in ((5, {}), (6, {"mp_rank_00_model_states.pt": True, "bf16_zero_pp_rank_0_optim_states.pt": False}),
+                     (7, {"mp_rank_00_model_states.pt": True, "bf16_zero_pp_rank_0_optim_states.pt": True})):
+        folder = work / f"iter_{n}.pth"
+        folder.mkdir()
+        for name, whole in files.items():
+            torch.save({"a": torch.ones(1)}, folder / name)
+            if not whole:
+                (folder / name).write_bytes((folder / name).read_bytes()[:40])
+    assert train_tool.complete_checkpoints(str(work)) == ["iter_0.pth", "iter_7.pth"]
     with pytest.raises(SystemExit) as exc:  # an item without '=': a usage error, not a traceback
         train_tool.build_parser().parse_args(["cfg.py", "--cfg-options", "lr"])
     assert exc.value.code == 2
@@ -411,6 +421,26 @@ def test_tiny_checkpoints_are_checked_against_the_config(tmp_path):
     with pytest.raises(ValueError, match=r"image_size 112 \(config: 56\), sam2_hidden_dim None \(config: 128\)"
                        r".*--image-size 56 --seed 0 --sam2-hidden-dim 128"):
         check_tiny_manifest(str(tmp_path), spec, cmd)
+
+
+def test_a_cut_short_tiny_rebuild_leaves_no_manifest(tmp_path, monkeypatch):
+    """The manifest and the stand-in marker go before any file is rewritten: a rebuild that dies midway (here
+    while writing the SAM2 checkpoint) leaves a folder auto_prepare rebuilds, never one that looks complete."""
+    from projects.sasasa2va.models import tiny
+    from projects.sasasa2va.models.stand_in_pretraining import MARKER
+
+    out = tmp_path / "t"
+    tiny.make_tiny_pretrained(str(out), image_size=56, with_sa2va_pth=False)
+    assert (out / "tiny_manifest.json").is_file()
+    (out / MARKER).write_text("{}")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny, "write_tiny_sam2", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tiny.make_tiny_pretrained(str(out), image_size=56)
+    assert not (out / "tiny_manifest.json").exists() and not (out / MARKER).exists()
 
 
 def test_make_tiny_pretrained_cli_defaults_follow_the_tiny_config(tmp_path):

@@ -63,7 +63,6 @@ def pretrain(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
     from projects.sasasa2va.models.stand_in_pretraining import marker_path, run_stand_in_pretraining
     from tools.benchmark_train import ensure_config_imports
-    from projects.sasasa2va.utils.io import atomic_write_bytes
     from tools.train import auto_prepare
 
     if args.threads:
@@ -75,6 +74,10 @@ def pretrain(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         raise ValueError(f"{args.config}: model.pretrained_pth is not set (the checkpoint the stand-in "
                          f"pretraining writes)")
     marker = marker_path(cfg.model.pretrained_pth)
+    tiny = dict((cfg.get("auto_prepare") or {}).get("tiny_pretrained") or {})
+    if restore_before_force(tiny, cfg.model.pretrained_pth, marker):
+        print(f"restored {cfg.model.pretrained_pth} and {marker} as they were before a --force run that was cut "
+              f"short", file=sys.stderr)
     if os.path.isfile(marker) and not args.force:
         print(f"already done ({marker}); --force to run again")
         return
@@ -90,26 +93,46 @@ def pretrain(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     else:  # --force: start again from fresh random checkpoints; the current ones come back if that fails
         from projects.sasasa2va.models.tiny import make_tiny_pretrained
 
-        tiny = dict(prep.get("tiny_pretrained") or {})
         if not tiny:
             p.error("--force needs the config's auto_prepare.tiny_pretrained to rebuild the random checkpoints")
         pth = cfg.model.pretrained_pth
-        backup = pth + ".before_force"
-        shutil.copy2(pth, backup)
-        with open(marker, "rb") as f:
-            marker_bytes = f.read()
+        for path, backup in zip((pth, marker), before_force(pth, marker)):
+            shutil.copy2(path, backup + ".part")  # complete copies only under the backup names
+            os.replace(backup + ".part", backup)
         try:
-            make_tiny_pretrained(tiny.pop("out_dir"), **tiny)  # also removes the marker
+            make_tiny_pretrained(**tiny)  # also removes the marker
             auto_prepare(cfg)
             record = run_stand_in_pretraining(cfg, progress=not args.no_progress, **spec)
         except BaseException:
-            os.replace(backup, pth)
-            atomic_write_bytes(marker, marker_bytes)
+            restore_before_force(tiny, pth, marker)
             print(f"stand-in pretraining failed: {pth} and {marker} are restored as they were", file=sys.stderr)
             raise
-        os.remove(backup)
+        for backup in before_force(pth, marker):
+            os.remove(backup)
     print(f"loss {record['loss_first']} -> {record['loss_last']} in {record['seconds']} s; "
           f"{record['seg_tokens_named']}/{record['seg_tokens']} [SEG] tokens named; wrote {record['pth']}")
+
+
+def before_force(pth: str, marker: str) -> tuple[str, str]:
+    """Where a --force run keeps the earlier pretrained checkpoint and its marker until it has finished."""
+    return pth + ".before_force", marker + ".before_force"
+
+
+def restore_before_force(tiny: dict, pth: str, marker: str) -> bool:
+    """Put back what a --force run that failed, or was killed (no except clause runs then), replaced: the
+    random tiny checkpoints are rebuilt first if their rewrite was cut short (no manifest; same settings,
+    same files), then the earlier pretrained checkpoint and marker are renamed back. False: nothing to do."""
+    from projects.sasasa2va.models.tiny import make_tiny_pretrained
+
+    backups = [b for b in before_force(pth, marker) if os.path.exists(b)]
+    if not backups:
+        return False
+    if tiny and not os.path.isfile(os.path.join(tiny["out_dir"], "tiny_manifest.json")):
+        make_tiny_pretrained(**tiny)
+    for path, backup in zip((pth, marker), before_force(pth, marker)):
+        if os.path.exists(backup):
+            os.replace(backup, path)
+    return True
 
 
 if __name__ == "__main__":

@@ -954,8 +954,10 @@ def generate_all(root: str, seed: int = 0, **options) -> dict:
     return summary
 
 
-GENERATED_ENTRIES = ("mevis", "mevis_q_frame", "revos", "rvos", "sam_v_full", "Ref-SAV.json", "ref_seg",
-                     "synthetic_info.json")  # what generate_all writes at the top of its root
+# what generate_all writes at the top of its root; the record first, so that a removal cut short never leaves
+# it describing half-removed data (auto_prepare would take that as complete)
+GENERATED_ENTRIES = ("synthetic_info.json", "mevis", "mevis_q_frame", "revos", "rvos", "sam_v_full", "Ref-SAV.json",
+                     "ref_seg")
 
 
 def planned_info(seed: int, **options) -> dict:

@@ -264,9 +264,30 @@ def check_save_path(save_path: str, overwrite: bool, inputs=()) -> None:
                          f"replaces only exports, choose another --save-path")
 
 
+def recover_cut_short_saves(save_path: str, log=print) -> None:
+    """Undo what a save killed midway left beside ``save_path`` (no except clause runs on SIGKILL): its
+    partial ``.<name>.tmp-*`` folder is removed, and an earlier export moved aside as ``.<name>.old-*`` is
+    renamed back when ``save_path`` itself is missing (killed between the two renames), else removed."""
+    parent, base = osp.dirname(save_path), osp.basename(save_path)
+    if not osp.isdir(parent):
+        return
+    for name in sorted(os.listdir(parent)):
+        path = osp.join(parent, name)
+        if name.startswith(f".{base}.tmp-") and osp.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"[convert_to_hf] removed {path} (an export cut short)")
+        elif name.startswith(f".{base}.old-") and osp.isdir(path):
+            if not osp.exists(save_path):
+                os.rename(path, save_path)
+                log(f"[convert_to_hf] {save_path}: the earlier export is back (a replacement was cut short)")
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def save_hf_folder(chat, tokenizer, save_path: str, overwrite: bool = False, log=print) -> str:
     """Write the export folder atomically (temp sibling dir, then rename); returns the absolute path."""
     save_path = osp.abspath(save_path)
+    recover_cut_short_saves(save_path, log)
     check_save_path(save_path, overwrite)
     names = list(chat.state_dict())
     odd = [k for k in names if not k.startswith(EXPECTED_PREFIXES)]

@@ -10,6 +10,7 @@ tokens per image after pixel shuffle; LLM hidden 256, 4 layers.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -23,7 +24,7 @@ from projects.sasasa2va.hf.models.configuration_intern_vit import InternVisionCo
 from projects.sasasa2va.hf.models.modeling_intern_vit import InternVisionModel
 from projects.sasasa2va.hf.models.modeling_sasasa2va_chat import build_language_model, build_mlp1
 from projects.sasasa2va.hf.models.templates import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from projects.sasasa2va.utils.io import atomic_write_json
+from projects.sasasa2va.utils.io import atomic_write_bytes, atomic_write_json
 
 ARCHS = {
     "qwen2": "Qwen2ForCausalLM",
@@ -247,8 +248,7 @@ def write_tiny_sam2(path: str, seed: int = 0, sam2_config=None) -> str:
     torch.manual_seed(seed)
     grounding = SAM2Grounding(sam2_config if sam2_config is not None else {"name": "tiny"})
     state = {k: v.detach().clone().contiguous() for k, v in official_sam2_state_dict(grounding.sam2_model).items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"model": state}, path)
+    _save_atomically({"model": state}, path)
     return path
 
 
@@ -267,8 +267,15 @@ def write_tiny_sa2va_pth(path: str, internvl_dir: str, sam2_path: str, seed: int
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     state = {hf_key_to_sa2va(k): v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, path)
+    _save_atomically(state, path)
     return path
+
+
+def _save_atomically(obj, path: str) -> None:
+    """torch.save through a temp file and a rename: a kill never leaves a truncated checkpoint."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def make_tiny_pretrained(
@@ -280,16 +287,18 @@ def make_tiny_pretrained(
     ``sam2_hidden_dim``: width of the tiny SAM2 (default: the preset's); a config then needs
     ``sam2_config=dict(name='tiny', hidden_dim=...)`` with the same value.
     """
+    from projects.sasasa2va.models.stand_in_pretraining import MARKER
+
     sam2_config = {"name": "tiny"} if sam2_hidden_dim is None else {"name": "tiny", "hidden_dim": int(sam2_hidden_dim)}
+    # the manifest (what makes the folder count as complete) and the stand-in pretraining's marker go first: a
+    # kill while the files below are rewritten leaves a folder that is rebuilt, never one that looks complete
+    for stale in ("tiny_manifest.json", MARKER if with_sa2va_pth else None):
+        if stale and os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
     paths = {"internvl": write_tiny_internvl(os.path.join(out_dir, INTERNVL_DIR), arch, image_size, seed)}
     if with_sam2 or with_sa2va_pth:
         paths["sam2"] = write_tiny_sam2(os.path.join(out_dir, SAM2_FILE), seed, sam2_config)
     if with_sa2va_pth:
-        from projects.sasasa2va.models.stand_in_pretraining import MARKER
-
-        stale = os.path.join(out_dir, MARKER)  # it described the .pth replaced here
-        if os.path.exists(stale):
-            os.remove(stale)
         paths["sa2va_pth"] = write_tiny_sa2va_pth(os.path.join(out_dir, SA2VA_FILE), paths["internvl"], paths["sam2"],
                                                   seed, sam2_config)
     atomic_write_json(os.path.join(out_dir, "tiny_manifest.json"),

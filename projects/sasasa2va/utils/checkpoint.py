@@ -209,14 +209,20 @@ def iter_number(name: str) -> int | None:
 
 
 def checkpoint_complete(path: str) -> bool:
-    """A DeepSpeed checkpoint folder, or a .pth whose zip directory is intact (a file cut short by a kill
-    during torch.save has none)."""
+    """A .pth whose zip directory is intact (a file cut short by a kill during torch.save has none), or a
+    DeepSpeed checkpoint folder holding model states whose .pt files all are (DeepSpeed writes the folder
+    in place: a kill mid-save leaves it without them, or with one cut short)."""
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        pts = [n for n in names if n.endswith(".pt")]
+        return any(n.endswith("model_states.pt") for n in pts) and all(
+            _zip_complete(os.path.join(path, n)) for n in pts)
+    return os.path.isfile(path) and _zip_complete(path)
+
+
+def _zip_complete(path: str) -> bool:
     import zipfile
 
-    if os.path.isdir(path):
-        return True
-    if not os.path.isfile(path):
-        return False
     try:
         with zipfile.ZipFile(path) as z:
             return bool(z.namelist())
