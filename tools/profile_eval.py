@@ -45,6 +45,7 @@ for path in (ROOT, os.path.join(ROOT, "tools")):
 
 import benchmark_eval as be  # noqa: E402  (the benchmark's model, data and run helpers)
 from projects.sasasa2va.utils.cli import output_dir_problem, positive_int, run_reporting_user_errors  # noqa: E402
+from projects.sasasa2va.utils.io import atomic_write_text  # noqa: E402
 
 
 def _where(key: tuple) -> str:
@@ -173,8 +174,7 @@ def torch_profile(model, tok, name: str, split, modes, average: bool, args, devi
         parts.append("== by self device time\n" + table.table(sort_by="self_device_time_total", row_limit=args.top))
     parts.append("== by self CPU time\n" + table.table(sort_by="self_cpu_time_total", row_limit=args.top))
     path = os.path.join(args.out, f"torch_profile_E{args.exps_per_video}.txt")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n\n".join(parts) + "\n")
+    atomic_write_text(path, "\n\n".join(parts) + "\n")
     be.log(f"torch.profiler tables: {path}")
     return path
 
@@ -242,14 +242,12 @@ def profile(args) -> None:
                + f", rest {rest:.2f}, {run['model_s']:.2f} s in the model")
         if sampler is not None:
             samplers[e] = sampler
-            with open(os.path.join(args.out, f"sample_E{e}.txt"), "w", encoding="utf-8") as f:
-                f.write(sampler.text(args.top))
+            atomic_write_text(os.path.join(args.out, f"sample_E{e}.txt"), sampler.text(args.top))
             continue
         if args.raw:
             prof.dump_stats(os.path.join(args.out, f"profile_E{e}.prof"))
         profiles[e] = pstats.Stats(prof)
-        with open(os.path.join(args.out, f"profile_E{e}.txt"), "w", encoding="utf-8") as f:
-            f.write(stats_text(profiles[e], args.top))
+        atomic_write_text(os.path.join(args.out, f"profile_E{e}.txt"), stats_text(profiles[e], args.top))
     if args.torch_profiler:
         torch_profile(model, tok, name, splits[e1], modes, average, args, device)
     if samplers:
@@ -258,8 +256,7 @@ def profile(args) -> None:
     else:
         lines = growth_lines(profiles[e1], profiles[2 * e1], args.top)
         path = os.path.join(args.out, "profile_growth.txt")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     print(f"\n== time growth, E={e1} -> {2 * e1} (top {min(30, args.top)}; all in {path})")
     print("\n".join(lines[:31]))
 
