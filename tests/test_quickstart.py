@@ -54,4 +54,5 @@ def test_quickstart_refuses_counts_below_one(capsys):
         for bad in ("0", "-3"):
             with pytest.raises(SystemExit) as exit_info:
                 quickstart.parse_args([flag, bad])
-            assert exit_info.value.code == 2 and f"{flag} {bad}: must be >= 1" in capsys.readouterr().err
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and f"argument {flag}: expected an integer >= 1, got {bad}" in err

@@ -173,21 +173,19 @@ def format_result(r: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from projects.sasasa2va.utils.cli import device_problem, output_file_problem, positive_int, resolve_device
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
     p.add_argument("--work-dir", default="work_dirs/benchmark_train", help="data/checkpoint folder (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
-    from projects.sasasa2va.utils.cli import device_problem, output_file_problem, resolve_device
-
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be >= 1")
     problem = (args.json and output_file_problem(args.json, "--json")) or device_problem(args.device)
     if problem:
         p.error(problem)

@@ -27,7 +27,7 @@ DEFAULT_CONFIG = os.path.join("projects", "sasasa2va", "configs", "sasasa2va_tin
 
 
 def main(argv=None) -> int:
-    from projects.sasasa2va.utils.cli import CfgOptionsAction, run_reporting_user_errors
+    from projects.sasasa2va.utils.cli import CfgOptionsAction, positive_int, run_reporting_user_errors
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"config file (default: {DEFAULT_CONFIG})")
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--word-target", choices=("insert", "relabel"), default=None,
                    help="how each [SEG] is taught its word: inserted after it, or as the label of the next "
                         "token (config default: insert)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--force", action="store_true",
                    help="run again (from freshly written random tiny checkpoints) even if the marker says it was done")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
@@ -50,8 +50,6 @@ def main(argv=None) -> int:
         p.error("--lr must be > 0")
     if not os.path.isfile(args.config):
         p.error(f"config not found: {args.config}")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be >= 1")
     return run_reporting_user_errors(pretrain, p, args)
 
 

@@ -20,6 +20,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# counts >= 1: 0 would silently mean the default (or fail after the slow stages: --gpus)
+from projects.sasasa2va.utils.cli import positive_int  # noqa: E402
 from projects.sasasa2va.utils.io import atomic_write_json  # noqa: E402
 
 MODES = ("uniform", "uniform_plus", "q_frame", "wrap_around", "wrap_around_plus")
@@ -33,11 +35,11 @@ def parse_args(argv=None):
                    help="folder holding data/synthetic and pretrained/tiny (the tiny config's relative paths); "
                         "default: the repository root")
     p.add_argument("--work-dir", default="work_dirs/quickstart", help="where every output goes (under --run-root)")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the config's)")
-    p.add_argument("--pretrain-steps", type=int, default=None,
+    p.add_argument("--iters", type=positive_int, default=None, help="training iterations (default: the config's)")
+    p.add_argument("--pretrain-steps", type=positive_int, default=None,
                    help="stand-in pretraining steps (default: the config's auto_prepare.stand_in_pretraining)")
-    p.add_argument("--gpus", type=int, default=1, help="processes for training and evaluation")
-    p.add_argument("--max-videos", type=int, default=None,
+    p.add_argument("--gpus", type=positive_int, default=1, help="processes for training and evaluation")
+    p.add_argument("--max-videos", type=positive_int, default=None,
                    help="evaluate only the first N videos (scores cover those; no submission zip)")
     p.add_argument("--synthetic-args", default="", help="extra arguments for tools/make_synthetic_data.py")
     p.add_argument("--train-args", default="", help="extra --cfg-options for training, e.g. 'a=1 b=2'")
@@ -45,15 +47,10 @@ def parse_args(argv=None):
                    help="expression given to every object by the language-blind control")
     p.add_argument("--skip-train", action="store_true",
                    help="reuse the last checkpoint in the work dir (and the tiny checkpoints it was trained from)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="cap on generated answer tokens in evaluation, >= 1 (short smoke runs of barely trained "
                         "models)")
-    args = p.parse_args(argv)
-    for flag in ("iters", "pretrain_steps", "gpus", "max_videos", "max_new_tokens"):  # 0 would silently mean
-        value = getattr(args, flag)  # the default (or fail after the slow stages, --gpus): refused up front
-        if value is not None and value < 1:
-            p.error(f"--{flag.replace('_', '-')} {value}: must be >= 1")
-    return args
+    return p.parse_args(argv)
 
 
 def tiny_checkpoint_args() -> list[str]:
