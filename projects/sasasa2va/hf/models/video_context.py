@@ -357,10 +357,14 @@ class VideoContext:
         jobs = {t: self._sam2_jobs.pop((original, t), None) for t in frame_ids}
         todo = [t for t, job in jobs.items() if job is None]
         if IMAGE_WORKERS > 1 and len(todo) > 1:
-            self._load_frames()
-            pool = image_pool(IMAGE_WORKERS)
-            jobs.update({t: pool.submit(sam2_resize, self.frames[t], size) for t in todo})
+            jobs.update(self._start_sam2_resizes(todo, size))
         return [jobs[t].result() if jobs[t] is not None else sam2_resize(self.frames[t], size) for t in frame_ids]
+
+    def _start_sam2_resizes(self, frame_ids: Sequence[int], size: int) -> dict:
+        """{frame: Future of its sam2_resize} in the image workers."""
+        self._load_frames()
+        pool = image_pool(IMAGE_WORKERS)
+        return {t: pool.submit(sam2_resize, self.frames[t], size) for t in frame_ids}
 
     def schedule_sam2_block(self, frame: int, original: Optional[str] = None) -> int:
         """Start resizing for SAM2, in the image workers, the frames of the encode block holding ``frame``
@@ -372,11 +376,8 @@ class VideoContext:
         todo = [t for t in self._block(frame)
                 if (original, t) not in self._sam2_jobs and self._feature_key(t, original) not in self._features]
         if todo:
-            size = self._grounding_for(original).image_size
-            self._load_frames()
-            pool = image_pool(IMAGE_WORKERS)
-            for t in todo:
-                self._sam2_jobs[(original, t)] = pool.submit(sam2_resize, self.frames[t], size)
+            started = self._start_sam2_resizes(todo, self._grounding_for(original).image_size)
+            self._sam2_jobs.update({(original, t): job for t, job in started.items()})
         return len(todo)
 
     def _encode_block(self, frame: int, original: Optional[str] = None) -> dict:
