@@ -30,8 +30,7 @@ from projects.sasasa2va.datasets.synthetic import (  # noqa: E402
     parse_sizes,
     planned_info,
 )
-from projects.sasasa2va.utils.cli import run_reporting_user_errors  # noqa: E402
-from projects.sasasa2va.utils.cli import output_dir_problem  # noqa: E402
+from projects.sasasa2va.utils.cli import output_dir_problem, run_reporting_user_errors  # noqa: E402
 
 logger = logging.getLogger("make_synthetic_data")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -95,14 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare_root(root: str, seed: int, options: dict, force: bool) -> None:
+def prepare_root(root: str, planned: dict, force: bool) -> None:
     """--root may be new, hold other files, or hold synthetic data: made with the same settings it is
     regenerated (the same bytes); with other settings only --force replaces it (else the earlier data's
-    extra videos would stay, mixed with the new ones)."""
+    extra videos would stay, mixed with the new ones). ``planned``: planned_info of this run."""
     problem = output_dir_problem(root, "--root")
     if problem:
         raise ValueError(problem)
-    planned = planned_info(seed, **options)
     info_path = os.path.join(root, "synthetic_info.json")
     if not os.path.isfile(info_path):
         return
@@ -116,7 +114,7 @@ def prepare_root(root: str, seed: int, options: dict, force: bool) -> None:
         return
     if not force:
         changed = sorted(k for k in planned["options"] if (recorded["options"] or {}).get(k) != planned["options"][k])
-        if recorded["seed"] != seed:
+        if recorded["seed"] != planned["seed"]:
             changed.insert(0, "seed")
         raise ValueError(f"--root {root} holds synthetic data made with other settings ({', '.join(changed)} "
                          f"differ, see {info_path}); --force replaces it, or choose another --root")
@@ -148,10 +146,10 @@ def generate(args: argparse.Namespace) -> None:
         max_object_size=args.max_object_size, motion_expression_prob=args.motion_expression_prob,
         formats=formats)
     try:
-        planned_info(args.seed, **options)  # the options' checks, in the flags' names
+        planned = planned_info(args.seed, **options)  # the options' checks, in the flags' names
     except ValueError as exc:
         raise ValueError(as_flags(str(exc))) from exc
-    prepare_root(args.root, args.seed, options, args.force)
+    prepare_root(args.root, planned, args.force)
     t0 = time.time()
     logger.info("generating %s under %s (seed %d)", ",".join(formats), args.root, args.seed)
     summary = generate_all(args.root, seed=args.seed, progress=not args.quiet, **options)
