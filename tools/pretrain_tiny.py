@@ -57,9 +57,8 @@ def pretrain(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Load the config (errors name it), then run the stand-in pretraining unless its marker says done."""
     import torch
 
-    from projects.sasasa2va.utils.tool_inputs import load_tool_config
-
     from projects.sasasa2va.models.stand_in_pretraining import marker_path, run_stand_in_pretraining
+    from projects.sasasa2va.utils.tool_inputs import load_tool_config
     from tools.benchmark_train import ensure_config_imports
     from tools.train import auto_prepare
 
@@ -67,20 +66,19 @@ def pretrain(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     ensure_config_imports()
     cfg = load_tool_config(args.config, args.cfg_options, required=("model",))
-    spec = dict((cfg.get("auto_prepare") or {}).get("stand_in_pretraining") or {})
+    prep = dict(cfg.get("auto_prepare") or {})  # what train.py would prepare, less the stand-in pretraining
+    spec = dict(prep.pop("stand_in_pretraining", None) or {})
+    tiny = dict(prep.get("tiny_pretrained") or {})
     if not cfg.model.get("pretrained_pth"):
         raise ValueError(f"{args.config}: model.pretrained_pth is not set (the checkpoint the stand-in "
                          f"pretraining writes)")
     marker = marker_path(cfg.model.pretrained_pth)
-    tiny = dict((cfg.get("auto_prepare") or {}).get("tiny_pretrained") or {})
     if restore_before_force(tiny, cfg.model.pretrained_pth, marker):
         print(f"restored {cfg.model.pretrained_pth} and {marker} as they were before a --force run that was cut "
               f"short", file=sys.stderr)
     if os.path.isfile(marker) and not args.force:
         print(f"already done ({marker}); --force to run again")
         return
-    prep = dict(cfg.get("auto_prepare") or {})
-    prep.pop("stand_in_pretraining", None)
     cfg.auto_prepare = prep
     for name in ("steps", "accumulate", "lr", "word_target"):
         if getattr(args, name) is not None:
