@@ -361,6 +361,42 @@ def test_benchmark_eval_skip_naive_and_scaling_rounds(tiny_dir, one_thread, tmp_
         benchmark_eval.main(_bench_args(work, "--scaling-repeat", "0"))
 
 
+def test_phase_timing_separate_on_cuda_only():
+    """Phases inline on CPU (PhaseTimer only reads a clock there); on CUDA in a run of their own, since
+    PhaseTimer synchronises the GPU per phase call -- unless --phases-in-timed-runs."""
+    benchmark_eval = _tool("benchmark_eval")
+    parse = benchmark_eval.build_parser().parse_args
+    assert benchmark_eval.phase_timing(parse([]), "cpu") == "inline"
+    assert benchmark_eval.phase_timing(parse([]), "cuda:0") == "separate"
+    assert benchmark_eval.phase_timing(parse(["--phases-in-timed-runs"]), "cuda:0") == "inline"
+
+
+def test_benchmark_eval_separate_phase_runs(tiny_dir, one_thread, tmp_path, capsys, monkeypatch):
+    """With separate phase timing (CUDA's default, forced here on CPU) the timed runs carry no PhaseTimer,
+    the phases come from one more run per path and per E, and the tables say whose wall time they split."""
+    benchmark_eval = _tool("benchmark_eval")
+    monkeypatch.setattr(benchmark_eval, "phase_timing", lambda args, device: "separate")
+    timers, runs = [], []
+    real_enter, real_run = bench.PhaseTimer.__enter__, runner.run_evaluation
+    monkeypatch.setattr(bench.PhaseTimer, "__enter__", lambda self: timers.append(self) or real_enter(self))
+    monkeypatch.setattr(runner, "run_evaluation", lambda opts: runs.append(len(timers)) or real_run(opts))
+    work = _bench_work(tiny_dir, tmp_path / "bench")
+    out_json = tmp_path / "figures.json"
+    assert benchmark_eval.main(_bench_args(work, "--modes", "uniform,q_frame", "--skip-train", "--no-warmup",
+                                           "--skip-naive", "--scaling-repeat", "2", "--json", str(out_json))) == 0
+    text = capsys.readouterr().out
+    fig = json.loads(out_json.read_text())
+    # shared (bare + phase run), 2E round 1 (bare + phase run), E again (bare), 2E round 2 (bare)
+    assert len(runs) == 6 and len(timers) == 2
+    shared, sc = fig["eval"]["shared"], fig["scaling"]
+    assert shared["phase_timing"] == "separate" and shared["phases_s"] and shared["phases_wall_s"] > 0
+    assert shared["phases_wall_s"] != shared["wall_s"]  # another run's wall time
+    assert sc["phase_timing"] == "separate" and all(sc["phases_s"]) and all(w > 0 for w in sc["phases_wall_s"])
+    assert sc["wall_s"] == [min(sc["wall_s_runs"][0]), min(sc["wall_s_runs"][1])]
+    assert sc["proportional_increase_pct"] == benchmark_eval.proportional_growth(sc)
+    assert "from the synchronised phase runs" in text and "of wall" in text
+
+
 def test_proportional_growth_follows_the_lower_bound_counters():
     benchmark_eval = _tool("benchmark_eval")
     b1 = {"mllm_images_encoded": 10, "tokens_decoded": 100, "sam2_frames_encoded": 20}

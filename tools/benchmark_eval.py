@@ -35,6 +35,13 @@ whose every phase cost grew with its lower-bound counter (no economy of scale fr
 fastest of each (on a freshly started GPU machine single runs drift by seconds). ``--skip-naive`` leaves
 out the naive run (A/B runs of shared-path options; last line ``scaling_pct <s> work_over_lower_bound <y>``).
 
+Time by phase (ViT, prefix prefill, generation, SAM2 encode/decode, upsampling; ``bench.PhaseTimer``): on
+CPU measured inside the timed runs (reading a clock changes nothing there). On CUDA PhaseTimer has to
+synchronise the GPU around every phase call -- some 250 syncs per 25 predictions -- which keeps the host
+from queueing work ahead of the GPU, so the timed runs there go bare and the phases come from one more run
+(per path; per E in the scaling check) whose wall time is printed beside them. ``--phases-in-timed-runs``
+times them inline on CUDA too (how every figure before 2026-11-27's eighth session was measured).
+
 Random models do not emit [SEG]: by default both paths are made to answer the trained form
 'Sure, Clip_1 [SEG], ..., Clip_10 [SEG].' + stop word through a logits bias on the LM head
 (``bench.ForcedAnswer``, a BENCHMARK-ONLY device; ``--no-force-answer`` turns it off). ``--preset
@@ -139,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--switch-interval-ms", type=float, default=None,
                    help="the interpreter's thread switch interval (sys.setswitchinterval; Python's default 5 ms): "
                         "how long the model's thread may wait for the GIL held by a writer thread")
+    p.add_argument("--phases-in-timed-runs", action="store_true",
+                   help="time the phases inside the timed runs also on CUDA, where PhaseTimer synchronises the GPU "
+                        "around every phase call (the measurement before 2026-11-27's eighth session; default there: "
+                        "timed runs bare, phases from one extra run)")
     p.add_argument("--skip-scaling", action="store_true", help="no E -> 2E scaling run")
     p.add_argument("--scaling-repeat", type=int, default=1,
                    help="time the 2E run N times, alternating with N-1 more runs of E, and keep the fastest "
@@ -192,8 +203,22 @@ def load_bench_model(args, device: str, dtype):
 
 
 # ================================================================================================ eval runs
+def phase_timing(args, device: str) -> str:
+    """How the phases are timed: "inline" (inside the timed runs) on CPU, where PhaseTimer only reads the
+    clock, or with ``--phases-in-timed-runs``; else (CUDA) "separate": PhaseTimer synchronises the GPU
+    around every phase call (~250 syncs per 25 predictions, ~450 per 50), which keeps the host from running
+    ahead of the GPU and adds bubbles that grow with the calls, so the timed runs go uninstrumented and
+    the phases come from one extra run."""
+    if not device.startswith("cuda") or getattr(args, "phases_in_timed_runs", False):
+        return "inline"
+    return "separate"
+
+
 def run_eval(model, tok, name: str, split, work_dir: str, modes, average: bool, naive: bool, args, device: str,
-             max_videos=None, repeat=None) -> dict:
+             max_videos=None, repeat=None, timing: str | None = None) -> dict:
+    """Time ``repeat`` (default ``--repeat``) evaluations, keep the fastest. ``timing``: "inline" (phases
+    timed in the timed runs), "separate" (timed runs bare + one phase run after them), "none" (no phases);
+    default :func:`phase_timing`. ``phases_wall_s`` is the wall time of the run the phases come from."""
     from projects.sasasa2va.evaluation.runner import EvalOptions
 
     predict = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
@@ -211,18 +236,27 @@ def run_eval(model, tok, name: str, split, work_dir: str, modes, average: bool, 
             return make_context(tokenizer, frames, feature_budget_bytes, **{**context_kw, **kw})
 
         model.video_context = video_context
+    timing = timing or phase_timing(args, device)
+    phase_wall = None
     try:
-        best = _timed_runs(model, opts, args.repeat if repeat is None else repeat, device, cuda)
+        best = _timed_runs(model, opts, args.repeat if repeat is None else repeat, device, cuda,
+                           instrument=timing == "inline")
+        if timing == "separate":
+            phase_wall, _, phase_s, _ = _timed_runs(model, opts, 1, device, cuda, instrument=True)
     finally:
         if context_kw:
             model.__dict__.pop("video_context", None)
-    wall, summary, phase_s, peak = best
+    wall, summary, inline_phases, peak = best
+    if timing == "inline":
+        phase_s, phase_wall = inline_phases, wall
+    elif timing == "none":
+        phase_s = None
     this = summary["this_run"]
     if this["failed"]:
         log(f"warning: {this['failed']} failed prediction(s) in {work_dir} (see eval_summary.json)")
     return {"wall_s": wall, "model_s": this["model_seconds"], "predictions": this["processed"],
             "failed": this["failed"], "work": this.get("work", {}), "path": this.get("path"), "work_dir": work_dir,
-            "phases_s": phase_s, "cuda_peak_mb": peak,
+            "phases_s": phase_s, "phases_wall_s": phase_wall, "phase_timing": timing, "cuda_peak_mb": peak,
             # in "rest": the model's thread waiting for room in the writer's queue / for its last jobs
             "writer_s": {"wait": this.get("writer_wait_seconds", 0.0), "close": this.get("writer_close_seconds", 0.0)}}
 
@@ -252,7 +286,9 @@ def shared_context_options(args) -> dict:
     return kw
 
 
-def _timed_runs(model, opts, repeat: int, device: str, cuda: bool):
+def _timed_runs(model, opts, repeat: int, device: str, cuda: bool, instrument: bool = True):
+    """(wall, summary, phase seconds or None, CUDA peak MB) of the fastest of ``repeat`` runs; the phases
+    timed (PhaseTimer) only with ``instrument``."""
     import torch
 
     from projects.sasasa2va.evaluation.bench import PhaseTimer
@@ -265,12 +301,12 @@ def _timed_runs(model, opts, repeat: int, device: str, cuda: bool):
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        with contextlib.redirect_stdout(sink), PhaseTimer(model) as phases:
+        with contextlib.redirect_stdout(sink), (PhaseTimer(model) if instrument else contextlib.nullcontext()) as phases:
             summary = run_evaluation(opts)
         wall = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
         if best is None or wall < best[0]:
-            best = (wall, summary, dict(phases.seconds), peak)
+            best = (wall, summary, dict(phases.seconds) if instrument else None, peak)
     return best
 
 
@@ -312,11 +348,17 @@ def phase_table(naive: dict, shared: dict) -> list[str]:
     building, RLE/probability files, results.json, averaging)."""
     runs = [("naive", naive), ("shared", shared)] if naive is not None else [("shared", shared)]
     names = list(dict.fromkeys(runs[0][1]["phases_s"]))
-    rows = ["time by phase  " + "".join(f"{n:>15}" for n in names + ["rest"])]
+    separate = any(r.get("phase_timing") == "separate" for _, r in runs)
+    rows = ["time by phase  " + "".join(f"{n:>15}" for n in names + ["rest"])
+            + (f"{'of wall':>10}" if separate else "")]
     for label, r in runs:
         vals = [r["phases_s"][n] for n in names]
-        vals.append(r["wall_s"] - sum(vals))
-        rows.append(f"{label:15}" + "".join(f"{v:>15.2f}" for v in vals))
+        wall = r.get("phases_wall_s") or r["wall_s"]
+        vals.append(wall - sum(vals))
+        rows.append(f"{label:15}" + "".join(f"{v:>15.2f}" for v in vals) + (f"{wall:>10.2f}" if separate else ""))
+    if separate:
+        rows.append("(phases from one more run with every phase call synchronised on the GPU, its wall time in the "
+                    "last column; the timed runs above are not synchronised: --phases-in-timed-runs times them inline)")
     if any("writer_s" in r for _, r in runs):
         rows.append("of rest, the model's thread waiting for the output writer (queue full / last jobs): " + ", ".join(
             f"{label} {r.get('writer_s', {}).get('wait', 0.0):.2f} / {r.get('writer_s', {}).get('close', 0.0):.2f} s"
@@ -355,9 +397,13 @@ def scaling_lines(scaling: dict) -> list[str]:
         f"{lab} +{inc[k]:.0f}%" for k, lab in COUNTER_LABELS if inc.get(k) is not None)]
     p1, p2 = scaling["phases_s"]
     names = list(dict.fromkeys(list(p1) + list(p2)))
-    rest = [w - sum(p.values()) for w, p in zip(scaling["wall_s"], (p1, p2))]
-    out.append("scaling by phase (s, shared path): " + ", ".join(
-        f"{n} {p1.get(n, 0.0):.2f} -> {p2.get(n, 0.0):.2f}" for n in names) + f", rest {rest[0]:.2f} -> {rest[1]:.2f}")
+    walls = scaling.get("phases_wall_s") or scaling["wall_s"]
+    rest = [w - sum(p.values()) for w, p in zip(walls, (p1, p2))]
+    synced = scaling.get("phase_timing") == "separate"
+    out.append("scaling by phase (s, shared path" + (", from the synchronised phase runs" if synced else "") + "): "
+               + ", ".join(f"{n} {p1.get(n, 0.0):.2f} -> {p2.get(n, 0.0):.2f}" for n in names)
+               + f", rest {rest[0]:.2f} -> {rest[1]:.2f}"
+               + (f" (their wall {walls[0]:.2f} -> {walls[1]:.2f} s, {growth_pct(*walls):+.1f}%)" if synced else ""))
     w1, w2 = scaling.get("writer_s") or ({}, {})
     if w1 or w2:
         out.append("of which writer (model's thread waiting, s): " + ", ".join(
@@ -381,7 +427,7 @@ def proportional_growth(scaling: dict):
     if not p1:
         return None
     b1, b2 = scaling["lower_bound"]
-    total = scaling["wall_s"][0]
+    total = (scaling.get("phases_wall_s") or scaling["wall_s"])[0]
     grown = 0.0
     for phase, seconds in p1.items():
         counter = PHASE_COUNTER.get(phase)
@@ -399,17 +445,22 @@ def measure_scaling(model, tok, name, splits, e1: int, shared: dict, bound: dict
     wd = args.work_dir
     sp2 = splits[2 * e1]
     runs = {e1: [shared], 2 * e1: []}
+    timing = phase_timing(args, device)
     for r in range(rounds):
         log(f"scaling: shared path with {2 * e1} expressions per video" + (f" (round {r + 1}/{rounds})" if rounds > 1
                                                                           else "") + " ...")
+        # the phases of 2E once (the first run of E is ``shared``, which has them); inline timing: every run's
         runs[2 * e1].append(run_eval(model, tok, name, sp2, os.path.join(wd, "shared_2x"), modes, average, False,
-                                     args, device, repeat=1))
+                                     args, device, repeat=1, timing=timing if r == 0 or timing == "inline" else "none"))
         if r < rounds - 1:
             log(f"scaling: shared path with {e1} expressions per video again ...")
             runs[e1].append(run_eval(model, tok, name, splits[e1], os.path.join(wd, "shared"), modes, average,
-                                     False, args, device, repeat=1))
+                                     False, args, device, repeat=1, timing="inline" if timing == "inline" else "none"))
     base = min(runs[e1], key=lambda x: x["wall_s"])
     double = min(runs[2 * e1], key=lambda x: x["wall_s"])
+    # the phases of the fastest run when timed inline, else of the one phase run of each E
+    phased = [base if base["phases_s"] is not None else runs[e1][0],
+              double if double["phases_s"] is not None else runs[2 * e1][0]]
     inc = 100.0 * (double["wall_s"] / base["wall_s"] - 1.0)
     bound2 = split_lower_bound(model, tok, sp2, modes, forced, double)
     scaling = {"exps_per_video": [e1, 2 * e1], "wall_s": [base["wall_s"], double["wall_s"]],
@@ -418,7 +469,8 @@ def measure_scaling(model, tok, name, splits, e1: int, shared: dict, bound: dict
                "rounds": rounds, "wall_s_runs": [[x["wall_s"] for x in runs[e1]], [x["wall_s"] for x in runs[2 * e1]]],
                "work_2x": double["work"], "lower_bound": [bound, bound2],
                "lower_bound_increase_pct": {k: growth_pct(bound[k], bound2[k]) for k, _ in COUNTER_LABELS},
-               "phases_s": [base["phases_s"], double["phases_s"]],
+               "phases_s": [p["phases_s"] for p in phased], "phases_wall_s": [p["phases_wall_s"] for p in phased],
+               "phase_timing": timing,
                "writer_s": [base.get("writer_s", {}), double.get("writer_s", {})]}
     scaling["proportional_increase_pct"] = proportional_growth(scaling)
     log(f"scaling: {base['wall_s']:.2f} s -> {double['wall_s']:.2f} s (+{inc:.1f}%)")
@@ -554,7 +606,8 @@ def benchmark(args) -> None:
     wd = args.work_dir
     if not args.no_warmup:
         log("warm-up (1 video, shared path, every mode) ...")
-        run_eval(model, tok, name, sp, os.path.join(wd, "warmup"), modes, average, False, args, device, max_videos=1)
+        run_eval(model, tok, name, sp, os.path.join(wd, "warmup"), modes, average, False, args, device, max_videos=1,
+                 timing="none")
 
     # ---- naive vs shared
     naive = None

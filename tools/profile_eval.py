@@ -12,8 +12,11 @@ writes to ``--out``: ``profile_E<n>.txt`` (functions by own time and by cumulati
 ``profile_growth.txt`` (the functions whose cumulative time grew most from E to 2E: the per-expression
 costs) and, with ``--raw``, the cProfile files ``profile_E<n>.prof`` (``python -m pstats``). The phase times of each run are
 printed too. cProfile slows Python-heavy code (the greedy decoding loop most), so the absolute times run
-above benchmark_eval's; on CUDA the phases are synchronised (bench.PhaseTimer), so GPU work is charged
-to the phase that launched it. No naive path, no training benchmark.
+above benchmark_eval's. On CUDA the profiled runs are not synchronised per phase (as benchmark_eval's timed
+runs): the phase times come from one more run of each E, outside the profile, whose PhaseTimer synchronises
+around every phase call, so GPU work is charged to the phase that launched it (``--phases-in-timed-runs``:
+the profiled runs are those synchronised runs, as before 2026-11-27's eighth session). No naive path, no
+training benchmark.
 
 ``--sampler MS`` replaces cProfile by a sampling profiler of the model's (main) thread: its stack every MS
 milliseconds, in wall time (waits for the GPU, the GIL or a lock included), no per-call overhead. Unlike
@@ -167,7 +170,7 @@ def torch_profile(model, tok, name: str, split, modes, average: bool, args, devi
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
         be.run_eval(model, tok, name, split, os.path.join(args.work_dir, "torch_profiler"), modes, average, False,
-                    args, device)
+                    args, device, timing="none")
     table = prof.key_averages()
     parts = []
     if device.startswith("cuda"):
@@ -224,7 +227,9 @@ def profile(args) -> None:
            f"E = {e1} and {2 * e1} expressions per video; {len(modes)} mode(s)" + (" + averaging" if average else ""))
     # every mode once, as benchmark_eval's warm-up: first-call costs stay out of the profiles
     be.run_eval(model, tok, name, splits[e1], os.path.join(args.work_dir, "warmup"), modes, False, False, args,
-                device, max_videos=1)
+                device, max_videos=1, timing="none")
+    # the profiled run as benchmark_eval times it: on CUDA not synchronised per phase (phases from another run)
+    inline = be.phase_timing(args, device) == "inline"
     profiles, samplers = {}, {}
     for e in (e1, 2 * e1):
         prof = None if args.sampler else cProfile.Profile()
@@ -233,13 +238,16 @@ def profile(args) -> None:
             if prof is not None:
                 prof.enable()
             run = be.run_eval(model, tok, name, splits[e], os.path.join(args.work_dir, f"shared_{e}"), modes, average,
-                              False, args, device)
+                              False, args, device, timing="inline" if inline else "none")
             if prof is not None:
                 prof.disable()
-        phases = run["phases_s"]
-        rest = run["wall_s"] - sum(phases.values())
-        be.log(f"E={e}: {run['wall_s']:.2f} s wall (profiled), " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
-               + f", rest {rest:.2f}, {run['model_s']:.2f} s in the model")
+        phased = run if inline else be.run_eval(model, tok, name, splits[e], os.path.join(args.work_dir, f"shared_{e}"),
+                                                modes, average, False, args, device, timing="inline")
+        phases = phased["phases_s"]
+        rest = phased["wall_s"] - sum(phases.values())
+        be.log(f"E={e}: {run['wall_s']:.2f} s wall (profiled), {run['model_s']:.2f} s in the model; phases"
+               + ("" if inline else f" (another run, synchronised per phase call: {phased['wall_s']:.2f} s wall)")
+               + ": " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + f", rest {rest:.2f}")
         if sampler is not None:
             samplers[e] = sampler
             atomic_write_text(os.path.join(args.out, f"sample_E{e}.txt"), sampler.text(args.top))
