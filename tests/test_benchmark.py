@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -361,6 +362,28 @@ def test_benchmark_eval_skip_naive_and_scaling_rounds(tiny_dir, one_thread, tmp_
         benchmark_eval.main(_bench_args(work, "--scaling-repeat", "0"))
 
 
+def test_object_like_masks_field_veto_and_removal(tiny_dir):
+    """The field makes the centre an object and the corners background whatever the model's small logits;
+    a vetoed frame (-1024) stays empty; masks of the field alone are an ellipse; remove() restores."""
+    model, _ = bench.build_tiny_model(tiny_dir)
+    grounding = model.grounding_encoder
+    low = torch.randn(3, 16, 16) * 0.5
+    low[2] = -1024.0
+    plain = grounding.upsample_logits(low, (48, 64))
+    with bench.ObjectLikeMasks(model, strength=12.0) as dev:
+        shaped = grounding.upsample_logits(low, (48, 64))
+        field = dev.field((48, 64), shaped.device)
+        assert torch.equal(shaped, plain + field)
+        masks = shaped > 0
+        assert masks[:2, 24, 32].all() and not masks[:2, [0, 0, 47, 47], [0, 63, 0, 63]].any()
+        assert not masks[2].any()
+        assert float(field.max()) == 12.0 and float(field.min()) == -12.0
+        inside = field > 0
+        assert 0.15 < float(inside.float().mean()) < 0.25  # an ellipse of half the frame's height and width: pi/16
+    assert "upsample_logits" not in grounding.__dict__
+    assert torch.equal(grounding.upsample_logits(low, (48, 64)), plain)
+
+
 def test_phase_timing_separate_on_cuda_only():
     """Phases inline on CPU (PhaseTimer only reads a clock there); on CUDA in a run of their own, since
     PhaseTimer synchronises the GPU per phase call -- unless --phases-in-timed-runs."""
@@ -383,9 +406,16 @@ def test_benchmark_eval_separate_phase_runs(tiny_dir, one_thread, tmp_path, caps
     work = _bench_work(tiny_dir, tmp_path / "bench")
     out_json = tmp_path / "figures.json"
     assert benchmark_eval.main(_bench_args(work, "--modes", "uniform,q_frame", "--skip-train", "--no-warmup",
-                                           "--skip-naive", "--scaling-repeat", "2", "--json", str(out_json))) == 0
+                                           "--skip-naive", "--scaling-repeat", "2", "--object-like-masks",
+                                           "--json", str(out_json))) == 0
     text = capsys.readouterr().out
     fig = json.loads(out_json.read_text())
+    # --object-like-masks: confident probabilities (a random model's sit near 0.5: none at 0 or 255)
+    assert fig["model"]["object_like_masks"] and "object-like masks (BENCHMARK-ONLY" in text
+    from projects.sasasa2va.evaluation.averaging import list_probs, load_probs
+    run_dir = str(work / "shared" / "modes" / "uniform")
+    probs = np.stack([load_probs(run_dir, v, e) for v, e in list_probs(run_dir)])
+    assert np.isin(probs, (0, 255)).mean() > 0.8
     # shared (bare + phase run), 2E round 1 (bare + phase run), E again (bare), 2E round 2 (bare)
     assert len(runs) == 6 and len(timers) == 2
     shared, sc = fig["eval"]["shared"], fig["scaling"]

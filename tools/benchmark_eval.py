@@ -40,7 +40,7 @@ CPU measured inside the timed runs (reading a clock changes nothing there). On C
 synchronise the GPU around every phase call -- some 250 syncs per 25 predictions -- which keeps the host
 from queueing work ahead of the GPU, so the timed runs there go bare and the phases come from one more run
 (per path; per E in the scaling check) whose wall time is printed beside them. ``--phases-in-timed-runs``
-times them inline on CUDA too (how every figure before 2026-11-27's eighth session was measured).
+times them inline on CUDA too (how every figure before 2026-11-27's ninth session was measured).
 
 Random models do not emit [SEG]: by default both paths are made to answer the trained form
 'Sure, Clip_1 [SEG], ..., Clip_10 [SEG].' + stop word through a logits bias on the LM head
@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation limit (default: the model's, 2048)")
     p.add_argument("--answer", default=None, help="forced answer text (default: 'Sure, Clip_1 [SEG], ..., Clip_10 [SEG].')")
     p.add_argument("--no-force-answer", action="store_true", help="let the model generate freely")
+    p.add_argument("--object-like-masks", action="store_true",
+                   help="BENCHMARK-ONLY: add a fixed object-shaped field to the mask logits, so a random model's "
+                        "outputs (noise masks, probabilities near 0.5) cost what a trained model's confident object "
+                        "masks cost to store (bench.ObjectLikeMasks); every model computation still runs")
     p.add_argument("--feature-budget-mb", type=float, default=None, help="shared path's SAM2 feature budget per video")
     p.add_argument("--decode-batch-prompts", type=int, default=None,
                    help="shared path: most prompts greedy-decoded in one batch (default: VideoContext's, 64; "
@@ -148,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "how long the model's thread may wait for the GIL held by a writer thread")
     p.add_argument("--phases-in-timed-runs", action="store_true",
                    help="time the phases inside the timed runs also on CUDA, where PhaseTimer synchronises the GPU "
-                        "around every phase call (the measurement before 2026-11-27's eighth session; default there: "
+                        "around every phase call (the measurement before 2026-11-27's ninth session; default there: "
                         "timed runs bare, phases from one extra run)")
     p.add_argument("--skip-scaling", action="store_true", help="no E -> 2E scaling run")
     p.add_argument("--scaling-repeat", type=int, default=1,
@@ -570,16 +574,21 @@ def benchmark(args) -> None:
     t = time.perf_counter()
     model, tok, name = load_bench_model(args, device, dtype)
     forced = None if args.no_force_answer else bench.ForcedAnswer(model, tok, args.answer)
+    if args.object_like_masks:
+        bench.ObjectLikeMasks(model)
     nparams = bench.count_parameters(model)
     figures["model"] = {"name": name, "params": nparams, "build_s": time.perf_counter() - t,
                         "num_image_token": int(model.num_image_token), "image_size": int(model.config.image_size),
                         "sam2_image_size": int(model.grounding_encoder.image_size), "template": model.config.template,
                         "forced_answer": forced.text if forced else None,
+                        "object_like_masks": bool(args.object_like_masks),
                         "answer_tokens": forced.num_generated if forced else None}
     log(f"model {name}: {nparams / 1e6:.1f}M params (built in {figures['model']['build_s']:.1f} s), MLLM "
         f"{model.config.image_size} px x {model.num_image_token} tokens/image, SAM2 {model.grounding_encoder.image_size} px"
         + (f"; forced answer ({forced.num_generated} of its {forced.num_tokens} tokens generated): {forced.text!r}"
-           if forced else "; free generation"))
+           if forced else "; free generation")
+        + ("; object-like masks (BENCHMARK-ONLY logit field: outputs cost what a trained model's do to store)"
+           if args.object_like_masks else ""))
 
     # ---- data
     e1 = args.exps_per_video

@@ -15,7 +15,7 @@ printed too. cProfile slows Python-heavy code (the greedy decoding loop most), s
 above benchmark_eval's. On CUDA the profiled runs are not synchronised per phase (as benchmark_eval's timed
 runs): the phase times come from one more run of each E, outside the profile, whose PhaseTimer synchronises
 around every phase call, so GPU work is charged to the phase that launched it (``--phases-in-timed-runs``:
-the profiled runs are those synchronised runs, as before 2026-11-27's eighth session). No naive path, no
+the profiled runs are those synchronised runs, as before 2026-11-27's ninth session). No naive path, no
 training benchmark.
 
 ``--sampler MS`` replaces cProfile by a sampling profiler of the model's (main) thread: its stack every MS
@@ -220,6 +220,8 @@ def profile(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     model, tok, name = be.load_bench_model(args, device, dtype)
     forced = None if args.no_force_answer else bench.ForcedAnswer(model, tok, args.answer)  # noqa: F841 (hooked)
+    if args.object_like_masks:
+        bench.ObjectLikeMasks(model)
     e1 = args.exps_per_video
     splits = bench.make_bench_splits(os.path.join(args.work_dir, "data"), args.num_videos, [e1, 2 * e1],
                                      args.seed, args.min_frames, args.max_frames, (args.frame_size,))

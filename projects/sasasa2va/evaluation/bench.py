@@ -2,6 +2,8 @@
 
 * :class:`ForcedAnswer` -- BENCHMARK-ONLY: makes a (random-init) model answer a fixed token sequence,
   so both evaluation paths generate the same, realistic number of tokens and [SEG]s.
+* :class:`ObjectLikeMasks` -- BENCHMARK-ONLY: a random model's near-0.5 mask logits get a fixed object-shaped
+  field added, so its outputs cost what a trained model's cost to store (``--object-like-masks``).
 * :func:`make_bench_splits` -- a synthetic MeViS valid_u-like split with a chosen number of expressions
   per video (extra expressions are re-worded copies with their own Q-frame lists); the split with E
   expressions is a prefix of the one with 2E, for the scaling check.
@@ -123,6 +125,57 @@ class ForcedAnswer:
         self._handle.remove()
         self.model.__dict__.pop("generate_answer", None)
         self.model.__dict__.pop("generate_answers", None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class ObjectLikeMasks:
+    """BENCHMARK-ONLY device: every upsampled mask logit map gets a fixed ellipse-shaped field added
+    (+``strength`` inside, -``strength`` outside, a soft edge a few pixels wide where the model's own logits
+    still move it), so a random model's outputs look like a trained model's confident object masks.
+
+    Why: a random SAM2 answers logits near 0, i.e. probabilities near 0.5 whose thresholded masks are noise;
+    storing them (RLE of the masks, deflated uint8 probabilities) costs ~10x an object mask's (40 frames of
+    640x360 on this project's CPU VM: ~150 vs ~16 ms per output) and that per-output cost grows with the
+    expressions. Only the content changes: every model computation still runs, the no-object veto (-1024)
+    stays negative, and the naive and shared paths get the same field (their outputs stay comparable). Wraps
+    ``grounding.upsample_logits`` as an instance attribute (``remove()`` or leaving the ``with`` block restores
+    it). Never use it for real evaluation."""
+
+    def __init__(self, model, strength: float = 12.0):
+        self.grounding = model.grounding_encoder
+        self.strength = float(strength)
+        self._fields: dict = {}
+        self._had = "upsample_logits" in self.grounding.__dict__
+        self._saved = self.grounding.__dict__.get("upsample_logits")
+        original = self.grounding.upsample_logits
+
+        def upsample_logits(low_res, size, *args, **kwargs):
+            out = original(low_res, size, *args, **kwargs)  # a fresh tensor: added to in place
+            return out.add_(self.field(tuple(int(x) for x in size), out.device).to(out.dtype))
+
+        self.grounding.upsample_logits = upsample_logits
+
+    def field(self, size: tuple[int, int], device) -> torch.Tensor:
+        """[H, W]: strength * clamp(4 (1 - r^2), -1, 1); r = 1 on an ellipse of half the frame's size."""
+        key = (size, str(device))
+        if key not in self._fields:
+            h, w = size
+            y = (torch.arange(h, dtype=torch.float32) + 0.5 - h / 2) / (h / 4)
+            x = (torch.arange(w, dtype=torch.float32) + 0.5 - w / 2) / (w / 4)
+            r2 = y[:, None] ** 2 + x[None, :] ** 2
+            self._fields[key] = (self.strength * (4.0 * (1.0 - r2)).clamp(-1.0, 1.0)).to(device)
+        return self._fields[key]
+
+    def remove(self) -> None:
+        if self._had:
+            self.grounding.__dict__["upsample_logits"] = self._saved
+        else:
+            self.grounding.__dict__.pop("upsample_logits", None)
 
     def __enter__(self):
         return self
