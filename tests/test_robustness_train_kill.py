@@ -8,6 +8,7 @@ config's RNGStateHook, a resumed CPU run reproduces an uninterrupted run bit for
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -184,3 +185,57 @@ def test_resume_auto_skips_a_half_written_checkpoint(tmp_path):
     assert train_tool.resolve_resume("auto", str(wd)) == str(wd / "iter_2.pth")
     with pytest.raises(FileNotFoundError):
         train_tool.resolve_resume(str(wd / "nope.pth"), str(wd))
+
+
+class _SavingRunner:
+    """What CheckpointHook uses of a Runner; records the folder while each save runs, can fail a save."""
+
+    def __init__(self, work_dir: str, name: str):
+        from mmengine.logging import MessageHub, MMLogger
+
+        self.work_dir = work_dir
+        self.message_hub = MessageHub.get_instance(name)
+        self.logger = MMLogger.get_instance(name)
+        self.seen_during_save: list[list[str]] = []
+        self.fail = False
+
+    def save_checkpoint(self, out_dir, filename, *args, **kwargs):
+        self.seen_during_save.append(sorted(n for n in os.listdir(out_dir) if n.endswith(".pth")))
+        if self.fail:
+            raise OSError("No space left on device")
+        torch.save({"meta": {}}, os.path.join(out_dir, filename))
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_safe_checkpoint_hook_removes_old_checkpoints_after_the_save(tmp_path, keep):
+    """The base config's SafeCheckpointHook keeps ``max_keep_ckpts`` checkpoints, removing the oldest only
+    once the new one is saved (mmengine's CheckpointHook removes it first: with one kept, a kill during the
+    save leaves none); a failed save removes nothing; the saved message hub lists what is kept."""
+    from mmengine.hooks import CheckpointHook
+
+    from projects.sasasa2va.utils.checkpoint import SafeCheckpointHook
+
+    def saves(hook_cls, folder, steps, fail_last=False):
+        folder.mkdir()
+        runner = _SavingRunner(str(folder), f"safe_ckpt_{hook_cls.__name__}_{keep}_{fail_last}")
+        hook = hook_cls(interval=2, by_epoch=False, max_keep_ckpts=keep)
+        hook.before_train(runner)
+        for i, step in enumerate(steps):
+            runner.fail = fail_last and i == len(steps) - 1
+            with pytest.raises(OSError) if runner.fail else contextlib.nullcontext():
+                hook._save_checkpoint_with_step(runner, step, {"iter": step})
+        return runner
+
+    runner = saves(SafeCheckpointHook, tmp_path / "safe", [2, 4, 6])
+    kept = [f"iter_{s}.pth" for s in (2, 4, 6)][-keep:]
+    assert sorted(n for n in os.listdir(tmp_path / "safe") if n.endswith(".pth")) == kept
+    assert runner.seen_during_save[-1] == sorted([f"iter_{s}.pth" for s in (2, 4)][-keep:])  # the old still there
+    assert runner.message_hub.get_info("keep_ckpt_ids") == [2, 4, 6][-keep:]
+    # mmengine's own hook removed the oldest before saving (what the subclass is for)
+    base = saves(CheckpointHook, tmp_path / "base", [2, 4, 6])
+    assert len(base.seen_during_save[-1]) == keep - 1
+    # a save that fails (disk full, kill) removes nothing
+    failed = saves(SafeCheckpointHook, tmp_path / "failed", [2, 4, 6], fail_last=True)
+    assert failed.seen_during_save[-1] == sorted(n for n in os.listdir(tmp_path / "failed") if n.endswith(".pth"))
+    assert [f"iter_{s}.pth" for s in (2, 4)][-keep:] == sorted(
+        n for n in os.listdir(tmp_path / "failed") if n.endswith(".pth"))

@@ -96,7 +96,7 @@ def load_mmengine_checkpoint(path: str, map_location="cpu") -> dict:
 # --------------------------------------------------------------------------------------------------
 # exact resume: RNG states in the checkpoint
 # --------------------------------------------------------------------------------------------------
-from mmengine.hooks import Hook  # noqa: E402
+from mmengine.hooks import CheckpointHook, Hook  # noqa: E402
 
 
 class RNGStateHook(Hook):
@@ -172,6 +172,46 @@ def remove_stale_temp_checkpoints(work_dir: str) -> list[str]:
     for name in stale:
         os.unlink(os.path.join(work_dir, name))
     return stale
+
+
+class SafeCheckpointHook(CheckpointHook):
+    """mmengine's CheckpointHook, except that the checkpoints beyond ``max_keep_ckpts`` are removed after
+    the new one is saved, not before: mmengine 0.10 deletes first, so with ``max_keep_ckpts=1`` a kill
+    (or a full disk) during the save leaves no checkpoint at all -- and a DeepSpeed folder, written in
+    place, is never complete until the save ends. The saved message hub already holds the pruned list of
+    kept checkpoints (as mmengine's does). A save that fails removes nothing."""
+
+    def before_train(self, runner) -> None:
+        super().before_train(runner)
+        if self.max_keep_ckpts > 0:
+            from collections import deque
+
+            self.keep_ckpt_ids = deque(self.keep_ckpt_ids)  # unbounded: pruned by hand after each save
+
+    def _save_checkpoint_with_step(self, runner, step, meta):
+        keep = self.max_keep_ckpts
+        if keep <= 0 or (self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
+            return super()._save_checkpoint_with_step(runner, step, meta)
+        from collections import deque
+
+        from mmengine.dist import is_main_process
+
+        ids = list(self.keep_ckpt_ids) + [step]
+        stale, ids = ids[:-keep], ids[-keep:]
+        self.keep_ckpt_ids = deque(ids)
+        runner.message_hub.update_info("keep_ckpt_ids", list(ids))
+        self.max_keep_ckpts = -1  # the base class saves without removing anything
+        try:
+            super()._save_checkpoint_with_step(runner, step, meta)
+        finally:
+            self.max_keep_ckpts = keep
+        if is_main_process():
+            for old in stale:
+                path = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(old))
+                if self.file_backend.isfile(path):
+                    self.file_backend.remove(path)
+                elif self.file_backend.isdir(path):  # a DeepSpeed checkpoint folder
+                    self.file_backend.rmtree(path)
 
 
 def install_atomic_checkpoint_saves() -> None:

@@ -1,7 +1,7 @@
 # Shared part of the SaSaSa2VA training configs (spec model_training.md §6, model_training_reference.md §7).
 # The per-model configs import this file with `read_base()` and then set only what differs: MLLM path,
 # Sa2VA .pth, template, batch size / accumulation, dataset repeats. Values only, no logic.
-from mmengine.hooks import CheckpointHook, DistSamplerSeedHook, IterTimerHook, LoggerHook, ParamSchedulerHook
+from mmengine.hooks import DistSamplerSeedHook, IterTimerHook, LoggerHook, ParamSchedulerHook
 from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
 from torch.optim import AdamW
 from transformers import AutoTokenizer
@@ -13,7 +13,7 @@ from projects.sasasa2va.datasets.concat import ConcatDatasetWithRepeats
 from projects.sasasa2va.datasets.refseg import SaSaSa2VARefSeg
 from projects.sasasa2va.datasets.refvos import SaSaSa2VARefVOS
 from projects.sasasa2va.models.sasasa2va import SaSaSa2VAModel
-from projects.sasasa2va.utils.checkpoint import RNGStateHook
+from projects.sasasa2va.utils.checkpoint import RNGStateHook, SafeCheckpointHook
 
 #######################################################################
 #                          PART 1  Settings                           #
@@ -135,8 +135,9 @@ default_hooks = dict(
     timer=dict(type=IterTimerHook),
     logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=log_interval),
     param_scheduler=dict(type=ParamSchedulerHook),
-    # save_optimizer=True (reference: False) so that --resume also restores the AdamW moments
-    checkpoint=dict(type=CheckpointHook, save_optimizer=True, by_epoch=False, interval=save_steps,
+    # save_optimizer=True (reference: False) so that --resume also restores the AdamW moments; old
+    # checkpoints removed after the new one is saved (SafeCheckpointHook), not before
+    checkpoint=dict(type=SafeCheckpointHook, save_optimizer=True, by_epoch=False, interval=save_steps,
                     max_keep_ckpts=save_total_limit),
     sampler_seed=dict(type=DistSamplerSeedHook),
 )
