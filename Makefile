@@ -2,6 +2,7 @@
 # Both build the virtual environment at .venv/ first if it is missing or stale.
 PY := .venv/bin/python
 PYTEST_ARGS ?=
+QUICKSTART_ARGS ?=
 
 .PHONY: venv test test-slow test-all quickstart data clean-venv
 
@@ -23,8 +24,9 @@ test-all: venv
 data: venv
 	$(PY) tools/make_synthetic_data.py --root data/synthetic
 
+# QUICKSTART_ARGS: options of tools/quickstart.py, e.g. QUICKSTART_ARGS=--resume after a run was cut short
 quickstart: venv
-	bash tools/quickstart.sh
+	bash tools/quickstart.sh $(QUICKSTART_ARGS)
 
 clean-venv:
 	rm -rf .venv

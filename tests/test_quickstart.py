@@ -1,6 +1,7 @@
 """The README's main job, shortened (few iterations, few videos), end to end through the same script."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -56,3 +57,53 @@ def test_quickstart_refuses_counts_below_one(capsys):
                 quickstart.parse_args([flag, bad])
             err = capsys.readouterr().err
             assert exit_info.value.code == 2 and f"argument {flag}: expected an integer >= 1, got {bad}" in err
+
+
+@pytest.mark.slow
+def test_quickstart_resume_continues_a_cut_run(tmp_path):
+    """--resume: training goes on from the newest complete checkpoint (2 -> 3 iterations), the export and
+    the evaluations are redone only when the checkpoint changed, and an evaluation cut short keeps its
+    finished expressions -- with the scores of an uncut run."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    common = ["--run-root", str(tmp_path), "--pretrain-steps", "2", "--max-new-tokens", "48", "--synthetic-args", SMALL]
+
+    def quickstart(*extra):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "quickstart.py"), *common, *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        return proc.stdout
+
+    wd = tmp_path / "work_dirs" / "quickstart"
+    quickstart("--iters", "2")  # stands for a run whose training was cut after its checkpoint of iteration 2
+    marker = tmp_path / "pretrained" / "tiny" / "stand_in_pretraining.json"
+    marker_before = marker.read_bytes()
+    out = quickstart("--iters", "3", "--resume")
+    assert "tiny checkpoints and their stand-in pretraining are done" in out and marker.read_bytes() == marker_before
+    assert "--resume auto: resuming from" in (wd / "logs" / "train.log").read_text()
+    train = wd / "train"
+    assert (train / "iter_3.pth").is_file() and not (wd / "train.previous").exists()
+    record = json.loads((wd / "hf_checkpoint.json").read_text())
+    assert record["checkpoint"] == str(train / "iter_3.pth")  # a new checkpoint: exported again
+    first = json.loads((wd / "summary.json").read_text())
+    assert first["times_s"]["export"] > 0 and first["times_s"]["pretrained"] == 0.0
+
+    # an evaluation cut short: one video of one mode and the averaged results are gone
+    u = wd / "eval_valid_u"
+    video = sorted(os.listdir(u / "modes" / "q_frame" / "preds"))[0]
+    removed = len(os.listdir(u / "modes" / "q_frame" / "preds" / video))
+    for path in (u / "modes" / "q_frame" / "preds" / video, u / "modes" / "q_frame" / "probs" / video):
+        shutil.rmtree(path)
+    (u / "results.json").unlink()
+    (wd / "summary.json").unlink()
+    out = quickstart("--iters", "3", "--resume")
+    assert "already holds" in out  # the export kept
+    summary = json.loads((u / "eval_summary.json").read_text())["this_run"]
+    assert summary["processed"] == removed and summary["skipped"] > 0
+    second = json.loads((wd / "summary.json").read_text())
+    assert second["times_s"]["export"] == 0.0 and second["times_s"]["train"] >= 0.0
+    for name in ("uniform", "q_frame", "average", "language_blind"):
+        assert second[name] == first[name]  # the same model, the same scores
+    with pytest.raises(subprocess.CalledProcessError):  # data of other settings are refused, not replaced
+        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "quickstart.py"), "--run-root", str(tmp_path),
+                        "--resume", "--synthetic-args", SMALL.replace("--max-frames 12", "--max-frames 14")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=True)

@@ -3,7 +3,9 @@
 data -> tiny checkpoints -> stand-in pretraining (tools/pretrain_tiny.py) -> training (tools/dist.sh)
 -> export (convert_to_hf.py) -> five-mode evaluation + selective averaging on synthetic valid_u -> J&F
 -> language-blind control -> synthetic valid submission zip -> visualisation page. Every stage runs the same CLI a user would run, and its
-wall time lands in ``<work-dir>/summary.json``.
+wall time lands in ``<work-dir>/summary.json``. A job cut short (kill, reboot) continues with ``--resume``
+and the same options: finished stages are kept, training goes on from its newest complete checkpoint and
+the evaluations from their finished expressions.
 """
 from __future__ import annotations
 
@@ -47,10 +49,19 @@ def parse_args(argv=None):
                    help="expression given to every object by the language-blind control")
     p.add_argument("--skip-train", action="store_true",
                    help="reuse the last checkpoint in the work dir (and the tiny checkpoints it was trained from)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run of this job that was cut short (same --run-root, --work-dir and options): "
+                        "the synthetic data must match, the tiny checkpoints and their stand-in pretraining are "
+                        "reused once complete, training continues from its newest complete checkpoint, the export "
+                        "is kept when it holds that checkpoint, and then the evaluations keep their finished "
+                        "expressions; stage logs are appended to")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="cap on generated answer tokens in evaluation, >= 1 (short smoke runs of barely trained "
                         "models)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resume and args.skip_train:
+        p.error("--resume continues the training; --skip-train skips it: give one of them")
+    return args
 
 
 def tiny_checkpoint_args() -> list[str]:
@@ -62,13 +73,16 @@ def tiny_checkpoint_args() -> list[str]:
     return tiny_cli_args(Config.fromfile(os.path.join(ROOT, CONFIG)).auto_prepare.tiny_pretrained)
 
 
-def run(cmd: list[str], log_path: str, env: dict | None = None, cwd: str = ROOT) -> None:
-    """Run one stage, teeing its output to a log; a failure stops the job with the log's tail."""
+def run(cmd: list[str], log_path: str, env: dict | None = None, cwd: str = ROOT, append: bool = False) -> None:
+    """Run one stage, teeing its output to a log (``append``: after what the log holds, e.g. the run that
+    was cut short); a failure stops the job with the log's tail."""
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     full_env.update(env or {})
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if append else "w") as log:
+        if append:
+            log.write(f"\n===== quickstart --resume, {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
         proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         tail: list[str] = []
@@ -99,6 +113,35 @@ def parse_jf(line: str) -> dict:
     if not m:
         raise SystemExit(f"unexpected metric line: {line!r}")
     return {"J&F": float(m.group(1)), "J": float(m.group(2)), "F": float(m.group(3))}
+
+
+def pretraining_marker(run_root: str) -> str:
+    """The stand-in pretraining's marker for the tiny config run from ``run_root`` (present once it is done)."""
+    from mmengine.config import Config
+
+    from projects.sasasa2va.models.stand_in_pretraining import marker_path
+
+    return marker_path(os.path.join(run_root, Config.fromfile(os.path.join(ROOT, CONFIG)).model.pretrained_pth))
+
+
+def checkpoint_identity(path: str) -> dict:
+    """What says an export holds this checkpoint: its path, size and modification time (a file, or a
+    DeepSpeed folder)."""
+    st = os.stat(path)
+    return {"checkpoint": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def export_is_current(hf_dir: str, record: str, ckpt: str) -> bool:
+    """``hf_dir`` is a finished export of ``ckpt`` (``record`` is written after the export succeeded)."""
+    if not os.path.isfile(record) or not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        return False
+    if not any(n.endswith(".safetensors") for n in os.listdir(hf_dir)):
+        return False
+    try:
+        with open(record, "r", encoding="utf-8") as f:
+            return json.load(f) == checkpoint_identity(ckpt)
+    except (OSError, ValueError):
+        return False
 
 
 def latest_checkpoint(train_dir: str) -> str:
@@ -135,19 +178,26 @@ def main(argv=None) -> dict:
         print(f"=== {name}: {times[name]:.1f}s", flush=True)
         return out
 
-    stage("data", lambda: run([PY, tool("tools/make_synthetic_data.py"), "--root", data_root, "--quiet", "--force"]
-                              + shlex.split(args.synthetic_args), os.path.join(logs, "data.log")))
+    resume = args.resume
+    # --resume: no --force, so data of other settings than the interrupted run's is refused, not replaced
+    stage("data", lambda: run([PY, tool("tools/make_synthetic_data.py"), "--root", data_root, "--quiet"]
+                              + ([] if resume else ["--force"]) + shlex.split(args.synthetic_args),
+                              os.path.join(logs, "data.log"), append=resume))
     if args.skip_train:  # the kept checkpoint was trained on these base weights: regenerating them could differ
         print("[quickstart] --skip-train: the tiny checkpoints and their stand-in pretraining are reused", flush=True)
+        times["pretrained"] = times["stand_in_pretraining"] = 0.0
+    elif resume and os.path.isfile(pretraining_marker(run_root)):
+        print(f"[quickstart] --resume: the tiny checkpoints and their stand-in pretraining are done "
+              f"({pretraining_marker(run_root)}): reused", flush=True)
         times["pretrained"] = times["stand_in_pretraining"] = 0.0
     else:
         tiny = tiny_checkpoint_args()
         stage("pretrained", lambda: run([PY, tool("tools/make_tiny_pretrained.py"), "--out", pretrained, *tiny,
-                                         "--force"], os.path.join(logs, "pretrained.log")))
+                                         "--force"], os.path.join(logs, "pretrained.log"), append=resume))
         steps = ["--steps", str(args.pretrain_steps)] if args.pretrain_steps is not None else []
         stage("stand_in_pretraining", lambda: run([PY, tool("tools/pretrain_tiny.py"), tool(CONFIG), "--no-progress",
                                                    *steps], os.path.join(logs, "stand_in_pretraining.log"),
-                                                  cwd=run_root))
+                                                  cwd=run_root, append=resume))
 
     train_dir = os.path.join(wd, "train")
     cfg_opts = []
@@ -156,7 +206,15 @@ def main(argv=None) -> dict:
                      "param_scheduler.0.end=0.2", "param_scheduler.1.begin=0.2"]
     cfg_opts += shlex.split(args.train_args)
     cfg_arg = ["--cfg-options", *cfg_opts] if cfg_opts else []
-    if not args.skip_train:
+    from projects.sasasa2va.utils.checkpoint import complete_checkpoints
+
+    resume_train = resume and os.path.isdir(train_dir) and bool(complete_checkpoints(train_dir))
+    if resume_train:  # continues from the newest complete checkpoint, in place
+        print(f"[quickstart] --resume: training continues in {train_dir}", flush=True)
+        stage("train", lambda: run(["bash", tool("tools/dist.sh"), "train", tool(CONFIG), str(args.gpus),
+                                    "--work-dir", train_dir, "--resume", "auto", *cfg_arg],
+                                   os.path.join(logs, "train.log"), cwd=run_root, append=True))
+    elif not args.skip_train:
         if os.path.isdir(train_dir):  # a rerun trains afresh; the previous training is kept beside it
             previous = train_dir + ".previous"
             if os.path.isdir(previous):
@@ -169,12 +227,23 @@ def main(argv=None) -> dict:
     ckpt = latest_checkpoint(train_dir)
 
     hf_dir = os.path.join(wd, "hf")
-    stage("export", lambda: run([PY, tool("projects/sasasa2va/hf/convert_to_hf.py"), tool(CONFIG),
-                                 "--pth-model", ckpt, "--save-path", hf_dir, "--overwrite"],
-                                os.path.join(logs, "export.log"), cwd=run_root))
+    record = os.path.join(wd, "hf_checkpoint.json")  # which checkpoint hf_dir holds (written after the export)
+    keep_export = resume and export_is_current(hf_dir, record, ckpt)
+    if keep_export:
+        print(f"[quickstart] --resume: {hf_dir} already holds {ckpt}: kept (and so are the finished expressions "
+              f"of the evaluations)", flush=True)
+        times["export"] = 0.0
+    else:
+        if os.path.exists(record):
+            os.unlink(record)  # the folder is about to change
+        stage("export", lambda: run([PY, tool("projects/sasasa2va/hf/convert_to_hf.py"), tool(CONFIG),
+                                     "--pth-model", ckpt, "--save-path", hf_dir, "--overwrite"],
+                                    os.path.join(logs, "export.log"), cwd=run_root, append=resume))
+        atomic_write_json(record, checkpoint_identity(ckpt))
 
-    # --overwrite: this job owns its evaluation folders, and a rerun evaluates the model it just built
-    eval_common = ["--data-root", os.path.join(run_root, "data"), "--overwrite"]
+    # --overwrite: this job owns its evaluation folders, and a rerun evaluates the model it just built; with
+    # --resume and the export kept, the evaluations continue (their work dirs record the model they ran)
+    eval_common = ["--data-root", os.path.join(run_root, "data")] + ([] if keep_export else ["--overwrite"])
     if args.max_videos:
         eval_common += ["--max-videos", str(args.max_videos)]
     if args.max_new_tokens is not None:
@@ -184,12 +253,12 @@ def main(argv=None) -> dict:
     eval_u = os.path.join(wd, "eval_valid_u")
     stage("eval_valid_u", lambda: run(dist_test + ["--dataset", "SYN_MEVIS_U", "--work-dir", eval_u,
                                                    "--mode", ",".join(MODES), "--average"] + eval_common,
-                                      os.path.join(logs, "eval_valid_u.log")))
+                                      os.path.join(logs, "eval_valid_u.log"), append=resume))
     blind = os.path.join(wd, "eval_blind")
     stage("eval_blind", lambda: run(dist_test + ["--dataset", "SYN_MEVIS_U", "--work-dir", blind,
                                                  "--mode", "uniform", "--blind-expression",
                                                  args.blind_expression] + eval_common,
-                                    os.path.join(logs, "eval_blind.log")))
+                                    os.path.join(logs, "eval_blind.log"), append=resume))
 
     split_u = os.path.join(data_root, "mevis", "valid_u")
     scores: dict[str, dict] = {}
@@ -210,7 +279,7 @@ def main(argv=None) -> dict:
     zip_path = os.path.join(wd, "submission_valid.zip")
     def submission():
         run(dist_test + ["--dataset", "SYN_MEVIS", "--work-dir", eval_v, "--mode", ",".join(MODES),
-                         "--average", "--submit"] + eval_common, os.path.join(logs, "eval_valid.log"))
+                         "--average", "--submit"] + eval_common, os.path.join(logs, "eval_valid.log"), append=resume)
         if args.max_videos:  # the server (and the packer's check) needs every video of the split
             print("[quickstart] --max-videos: no submission zip (a zip must cover the whole split)", flush=True)
             return
