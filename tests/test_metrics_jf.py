@@ -355,3 +355,24 @@ def test_no_prediction_at_all_scores_zero_and_foreign_expression_folders(tiny, t
     (pred / "vidA" / "7").mkdir()  # an expression id the split does not have (e.g. another MeViS version)
     with pytest.raises(ValueError, match="first: vidA/7"):
         evaluate_split(tiny["split"], pred_dir=str(pred))
+
+
+def test_cli_kill_between_csv_and_json_leaves_no_stale_summary(tiny, tmp_path, monkeypatch):
+    """A summary JSON of an earlier scoring never sits beside a newer CSV: it goes before the CSV is written,
+    so a kill between the two writes leaves the CSV alone (a rerun writes both)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import eval_mevis
+    finally:
+        sys.path.pop(0)
+    csv_path, json_path = tmp_path / "s.csv", tmp_path / "s.json"
+    json_path.write_text('{"J&F": 12.0, "source": "an earlier run"}')
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for the kill after the CSV
+
+    monkeypatch.setattr(eval_mevis, "atomic_write_json", killed)
+    args = eval_mevis.parse_args(["--split-dir", tiny["split"], "--results", tiny["results"]])
+    with pytest.raises(KeyboardInterrupt):
+        eval_mevis.score_and_report(args, str(csv_path), str(json_path))
+    assert csv_path.is_file() and not json_path.exists()

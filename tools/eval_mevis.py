@@ -89,6 +89,8 @@ def score_and_report(args, csv_path: str, json_path: str) -> None:
     """Score the predictions, write the CSV and JSON, print the summary (main checked the paths)."""
     scores = evaluate_split(args.split_dir, results_path=args.results, pred_dir=args.pred_dir,
                             workers=args.workers, only_present=args.only_present)
+    if os.path.isfile(json_path):  # an earlier summary must not outlive a kill between the two writes beside
+        os.unlink(json_path)      # the new CSV (the pair would then describe two different runs)
     atomic_write_text(csv_path, rows_csv(scores["rows"]))
     summary = {
         # percent, rounded like the reference script; "fractions" keeps the unrounded means
