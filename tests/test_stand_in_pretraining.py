@@ -225,3 +225,43 @@ def test_pretrain_tiny_cli_runs_once_and_validates_its_arguments(in_root, capsys
     assert "before a --force run that was cut short" in captured.err and "already done" in captured.out
     assert (folder / "sa2va_tiny.pth").read_bytes() == before and (folder / sip.MARKER).read_bytes() == marker
     assert (folder / "tiny_manifest.json").is_file() and not list(folder.glob("*.before_force"))
+
+
+@pytest.mark.parametrize("cut", ["before the weights' rename", "between the two renames"])
+def test_pretraining_killed_during_its_last_renames_is_settled(in_root, monkeypatch, cut):
+    """A kill while the pretrained weights and the marker are put in place: before the weights replaced
+    the random .pth, the next run pretrains again (from the random weights); after, the marker is put in
+    place and the weights are not pretrained twice."""
+    cfg = Config.fromfile(TINY_CONFIG)
+    pth = make_tiny_for_config(str(in_root / f"cut_{cut.split()[0]}"), TINY_CONFIG)["sa2va_pth"]
+    random_bytes = open(pth, "rb").read()
+    tmp, pending = sip.pending_paths(pth)
+    victim = tmp if cut.startswith("before") else pending
+    real_replace = os.replace
+
+    def killed_at(src, dst):
+        if os.path.abspath(src) == os.path.abspath(victim):
+            raise KeyboardInterrupt  # stands for the kill
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at)
+    with pytest.raises(KeyboardInterrupt):
+        sip.run_stand_in_pretraining(cfg, out_pth=pth, steps=1, accumulate=1, progress=False)
+    monkeypatch.setattr(os, "replace", real_replace)
+    marker = sip.marker_path(pth)
+    assert not os.path.exists(marker) and os.path.isfile(pending)
+    if cut.startswith("before"):
+        assert open(pth, "rb").read() == random_bytes
+        assert sip.finish_cut_short_save(pth) == "discarded"
+        assert not os.path.exists(tmp) and not os.path.exists(pending) and not os.path.exists(marker)
+        record = sip.run_stand_in_pretraining(cfg, out_pth=pth, steps=1, accumulate=1, progress=False)
+        assert json.loads(open(marker).read()) == record
+    else:
+        assert open(pth, "rb").read() != random_bytes
+        record = json.loads(open(pending).read())
+        # the next run settles it first (run_stand_in_pretraining, tools/pretrain_tiny.py and train.py's
+        # auto_prepare all do): the marker appears, and pretraining again is refused
+        with pytest.raises(ValueError, match="already stand-in-pretrained"):
+            sip.run_stand_in_pretraining(cfg, out_pth=pth, steps=1, accumulate=1, progress=False)
+        assert json.loads(open(marker).read()) == record and not os.path.exists(pending)
+    assert sip.finish_cut_short_save(pth) is None

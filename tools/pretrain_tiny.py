@@ -57,7 +57,9 @@ def pretrain(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Load the config (errors name it), then run the stand-in pretraining unless its marker says done."""
     import torch
 
-    from projects.sasasa2va.models.stand_in_pretraining import marker_path, run_stand_in_pretraining
+    from projects.sasasa2va.models.stand_in_pretraining import (
+        finish_cut_short_save, marker_path, run_stand_in_pretraining,
+    )
     from projects.sasasa2va.utils.tool_inputs import load_tool_config
     from tools.benchmark_train import ensure_config_imports
     from tools.train import auto_prepare
@@ -76,6 +78,9 @@ def pretrain(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if restore_before_force(tiny, cfg.model.pretrained_pth, marker):
         print(f"restored {cfg.model.pretrained_pth} and {marker} as they were before a --force run that was cut "
               f"short", file=sys.stderr)
+    settled = finish_cut_short_save(cfg.model.pretrained_pth)
+    if settled:
+        print(f"a pretraining cut short during its last renames was {settled} ({marker})", file=sys.stderr)
     if os.path.isfile(marker) and not args.force:
         print(f"already done ({marker}); --force to run again")
         return

@@ -119,9 +119,11 @@ def pretraining_marker(run_root: str) -> str:
     """The stand-in pretraining's marker for the tiny config run from ``run_root`` (present once it is done)."""
     from mmengine.config import Config
 
-    from projects.sasasa2va.models.stand_in_pretraining import marker_path
+    from projects.sasasa2va.models.stand_in_pretraining import finish_cut_short_save, marker_path
 
-    return marker_path(os.path.join(run_root, Config.fromfile(os.path.join(ROOT, CONFIG)).model.pretrained_pth))
+    pth = os.path.join(run_root, Config.fromfile(os.path.join(ROOT, CONFIG)).model.pretrained_pth)
+    finish_cut_short_save(pth)  # a kill between its last two renames: settled before the marker is read
+    return marker_path(pth)
 
 
 def checkpoint_identity(path: str) -> dict:

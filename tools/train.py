@@ -230,8 +230,11 @@ def auto_prepare(cfg) -> None:
         check_tiny_manifest(out_dir, tiny, cmd)
     stand_in = dict(spec.get("stand_in_pretraining") or {})
     if stand_in:
-        from projects.sasasa2va.models.stand_in_pretraining import marker_path, run_stand_in_pretraining
+        from projects.sasasa2va.models.stand_in_pretraining import (
+            finish_cut_short_save, marker_path, run_stand_in_pretraining,
+        )
 
+        finish_cut_short_save(cfg.model.pretrained_pth)  # (before the marker is looked for)
         folder, marker = osp.split(marker_path(cfg.model.pretrained_pth))
         cmd = f"python tools/pretrain_tiny.py {cfg.filename}"
         _ensure(folder, marker, lambda: run_stand_in_pretraining(cfg, **stand_in), cmd)

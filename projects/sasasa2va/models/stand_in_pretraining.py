@@ -43,6 +43,28 @@ def marker_path(pth: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(pth)), MARKER)
 
 
+def pending_paths(pth: str) -> tuple[str, str]:
+    """(the pretrained weights before they replace ``pth``, the marker before it is final): the end of a
+    pretraining writes the first, then the second, renames the first over ``pth``, then the second to the
+    marker -- so a kill between the two renames is told apart from one before them."""
+    return pth + ".tmp", marker_path(pth) + ".pending"
+
+
+def finish_cut_short_save(pth: str) -> Optional[str]:
+    """Settle a pretraining whose last renames a kill cut short: "completed" (the weights had replaced
+    ``pth``: the marker is put in place), "discarded" (they had not: ``pth`` still holds the weights the
+    pretraining started from, so it is run again) or None (nothing pending). Run before the marker is read."""
+    tmp, pending = pending_paths(pth)
+    if not os.path.isfile(pending):
+        return None
+    if os.path.exists(tmp):
+        os.remove(tmp)
+        os.remove(pending)
+        return "discarded"
+    os.replace(pending, marker_path(pth))
+    return "completed"
+
+
 def target_colours(masks: torch.Tensor, frames: Sequence[torch.Tensor], frames_per_object: int,
                    min_share: float = 0.6) -> list[Optional[str]]:
     """Palette colour under each object's ground-truth mask (all its frames), or None when the masked
@@ -244,6 +266,7 @@ def run_stand_in_pretraining(cfg, steps: int = 200, accumulate: int = 8, lr: flo
         raise FileNotFoundError(f"stand-in pretraining starts from {out_pth} (the random tiny Sa2VA .pth); create it "
                                 "first with tools/make_tiny_pretrained.py")
     marker = marker_path(out_pth)
+    finish_cut_short_save(out_pth)
     if os.path.isfile(marker):  # pretraining it again would also scale the prompt head again
         raise ValueError(f"{out_pth} is already stand-in-pretrained ({marker}); start again from random weights "
                          "with tools/pretrain_tiny.py --force")
@@ -310,9 +333,6 @@ def run_stand_in_pretraining(cfg, steps: int = 200, accumulate: int = 8, lr: flo
         bar.close()
     scale_last_linear(chat.text_hidden_fcs, prompt_scale)
     state = {hf_key_to_sa2va(k): v.detach().clone().contiguous() for k, v in chat.state_dict().items()}
-    tmp = out_pth + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, out_pth)
     first = sum(history[:log_every]) / len(history[:log_every])
     last = sum(history[-log_every:]) / len(history[-log_every:])
     record = {"pth": out_pth, "steps": steps,
@@ -320,5 +340,9 @@ def run_stand_in_pretraining(cfg, steps: int = 200, accumulate: int = 8, lr: flo
               "seed": seed, "loss_first": round(first, 4), "loss_last": round(last, 4),
               "seg_tokens_named": named, "seg_tokens": total, "word_target": word_target,
               "seconds": round(time.time() - t0, 1)}
-    atomic_write_json(marker, record, indent=2)
+    tmp, pending = pending_paths(out_pth)  # (see finish_cut_short_save: the order matters)
+    torch.save(state, tmp)
+    atomic_write_json(pending, record, indent=2)
+    os.replace(tmp, out_pth)
+    os.replace(pending, marker)
     return record

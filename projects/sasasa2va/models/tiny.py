@@ -292,7 +292,8 @@ def make_tiny_pretrained(
     sam2_config = {"name": "tiny"} if sam2_hidden_dim is None else {"name": "tiny", "hidden_dim": int(sam2_hidden_dim)}
     # the manifest (what makes the folder count as complete) and the stand-in pretraining's marker go first: a
     # kill while the files below are rewritten leaves a folder that is rebuilt, never one that looks complete
-    for stale in ("tiny_manifest.json", MARKER if with_sa2va_pth else None):
+    for stale in ("tiny_manifest.json", MARKER if with_sa2va_pth else None,
+                  MARKER + ".pending" if with_sa2va_pth else None):  # (a pending marker: of the old .pth)
         if stale and os.path.exists(os.path.join(out_dir, stale)):
             os.remove(os.path.join(out_dir, stale))
     paths = {"internvl": write_tiny_internvl(os.path.join(out_dir, INTERNVL_DIR), arch, image_size, seed)}
