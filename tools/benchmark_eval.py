@@ -39,8 +39,9 @@ Time by phase (ViT, prefix prefill, generation, SAM2 encode/decode, upsampling; 
 CPU measured inside the timed runs (reading a clock changes nothing there). On CUDA PhaseTimer has to
 synchronise the GPU around every phase call -- some 250 syncs per 25 predictions -- which keeps the host
 from queueing work ahead of the GPU, so the timed runs there go bare and the phases come from one more run
-(per path; per E in the scaling check) whose wall time is printed beside them. ``--phases-in-timed-runs``
-times them inline on CUDA too (how every figure before 2026-11-27's ninth session was measured).
+(per path; per E in the scaling check) whose wall time is printed beside them (an H200 showed no difference
+beyond the noise; the timed runs are simply what a user's run does). ``--phases-in-timed-runs`` times them
+inline on CUDA too (how every figure before 2026-11-27's ninth session was measured).
 
 Random models do not emit [SEG]: by default both paths are made to answer the trained form
 'Sure, Clip_1 [SEG], ..., Clip_10 [SEG].' + stop word through a logits bias on the LM head
@@ -211,8 +212,8 @@ def phase_timing(args, device: str) -> str:
     """How the phases are timed: "inline" (inside the timed runs) on CPU, where PhaseTimer only reads the
     clock, or with ``--phases-in-timed-runs``; else (CUDA) "separate": PhaseTimer synchronises the GPU
     around every phase call (~250 syncs per 25 predictions, ~450 per 50), which keeps the host from running
-    ahead of the GPU and adds bubbles that grow with the calls, so the timed runs go uninstrumented and
-    the phases come from one extra run."""
+    ahead of the GPU, so the timed runs go uninstrumented -- what a user's evaluation does -- and the phases
+    come from one extra run. (On an H200 the two differed by less than the run-to-run noise, 2026-11-27.)"""
     if not device.startswith("cuda") or getattr(args, "phases_in_timed_runs", False):
         return "inline"
     return "separate"
