@@ -351,12 +351,15 @@ def test_benchmark_eval_skip_naive_and_scaling_rounds(tiny_dir, one_thread, tmp_
     assert sc["rounds"] == 2 and [len(r) for r in sc["wall_s_runs"]] == [2, 2]
     assert sc["wall_s"] == [min(sc["wall_s_runs"][0]), min(sc["wall_s_runs"][1])]
     assert sc["wall_s_runs"][0][0] == fig["eval"]["shared"]["wall_s"]
+    medians = [sum(r) / 2 for r in sc["wall_s_runs"]]  # (two runs each: the median is their mean)
+    assert sc["median_increase_pct"] == pytest.approx(100.0 * (medians[1] / medians[0] - 1.0))
     assert sc["phases_s"][0] and sc["proportional_increase_pct"] == benchmark_eval.proportional_growth(sc)
     assert all(set(w) == {"wait", "close"} for w in sc["writer_s"])
     assert lines[-1] == (f"scaling_pct {sc['increase_pct']:.1f} work_over_lower_bound "
                          f"{fig['eval']['work_over_lower_bound']:.2f}")
     text = "\n".join(lines)
     assert "outputs identical" not in text and "scaling runs (s, fastest kept): 2 exps " in text
+    assert f"({sc['median_increase_pct']:+.1f}%)" in text
     assert "of which writer (model's thread waiting, s): wait " in text
     with pytest.raises(SystemExit):
         benchmark_eval.main(_bench_args(work, "--scaling-repeat", "0"))
