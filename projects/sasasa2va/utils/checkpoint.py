@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections import deque
 
 HISTORY_BUFFER_METHODS = ("min", "max", "current", "mean")
 
@@ -96,6 +97,7 @@ def load_mmengine_checkpoint(path: str, map_location="cpu") -> dict:
 # --------------------------------------------------------------------------------------------------
 # exact resume: RNG states in the checkpoint
 # --------------------------------------------------------------------------------------------------
+from mmengine.dist import is_main_process  # noqa: E402
 from mmengine.hooks import CheckpointHook, Hook  # noqa: E402
 
 
@@ -184,18 +186,12 @@ class SafeCheckpointHook(CheckpointHook):
     def before_train(self, runner) -> None:
         super().before_train(runner)
         if self.max_keep_ckpts > 0:
-            from collections import deque
-
             self.keep_ckpt_ids = deque(self.keep_ckpt_ids)  # unbounded: pruned by hand after each save
 
     def _save_checkpoint_with_step(self, runner, step, meta):
         keep = self.max_keep_ckpts
         if keep <= 0 or (self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
             return super()._save_checkpoint_with_step(runner, step, meta)
-        from collections import deque
-
-        from mmengine.dist import is_main_process
-
         ids = list(self.keep_ckpt_ids) + [step]
         stale, ids = ids[:-keep], ids[-keep:]
         self.keep_ckpt_ids = deque(ids)
