@@ -842,3 +842,25 @@ def test_cli_options(tmp_path):
     for bad in ("0", "two"):
         r = subprocess.run(["bash", DIST_TEST, SCRIPT, "hf", bad], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and f"NUM_GPUS must be a positive integer (processes per node), got '{bad}'" in r.stderr
+
+
+def test_resume_sweeps_temp_files_of_cut_short_writes(syn_root, fake_env, tmp_path):
+    """Temp files that killed atomic writes left under preds/ and probs/ are removed when a run resumes
+    there (before any rank writes a prediction); the finished predictions stay."""
+    out = tmp_path / "run"
+    args = ("--mode", "uniform,wrap_around", "--average")
+    assert run_inproc(syn_root, out, *args) == 0
+    want = read_bytes(out / "results.json")
+    uniform = out / "modes" / "uniform"
+    vid = sorted(os.listdir(uniform / "preds"))[0]
+    litter = [uniform / "preds" / vid / ".tmp_k1l2m30.json", uniform / "probs" / vid / ".tmp_x9y8z70.npz",
+              out / "average" / "preds" / vid / ".tmp_q5r6s70.json"]
+    for path in litter:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"cut short")
+    keep = uniform / "notes.txt"  # not a temp file of ours
+    keep.write_text("mine")
+    assert run_inproc(syn_root, out, *args) == 0
+    assert not any(p.exists() for p in litter) and keep.read_text() == "mine"
+    assert read_bytes(out / "results.json") == want
+    assert load(out / "eval_summary.json")["this_run"]["processed"] == 0

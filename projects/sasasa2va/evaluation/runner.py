@@ -56,7 +56,7 @@ from projects.sasasa2va.evaluation.splits import ResolvedSplit, resolve_split
 from projects.sasasa2va.hf.models.frame_sampling import MODES
 from projects.sasasa2va.hf.models.templates import eval_prompt
 from projects.sasasa2va.utils.cli import device_problem
-from projects.sasasa2va.utils.io import atomic_write_json
+from projects.sasasa2va.utils.io import atomic_write_json, sweep_temp_files
 
 logger = logging.getLogger("sasasa2va.eval")
 
@@ -764,6 +764,12 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
             check_layout(work_dir, multi)
             for m in modes:
                 _check_run_config(run_dirs[m], configs[m])
+            if ctx.is_main:  # before the barrier below, which no rank passes before it writes a prediction
+                swept = sweep_temp_files([os.path.join(d, sub) for d in run_dirs.values() for sub in ("preds", "probs")]
+                                         + [ahead_dir(work_dir)])
+                if swept:
+                    logger.info("removed %d temp file(s) of writes an earlier run did not finish, e.g. %s",
+                                len(swept), swept[0])
         qframe = split.load_qframe(records) if "q_frame" in modes else None
         model, tokenizer = load_model(opts, ctx)
         predict_options = fit_options_to_model(model, PredictOptions(extra_kwargs=dict(opts.predict_options)))

@@ -26,10 +26,13 @@ FILE_MODE = 0o666 & ~_UMASK  # what open() would give: mkstemp's temp files are 
 DIR_MODE = 0o777 & ~_UMASK  # what os.makedirs would give: mkdtemp's folders are 0700
 
 
+TEMP_PREFIX = ".tmp_"  # atomic_write_bytes' temp files: .tmp_<random><final name>, renamed when complete
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.basename(path), dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.basename(path), dir=directory)
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
@@ -49,3 +52,21 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_write_json(path: str, obj: Any, **kwargs: Any) -> None:
     atomic_write_text(path, json.dumps(obj, **kwargs))
+
+
+def sweep_temp_files(folders) -> list[str]:
+    """Remove (and return) the temp files of atomic writes that a kill cut short, below ``folders``
+    (missing folders skipped). Only for folders no process is writing to at the time: a live writer's
+    temp file would go too."""
+    removed = []
+    for folder in folders:
+        for root, _, names in os.walk(folder):
+            for name in names:
+                if name.startswith(TEMP_PREFIX):
+                    path = os.path.join(root, name)
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        continue
+                    removed.append(path)
+    return removed
