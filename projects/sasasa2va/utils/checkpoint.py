@@ -183,18 +183,13 @@ class SafeCheckpointHook(CheckpointHook):
     place, is never complete until the save ends. The saved message hub already holds the pruned list of
     kept checkpoints (as mmengine's does). A save that fails removes nothing."""
 
-    def before_train(self, runner) -> None:
-        super().before_train(runner)
-        if self.max_keep_ckpts > 0:
-            self.keep_ckpt_ids = deque(self.keep_ckpt_ids)  # unbounded: pruned by hand after each save
-
     def _save_checkpoint_with_step(self, runner, step, meta):
         keep = self.max_keep_ckpts
         if keep <= 0 or (self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
             return super()._save_checkpoint_with_step(runner, step, meta)
         ids = list(self.keep_ckpt_ids) + [step]
         stale, ids = ids[:-keep], ids[-keep:]
-        self.keep_ckpt_ids = deque(ids)
+        self.keep_ckpt_ids = deque(ids)  # (no maxlen: pruned here, after the save)
         runner.message_hub.update_info("keep_ckpt_ids", list(ids))
         self.max_keep_ckpts = -1  # the base class saves without removing anything
         try:
