@@ -287,21 +287,24 @@ def make_tiny_pretrained(
     ``sam2_hidden_dim``: width of the tiny SAM2 (default: the preset's); a config then needs
     ``sam2_config=dict(name='tiny', hidden_dim=...)`` with the same value.
     """
-    from projects.sasasa2va.models.stand_in_pretraining import MARKER
+    from projects.sasasa2va.models.stand_in_pretraining import marker_path, pending_paths
 
     sam2_config = {"name": "tiny"} if sam2_hidden_dim is None else {"name": "tiny", "hidden_dim": int(sam2_hidden_dim)}
-    # the manifest (what makes the folder count as complete) and the stand-in pretraining's marker go first: a
-    # kill while the files below are rewritten leaves a folder that is rebuilt, never one that looks complete
-    for stale in ("tiny_manifest.json", MARKER if with_sa2va_pth else None,
-                  MARKER + ".pending" if with_sa2va_pth else None):  # (a pending marker: of the old .pth)
-        if stale and os.path.exists(os.path.join(out_dir, stale)):
-            os.remove(os.path.join(out_dir, stale))
+    # the manifest (what makes the folder count as complete) and the stand-in pretraining's marker (and a pending
+    # one: both describe the old .pth) go first: a kill while the files below are rewritten leaves a folder that
+    # is rebuilt, never one that looks complete
+    pth = os.path.join(out_dir, SA2VA_FILE)
+    stale = [os.path.join(out_dir, "tiny_manifest.json")]
+    if with_sa2va_pth:
+        stale += [marker_path(pth), pending_paths(pth)[1]]
+    for path in stale:
+        if os.path.exists(path):
+            os.remove(path)
     paths = {"internvl": write_tiny_internvl(os.path.join(out_dir, INTERNVL_DIR), arch, image_size, seed)}
     if with_sam2 or with_sa2va_pth:
         paths["sam2"] = write_tiny_sam2(os.path.join(out_dir, SAM2_FILE), seed, sam2_config)
     if with_sa2va_pth:
-        paths["sa2va_pth"] = write_tiny_sa2va_pth(os.path.join(out_dir, SA2VA_FILE), paths["internvl"], paths["sam2"],
-                                                  seed, sam2_config)
+        paths["sa2va_pth"] = write_tiny_sa2va_pth(pth, paths["internvl"], paths["sam2"], seed, sam2_config)
     atomic_write_json(os.path.join(out_dir, "tiny_manifest.json"),
                       {"arch": arch, "image_size": image_size, "seed": seed, "sam2_config": sam2_config,
                        "files": paths}, indent=2)
