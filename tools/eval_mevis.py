@@ -21,7 +21,9 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from projects.sasasa2va.metrics.jf import evaluate_split, format_summary_line  # noqa: E402
-from projects.sasasa2va.utils.cli import output_file_problem, positive_int, run_reporting_user_errors  # noqa: E402
+from projects.sasasa2va.utils.cli import (  # noqa: E402
+    exit_user_error, output_file_problem, positive_int, run_reporting_user_errors,
+)
 from projects.sasasa2va.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -68,19 +70,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     for path, what in ((args.split_dir, "split dir"), (args.pred_dir, "prediction dir")):
         if path is not None and not os.path.isdir(path):
-            print(f"error: {what} not found: {path}", file=sys.stderr)
-            return 2
+            exit_user_error(f"{what} not found: {path}")
     if args.results is not None and not os.path.isfile(args.results):
-        print(f"error: results file not found: {args.results}", file=sys.stderr)
-        return 2
+        exit_user_error(f"results file not found: {args.results}")
     d = out_dir_for(args)
     csv_path = args.csv or os.path.join(d, "mevis_valu_per_expression.csv")
     json_path = args.json or os.path.join(d, "mevis_valu.json")
-    for path, flag in ((csv_path, "--csv"), (json_path, "--json")):
-        problem = output_file_problem(path, flag)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
+    problem = output_file_problem(csv_path, "--csv") or output_file_problem(json_path, "--json")
+    if problem:
+        exit_user_error(problem)
     warnings.showwarning = _show_warning
     return run_reporting_user_errors(score_and_report, args, csv_path, json_path)
 
