@@ -88,9 +88,10 @@ def check_weight_files(hf_dir: str) -> None:
             raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def load_model(opts: EvalOptions, ctx: DistContext):
+def load_model(opts: EvalOptions, ctx: DistContext, hf_dir_checked: bool = False):
     """(model, tokenizer) in eval mode on ctx.device. Remote code by default, the repo's own classes
-    with remote_code=False, or a test factory."""
+    with remote_code=False, or a test factory. ``hf_dir_checked``: the caller has run check_hf_dir on
+    ``opts.hf_dir`` (run_evaluation does, before it creates the work dir), so its files are not read again."""
     import torch
 
     dtype = resolve_dtype(opts.dtype, ctx.device)
@@ -100,7 +101,8 @@ def load_model(opts: EvalOptions, ctx: DistContext):
                        rank=ctx.rank)
     from transformers import AutoModel, AutoTokenizer
 
-    check_hf_dir(opts.hf_dir)
+    if not hf_dir_checked:
+        check_hf_dir(opts.hf_dir)
     kwargs = dict(torch_dtype=dtype, low_cpu_mem_usage=True)
     if opts.remote_code:
         model = AutoModel.from_pretrained(opts.hf_dir, trust_remote_code=True, **kwargs)

@@ -771,7 +771,8 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
                     logger.info("removed %d temp file(s) of writes an earlier run did not finish, e.g. %s",
                                 len(swept), swept[0])
         qframe = split.load_qframe(records) if "q_frame" in modes else None
-        model, tokenizer = load_model(opts, ctx)
+        # (run_evaluation checked a folder given by name before creating the work dir)
+        model, tokenizer = load_model(opts, ctx, hf_dir_checked=isinstance(opts.hf_dir, str))
         predict_options = fit_options_to_model(model, PredictOptions(extra_kwargs=dict(opts.predict_options)))
         if ctx.is_main:  # after the model loaded: a run that could not start claims no work dir
             for m in modes:
