@@ -443,6 +443,44 @@ def test_proportional_growth_follows_the_lower_bound_counters():
     assert benchmark_eval.proportional_growth(scaling) is None
 
 
+def test_compare_run_dirs_measures_how_far_unequal_masks_are(tmp_path):
+    """Unequal masks (GPU bf16: equal up to rounding) get an IoU per entry and a share of differing pixels;
+    equal entries count as IoU 1."""
+    from projects.sasasa2va.datasets.rle import encode_mask
+
+    h, w = 4, 5
+    obj = np.zeros((h, w), bool)
+    obj[1:3, 1:4] = True  # 6 pixels
+    moved = obj.copy()
+    moved[1, 1] = False  # 5 of them, plus one more
+    moved[0, 0] = True
+
+    def write(d, second_frame_masks):
+        entries = {"v": {"0": {"prediction_masks": [encode_mask(obj), encode_mask(obj)]},
+                         "1": {"prediction_masks": [encode_mask(obj)] + second_frame_masks}}}
+        (d / "results.json").parent.mkdir(parents=True, exist_ok=True)
+        (d / "results.json").write_text(json.dumps({"__meta__": {}, **entries}))
+
+    write(tmp_path / "a", [encode_mask(obj)])
+    write(tmp_path / "b", [encode_mask(moved)])
+    same = bench.compare_run_dirs(str(tmp_path / "a"), str(tmp_path / "b"), ["results.json"])
+    assert not same["files_identical"] and same["entries"] == 2 and same["entries_equal_masks"] == 1
+    assert same["pixels"] == 4 * h * w and same["pixels_differing"] == 2
+    iou = (6 + 5) / (6 + 7)  # entry 1 over its two frames: intersections 6 + 5, unions 6 + 7
+    assert same["mask_iou_min"] == pytest.approx(iou) and same["mask_iou_mean"] == pytest.approx((1 + iou) / 2)
+    assert same["worst_entry"] == "results.json v/1"
+    lines = _tool("benchmark_eval").identity_lines(same, 1, exact=False)
+    assert lines[0].startswith("outputs identical (naive vs shared, 1 results.json): NO; predicted masks equal in "
+                               "1/2 entries; differing: results.json (bitwise identity is only expected")
+    assert lines[1] == (f"masks naive vs shared: IoU per entry mean {(1 + iou) / 2:.5f}, min {iou:.5f} "
+                        f"(results.json v/1); 2 of 80 pixels differ (2.5000%)")
+    write(tmp_path / "c", [encode_mask(obj)])
+    same = bench.compare_run_dirs(str(tmp_path / "a"), str(tmp_path / "c"), ["results.json"])
+    assert same["files_identical"] and same["mask_iou_min"] == 1.0 and same["pixels_differing"] == 0
+    assert _tool("benchmark_eval").identity_lines(same, 1, exact=True) == [
+        "outputs identical (naive vs shared, 1 results.json): yes; predicted masks equal in 2/2 entries"]
+
+
 def test_benchmark_decode_attention_quick(one_thread, tmp_path, capsys):
     """tools/benchmark_decode_attention.py: both attentions on ragged decode batches agree, one row per
     batch size, the figures in JSON, and bad shapes are refused."""

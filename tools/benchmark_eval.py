@@ -394,6 +394,23 @@ def split_lower_bound(model, tok, split, modes, forced, run: dict) -> dict:
     return bound
 
 
+def identity_lines(same: dict, num_files: int, exact: bool) -> list[str]:
+    """Report of ``bench.compare_run_dirs`` (naive vs shared outputs); ``exact``: CPU float32, where the
+    two must be equal bit for bit."""
+    eq = "yes" if same["files_identical"] else "NO"
+    lines = [f"outputs identical (naive vs shared, {num_files} results.json): {eq}; predicted masks equal in "
+             f"{same['entries_equal_masks']}/{same['entries']} entries"
+             + ("" if same["files_identical"] else f"; differing: {', '.join(same['differing_files'])}"
+                + ("" if exact else " (bitwise identity is only expected on CPU float32: the naive path batches "
+                   "the ViT, the prefill and SAM2 encoding differently)"))]
+    if not same["files_identical"] and same.get("mask_iou_mean") is not None:
+        share = same["pixels_differing"] / same["pixels"] if same["pixels"] else 0.0
+        lines.append(f"masks naive vs shared: IoU per entry mean {same['mask_iou_mean']:.5f}, min "
+                     f"{same['mask_iou_min']:.5f} ({same['worst_entry']}); {same['pixels_differing']} of "
+                     f"{same['pixels']} pixels differ ({100 * share:.4f}%)")
+    return lines
+
+
 def scaling_lines(scaling: dict) -> list[str]:
     """How much of the E -> 2E growth is work the lower bound itself adds (per-expression work: q_frame's
     own frame selections, every answer's decode and SAM2 decodes), and which phases grew."""
@@ -714,13 +731,8 @@ def benchmark(args) -> None:
     print(f"shared work / lower bound: worst {worst:.2f} ("
           + ", ".join(f"{lab} {ratios[k]:.2f}" for k, lab in COUNTER_LABELS if ratios[k] is not None) + ")", flush=True)
     if same is not None:
-        eq = "yes" if same["files_identical"] else "NO"
-        print(f"outputs identical (naive vs shared, {len(files)} results.json): {eq}; predicted masks equal in "
-              f"{same['entries_equal_masks']}/{same['entries']} entries"
-              + ("" if same["files_identical"] else f"; differing: {', '.join(same['differing_files'])}"
-                 + ("" if figures["dtype"] == "float32" and device == "cpu" else
-                    " (bitwise identity is only expected on CPU float32: the naive path batches the ViT, the "
-                    "prefill and SAM2 encoding differently)")), flush=True)
+        for line in identity_lines(same, len(files), exact=figures["dtype"] == "float32" and device == "cpu"):
+            print(line, flush=True)
     if scaling and "increase_pct" in scaling:
         for line in scaling_lines(scaling):
             print(line, flush=True)

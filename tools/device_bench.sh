@@ -27,7 +27,8 @@
 # Knobs (environment): OUT, SKIP_ATTN=1, ATTN_ARGS (step A's arguments), ATTN_TIMEOUT (s, 90), ZERO2_TIMEOUT (s, 200), ZERO2_EPOCHS (1), ZERO2_PRETRAIN_STEPS (10), SKIP_ZERO2=1,
 # SKIP_TINY=1, TINY_TIMEOUT (s, 200), B4_TIMEOUT (s, 330), B4_VIDEOS (1), B4_EXPS (5),
 # B4_FRAMES ("16 24": min max), SKIP_INSTALL=1 (wheels already importable), PYTHON (python3),
-# TINY_VIDEOS (3), TINY_EXPS (5), SKIP_4B=1, B4_ARGS (extra benchmark_eval.py arguments of step 2),
+# TINY_VIDEOS (3), TINY_EXPS (5), TINY_ARGS (extra benchmark_eval.py arguments of step 1, e.g. "--skip-train
+# --skip-scaling --object-like-masks": the naive/shared mask agreement in bf16 alone), SKIP_4B=1, B4_ARGS (extra benchmark_eval.py arguments of step 2),
 # B4_AB_ARGS (if set, step 2 runs a second time with these arguments instead, e.g. "--skip-naive
 # --scaling-repeat 2 --decode-attention sdpa" -- --skip-naive saves the naive run's ~85 s -- : files
 # bench_4b_<tag>_ab.*; adds up to B4_TIMEOUT, so pair it with
@@ -121,7 +122,7 @@ if [ "${SKIP_TINY:-0}" != "1" ]; then
 say "step 1/2: benchmark_eval.py --model tiny ($DTYPE, $DEVICE) + training benchmark"
 timeout "${TINY_TIMEOUT:-200}" $PY tools/benchmark_eval.py --model tiny --device "$DEVICE" --dtype "$DTYPE" \
     --num-videos "${TINY_VIDEOS:-3}" --exps-per-video "${TINY_EXPS:-5}" --min-frames 12 --max-frames 24 --frame-size 320x180 \
-    --train-steps 20 --train-warmup 3 --time-budget $(( ${TINY_TIMEOUT:-200} - 40 )) \
+    --train-steps 20 --train-warmup 3 --time-budget $(( ${TINY_TIMEOUT:-200} - 40 )) ${TINY_ARGS:-} \
     --work-dir "${BENCH_DIR:-/tmp/bench}/tiny" --json "$OUT/bench_tiny_$TAG.json" 2>&1 | tee "$OUT/bench_tiny_$TAG.log" | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 say "step 1 finished (rc $rc)"
@@ -172,7 +173,7 @@ if [ -f "$OUT/train_zero2.log" ]; then
 fi
 [ -f "$OUT/decode_attention_$TAG.log" ] && { echo "== $OUT/decode_attention_$TAG.log"; tail -1 "$OUT/decode_attention_$TAG.log"; } | tee -a "$LOG"
 for f in "$OUT/bench_tiny_$TAG.log" "$OUT/bench_4b_$TAG.log" "$OUT/bench_4b_${TAG}_ab.log"; do
-    [ -f "$f" ] && { echo "== $f"; grep -E "^(speedup|scaling|train|outputs identical|shared work)" "$f" | tail -9; } | tee -a "$LOG"
+    [ -f "$f" ] && { echo "== $f"; grep -E "^(speedup|scaling|train|outputs identical|masks naive|shared work)" "$f" | tail -10; } | tee -a "$LOG"
 done
 say "done (zero2 rc $rcz, tiny rc $rc, 4b rc $rc2); files in $OUT"
 for r in "$rcz" "$rc" "$rc2"; do [ "$r" = 0 ] || [ "$r" = skipped ] || exit 1; done

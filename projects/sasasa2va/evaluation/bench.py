@@ -581,9 +581,35 @@ def result_files(work_dir: str, modes: Sequence[str], averaged: bool) -> list[st
     return files
 
 
+def _entry_agreement(ma: list, mb: list) -> tuple[int, int, int, int]:
+    """(pixels, pixels that differ, intersection, union) of two entries' per-frame RLE masks, over all
+    their frames; a frame missing on one side (or None there) counts as empty."""
+    from projects.sasasa2va.datasets.rle import decode_rle, rle_size
+
+    pixels = differ = inter = union = 0
+    for i in range(max(len(ma), len(mb))):
+        ra = ma[i] if i < len(ma) else None
+        rb = mb[i] if i < len(mb) else None
+        if ra is None and rb is None:
+            continue
+        h, w = rle_size(ra if ra is not None else rb)
+        a = decode_rle(ra, h, w)
+        b = decode_rle(rb, h, w)  # (another size: a DataError naming it)
+        pixels += h * w
+        differ += int(np.count_nonzero(a != b))
+        inter += int(np.count_nonzero(a & b))
+        union += int(np.count_nonzero(a | b))
+    return pixels, differ, inter, union
+
+
 def compare_run_dirs(a: str, b: str, files: Sequence[str]) -> dict:
-    """Byte equality of each results.json and, entry by entry, equality of the predicted masks (RLE)."""
-    out = {"files_identical": True, "entries": 0, "entries_equal_masks": 0, "differing_files": []}
+    """Byte equality of each results.json and, entry by entry, equality of the predicted masks (RLE) and
+    how far apart unequal ones are: each entry's IoU over all its frames (both empty: 1) and the share of
+    pixels that differ -- on a GPU in bf16 the two paths are equal only up to rounding, and these say how
+    much that moves the masks."""
+    out = {"files_identical": True, "entries": 0, "entries_equal_masks": 0, "differing_files": [],
+           "pixels": 0, "pixels_differing": 0, "mask_iou_mean": None, "mask_iou_min": None, "worst_entry": None}
+    ious = []
     for rel in files:
         with open(os.path.join(a, rel), "rb") as f:
             ba = f.read()
@@ -599,8 +625,23 @@ def compare_run_dirs(a: str, b: str, files: Sequence[str]) -> dict:
             for eid, e in exps.items():
                 out["entries"] += 1
                 other = jb.get(vid, {}).get(eid)
-                if other is not None and other.get("prediction_masks") == e.get("prediction_masks"):
+                ma = e.get("prediction_masks") or []
+                mb = (other or {}).get("prediction_masks") or []
+                if other is not None and mb == ma:
                     out["entries_equal_masks"] += 1
+                    out["pixels"] += sum(int(np.prod(r["size"])) for r in ma if r is not None)
+                    ious.append(1.0)
+                    continue
+                pixels, differ, inter, union = _entry_agreement(ma, mb)
+                out["pixels"] += pixels
+                out["pixels_differing"] += differ
+                iou = inter / union if union else 1.0
+                if not ious or iou < min(ious):
+                    out["worst_entry"] = f"{rel} {vid}/{eid}"
+                ious.append(iou)
+    if ious:
+        out["mask_iou_mean"] = float(np.mean(ious))
+        out["mask_iou_min"] = float(min(ious))
     return out
 
 
