@@ -609,7 +609,7 @@ def compare_run_dirs(a: str, b: str, files: Sequence[str]) -> dict:
     much that moves the masks."""
     out = {"files_identical": True, "entries": 0, "entries_equal_masks": 0, "differing_files": [],
            "pixels": 0, "pixels_differing": 0, "mask_iou_mean": None, "mask_iou_min": None, "worst_entry": None}
-    ious = []
+    ious, worst = [], 1.0  # worst: the IoU of worst_entry (the first unequal entry with the lowest one)
     for rel in files:
         with open(os.path.join(a, rel), "rb") as f:
             ba = f.read()
@@ -636,8 +636,8 @@ def compare_run_dirs(a: str, b: str, files: Sequence[str]) -> dict:
                 out["pixels"] += pixels
                 out["pixels_differing"] += differ
                 iou = inter / union if union else 1.0
-                if not ious or iou < min(ious):
-                    out["worst_entry"] = f"{rel} {vid}/{eid}"
+                if out["worst_entry"] is None or iou < worst:
+                    out["worst_entry"], worst = f"{rel} {vid}/{eid}", iou
                 ious.append(iou)
     if ious:
         out["mask_iou_mean"] = float(np.mean(ious))
