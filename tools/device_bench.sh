@@ -36,7 +36,23 @@
 # the 4B-shaped model with PROFILE_ARGS, default --torch-profiler; PROFILE_TIMEOUT s, 150; files profile_eval.log,
 # profile_growth.txt / sample_growth.txt + sample_E*.txt, torch_profile_E*.txt), DEVICE=cpu (local dry run of the script: float32; use with
 # SKIP_4B=1 and small TINY_* values).
+# PLAN=issue6 / PLAN=issue6-more: the prepared checks of issue 6's E -> 2E target (docs/benchmarks/README.md,
+# "Tenth session"): sets the knobs above that the environment leaves unset. issue6 (~7 min): object-like masks,
+# one video (fastest of 5 rounds) and four videos (of 3); issue6-more (~4 min, after it): the naive/shared mask
+# agreement of the tiny model in bf16, and one video of 40 frames.
 set -uo pipefail
+case "${PLAN:-}" in
+    "") ;;
+    issue6)
+        : "${SKIP_ATTN:=1}" "${SKIP_ZERO2:=1}" "${SKIP_TINY:=1}" "${B4_TIMEOUT:=300}"
+        : "${B4_ARGS:=--skip-naive --scaling-repeat 5 --object-like-masks}"
+        : "${B4_AB_ARGS:=--skip-naive --scaling-repeat 3 --object-like-masks --num-videos 4}" ;;
+    issue6-more)
+        : "${SKIP_ATTN:=1}" "${SKIP_ZERO2:=1}" "${TINY_TIMEOUT:=100}" "${B4_TIMEOUT:=170}" "${B4_FRAMES:=40 40}"
+        : "${TINY_ARGS:=--skip-train --skip-scaling --object-like-masks}"
+        : "${B4_ARGS:=--skip-naive --scaling-repeat 3 --object-like-masks}" ;;
+    *) echo "device_bench.sh: unknown PLAN=$PLAN (issue6, issue6-more)" >&2; exit 2 ;;
+esac
 export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-work_dirs/device_bench}
