@@ -481,6 +481,29 @@ def test_compare_run_dirs_measures_how_far_unequal_masks_are(tmp_path):
         "outputs identical (naive vs shared, 1 results.json): yes; predicted masks equal in 2/2 entries"]
 
 
+def test_benchmark_writer_quick(tmp_path, capsys):
+    """tools/benchmark_writer.py stores every output through the runner (probabilities + preds entry per
+    (video, expression)) under each bound; a one-output bound makes the model thread wait for room."""
+    bw = _tool("benchmark_writer")
+    work = tmp_path / "w"
+    assert bw.main(["--frames", "3", "--size", "64x36", "--videos", "2", "--outputs", "3", "--model-s", "0",
+                    "--output-ms", "0", "--threads", "1", "--pending-mb", "0.01,auto", "--work-dir", str(work)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"writer_bound 0 wall_s [0-9.]+ waited_s [0-9.]+ ; writer_bound \d+ wall_s [0-9.]+ "
+                        r"waited_s [0-9.]+", out[-1]), out[-1]
+    assert out[1].startswith("bound 0 MB (0 outputs)")
+    stored = sorted(os.path.relpath(os.path.join(d, f), work) for d, _, fs in os.walk(work) for f in fs)
+    assert stored == sorted(f"{kind}/v{v}/{k}.{ext}" for v in range(2) for k in range(3)
+                            for kind, ext in (("preds", "json"), ("probs", "npz")))
+    probs = bw.object_like_probs(3, 36, 64)
+    assert probs.dtype == np.uint8 and (probs == 255).any() and (probs == 0).any()
+    for bad in (["--size", "64"], ["--size", "0x36"], ["--pending-mb", "x"], ["--pending-mb", "inf"],
+                ["--model-s", "-1"], ["--pending-mb", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            bw.main(bad)
+        assert exc.value.code == 2, bad
+
+
 def test_benchmark_decode_attention_quick(one_thread, tmp_path, capsys):
     """tools/benchmark_decode_attention.py: both attentions on ragged decode batches agree, one row per
     batch size, the figures in JSON, and bad shapes are refused."""
@@ -593,14 +616,16 @@ def test_benchmark_writer_threads_and_switch_interval_knobs(monkeypatch):
     from projects.sasasa2va.evaluation import runner
 
     monkeypatch.setattr(runner, "WRITER_THREADS", None)
+    monkeypatch.setattr(runner, "WRITER_PENDING_BYTES", None)
     old = sys.getswitchinterval()
     try:
         assert be.effective_writer_threads() >= 1
         be.run_settings(be.build_parser().parse_args(["--device", "cpu", "--writer-threads", "0",
-                                                      "--switch-interval-ms", "0.5"]))
+                                                      "--switch-interval-ms", "0.5", "--writer-pending-mb", "64"]))
         assert runner.WRITER_THREADS == 0 and be.effective_writer_threads() == 0
+        assert runner.WRITER_PENDING_BYTES == 64 << 20 and be.effective_writer_pending_mb() == 64
         assert abs(sys.getswitchinterval() - 0.0005) < 1e-9
-        for bad in (["--writer-threads", "-1"], ["--switch-interval-ms", "0"]):
+        for bad in (["--writer-threads", "-1"], ["--switch-interval-ms", "0"], ["--writer-pending-mb", "0"]):
             with pytest.raises(SystemExit):
                 be.run_settings(be.build_parser().parse_args(["--device", "cpu", *bad]))
     finally:

@@ -175,6 +175,53 @@ def test_writer_threads_follow_the_cores_per_process():
     assert writer_threads() >= 1
 
 
+def test_writer_pending_bytes_follow_the_available_memory(tmp_path):
+    """A quarter of the available memory per local process, within [512 MB, 16 GB]; MemAvailable lowered to
+    what a cgroup v2 limit leaves; unreadable: the least."""
+    from projects.sasasa2va.evaluation.output_writer import (
+        WRITER_PENDING_BYTES, WRITER_PENDING_BYTES_MAX, available_memory_bytes, writer_pending_bytes)
+
+    gib = 1 << 30
+    assert writer_pending_bytes(1, available=32 * gib) == 8 * gib
+    assert writer_pending_bytes(4, available=32 * gib) == 2 * gib
+    assert writer_pending_bytes(1, available=1 * gib) == WRITER_PENDING_BYTES  # the floor
+    assert writer_pending_bytes(1, available=1024 * gib) == WRITER_PENDING_BYTES_MAX
+    assert WRITER_PENDING_BYTES <= writer_pending_bytes() <= WRITER_PENDING_BYTES_MAX  # this machine's
+    meminfo, cgroup = tmp_path / "meminfo", tmp_path / "cgroup"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n")
+    assert available_memory_bytes(str(meminfo), str(cgroup)) == 20000000 * 1024  # no cgroup files
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("123\n")
+    assert available_memory_bytes(str(meminfo), str(cgroup)) == 20000000 * 1024  # no limit
+    (cgroup / "memory.max").write_text(f"{8 * gib}\n")
+    (cgroup / "memory.current").write_text(f"{3 * gib}\n")
+    assert available_memory_bytes(str(meminfo), str(cgroup)) == 5 * gib  # the container's limit is lower
+    assert available_memory_bytes(str(tmp_path / "none"), str(cgroup)) == 5 * gib
+    assert available_memory_bytes(str(tmp_path / "none"), str(tmp_path / "none")) is None
+    meminfo.write_text("MemAvailable: lots\n")
+    assert available_memory_bytes(str(meminfo), str(tmp_path / "none")) is None
+
+
+def test_runner_queues_up_to_writer_pending_bytes(syn_root, fake_env, tmp_path, monkeypatch):
+    """The evaluation's writer gets the bound of writer_pending_bytes (for its local processes), or the
+    override runner.WRITER_PENDING_BYTES."""
+    seen = []
+
+    class Recording(runner.BackgroundWriter):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("max_pending_bytes"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "BackgroundWriter", Recording)
+    monkeypatch.setattr(runner, "writer_pending_bytes", lambda local: 777 * local)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert run_inproc(syn_root, tmp_path / "a", "--mode", "uniform") == 0
+    monkeypatch.setattr(runner, "WRITER_PENDING_BYTES", 4096)
+    assert run_inproc(syn_root, tmp_path / "b", "--mode", "uniform") == 0
+    assert seen == [1554, 4096]
+
+
 def test_runner_output_identical_with_several_writer_threads(syn_root, fake_env, tmp_path, monkeypatch):
     args = ("--mode", "uniform,q_frame", "--average")
     one = tmp_path / "one"

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writer-threads", type=int, default=None,
                    help="output writer threads (runner.WRITER_THREADS; default: a quarter of the cores, at most 4; "
                         "0 = write on the model's thread)")
+    p.add_argument("--writer-pending-mb", type=float, default=None,
+                   help="MB of output arrays the model's thread may queue for the writers (runner.WRITER_PENDING_BYTES; "
+                        "default: a quarter of the available memory, 512 MB to 16 GB)")
     p.add_argument("--switch-interval-ms", type=float, default=None,
                    help="the interpreter's thread switch interval (sys.setswitchinterval; Python's default 5 ms): "
                         "how long the model's thread may wait for the GIL held by a writer thread")
@@ -272,6 +275,13 @@ def effective_writer_threads() -> int:
     from projects.sasasa2va.evaluation.output_writer import writer_threads
 
     return runner.WRITER_THREADS if runner.WRITER_THREADS is not None else writer_threads()
+
+
+def effective_writer_pending_mb() -> float:
+    from projects.sasasa2va.evaluation import runner
+    from projects.sasasa2va.evaluation.output_writer import writer_pending_bytes
+
+    return (runner.WRITER_PENDING_BYTES if runner.WRITER_PENDING_BYTES is not None else writer_pending_bytes()) / 2**20
 
 
 def shared_context_options(args) -> dict:
@@ -526,6 +536,12 @@ def run_settings(args):
         from projects.sasasa2va.evaluation import runner
 
         runner.WRITER_THREADS = args.writer_threads
+    if getattr(args, "writer_pending_mb", None) is not None:
+        if not args.writer_pending_mb > 0:
+            exit_user_error("--writer-pending-mb must be > 0")
+        from projects.sasasa2va.evaluation import runner
+
+        runner.WRITER_PENDING_BYTES = int(args.writer_pending_mb * 2**20)
     if getattr(args, "switch_interval_ms", None) is not None:
         if not args.switch_interval_ms > 0:
             exit_user_error("--switch-interval-ms must be > 0")
@@ -590,10 +606,11 @@ def benchmark(args) -> None:
                      "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
                      "torch": torch.__version__, "modes": modes, "average": average,
                      "shared_context_options": shared_context_options(args),
-                     "writer_threads": effective_writer_threads(), "switch_interval_s": sys.getswitchinterval()}
+                     "writer_threads": effective_writer_threads(), "writer_pending_mb": effective_writer_pending_mb(),
+                     "switch_interval_s": sys.getswitchinterval()}
     log(f"benchmark_eval: device {figures['device_name']} ({device}), dtype {figures['dtype']}, "
-        f"{figures['threads']} thread(s), torch {torch.__version__}, {figures['writer_threads']} writer thread(s), "
-        f"switch interval {figures['switch_interval_s'] * 1000:g} ms")
+        f"{figures['threads']} thread(s), torch {torch.__version__}, {figures['writer_threads']} writer thread(s) "
+        f"(up to {figures['writer_pending_mb']:.0f} MB queued), switch interval {figures['switch_interval_s'] * 1000:g} ms")
 
     # ---- model
     t = time.perf_counter()

@@ -8,7 +8,8 @@ order; a later job may finish first (several threads, or the closing thread help
 its own expression's probabilities before its preds entry (the resume marker), so a kill never leaves a
 marker without its data either way. At most ``max_pending`` jobs, holding at most ``max_pending_bytes``
 of arrays, wait: a video's outputs come in a burst once its answers are decoded, and a queue sized in
-bytes rather than a few jobs lets the model start on the next video while they are written. Closing
+bytes rather than a few jobs lets the model start on the next video while they are written (the runner's
+bound: ``writer_pending_bytes``, a share of the available memory). Closing
 drains every queued job, also when the evaluation itself failed, so nothing already computed is lost;
 the closing thread (the model's, idle by then) runs queued jobs too, so the last video's burst is written
 by one more thread.
@@ -26,7 +27,9 @@ logger = logging.getLogger("sasasa2va.eval")
 
 WRITER_THREADS_MAX = 4
 WRITER_MAX_PENDING = 256  # jobs queued per evaluation process (the runner's bound in count ...)
-WRITER_PENDING_BYTES = 512 << 20  # ... and in bytes of the arrays they hold
+WRITER_PENDING_BYTES = 512 << 20  # ... and in bytes of the arrays they hold: at least this much ...
+WRITER_PENDING_BYTES_MAX = 16 << 30  # ... at most this much ...
+WRITER_MEMORY_SHARE = 0.25  # ... else this share of the memory available to the node's evaluation processes
 
 
 def writer_threads(cpus: int | None = None, local_processes: int = 1) -> int:
@@ -40,6 +43,45 @@ def writer_threads(cpus: int | None = None, local_processes: int = 1) -> int:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = max(1, int(cpus) // max(1, int(local_processes)))
     return max(1, min(WRITER_THREADS_MAX, per_process // 4))
+
+
+def available_memory_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """Memory this process may still use: the kernel's MemAvailable, lowered to what the cgroup (v2) limit
+    leaves (a container's limit is not in /proc/meminfo); None where neither can be read."""
+    found = []
+    try:
+        with open(meminfo, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open(os.path.join(cgroup, "memory.max"), encoding="ascii") as f:
+            limit = f.read().strip()
+        with open(os.path.join(cgroup, "memory.current"), encoding="ascii") as f:
+            current = int(f.read().strip())
+        if limit != "max":
+            found.append(max(0, int(limit) - current))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def writer_pending_bytes(local_processes: int = 1, available: int | None = None) -> int:
+    """Bytes of output arrays one evaluation process may queue for its writers: a quarter of the available
+    memory shared by the node's processes, within [WRITER_PENDING_BYTES, WRITER_PENDING_BYTES_MAX]
+    (the least where the memory cannot be read). A video's outputs come in a burst once its answers are
+    decoded; the model's thread goes on to the next video only once the burst is queued, so the queue should
+    hold one: at real MeViS sizes (~80 frames of 1280x720) an output's masks and probabilities hold
+    ~150 MB, and 512 MB held three of a video's ~40 (simulated: the model thread waited 4.9 s in 13.5 s)."""
+    if available is None:
+        available = available_memory_bytes()
+    if available is None:
+        return WRITER_PENDING_BYTES
+    share = int(available * WRITER_MEMORY_SHARE) // max(1, int(local_processes))
+    return max(WRITER_PENDING_BYTES, min(WRITER_PENDING_BYTES_MAX, share))
 
 
 class BackgroundWriter:

@@ -44,7 +44,7 @@ from projects.sasasa2va.evaluation.distributed import (
 )
 from projects.sasasa2va.evaluation.model_loading import check_hf_dir, load_model
 from projects.sasasa2va.evaluation.output_writer import (
-    WRITER_MAX_PENDING, WRITER_PENDING_BYTES, BackgroundWriter, writer_threads,
+    WRITER_MAX_PENDING, BackgroundWriter, writer_pending_bytes, writer_threads,
 )
 from projects.sasasa2va.evaluation.predictions import (
     ExpressionOutput, ExpressionTask, PredictOptions, failed_output, fit_options_to_model, normalize_output,
@@ -65,6 +65,7 @@ AVERAGE_WORKERS = min(8, os.cpu_count() or 1)  # threads averaging expressions (
 AVERAGE_MEMORY_BYTES = 2 << 30  # ... holding at most about this much at once
 AVERAGE_AHEAD = True  # average an expression on its rank as soon as its member modes are in (AverageAhead)
 WRITER_THREADS = None  # None: output_writer.writer_threads(); an int overrides it (benchmark A/B runs)
+WRITER_PENDING_BYTES = None  # None: output_writer.writer_pending_bytes(); an int overrides it (likewise)
 
 
 # ================================================================================================ options
@@ -346,11 +347,13 @@ def evaluate_shard(model, tokenizer, records: dict, items: Sequence[sharding.Ite
     budget = None if opts.feature_budget_mb is None else int(float(opts.feature_budget_mb) * 2**20)
     try:
         local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-        threads = WRITER_THREADS if WRITER_THREADS is not None else \
-            writer_threads(local_processes=int(local) if local.isdigit() else 1)
+        local = int(local) if local.isdigit() else 1
+        threads = WRITER_THREADS if WRITER_THREADS is not None else writer_threads(local_processes=local)
+        queue_bytes = WRITER_PENDING_BYTES if WRITER_PENDING_BYTES is not None else writer_pending_bytes(local)
+        logger.info("output writer: %d thread(s), up to %.0f MB of outputs queued", threads, queue_bytes / 2**20)
         # drained also when the run fails: nothing computed is lost
         with BackgroundWriter(max_pending=WRITER_MAX_PENDING, threads=threads,
-                              max_pending_bytes=WRITER_PENDING_BYTES) as writer:
+                              max_pending_bytes=queue_bytes) as writer:
             for vid, todo in pending:
                 rec = records[vid]
                 try:
