@@ -106,6 +106,31 @@ def test_wrong_size_values_and_extras_detected(sub):
     assert len(probs) == 4
 
 
+def test_pngs_written_in_threads_equal_the_serial_ones(sub):
+    """workers > 1: the same files byte for byte; an expression listed twice is written by one entry after
+    the other (the later one's masks stay); a bad entry still stops the writing with its message."""
+    threaded = str(sub["tmp"] / "threaded")
+    assert write_submission_pngs(sub["results"], threaded, workers=3) == T * 4
+    files = sorted(os.path.relpath(os.path.join(d, f), sub["ann"]) for d, _, fs in os.walk(sub["ann"]) for f in fs)
+    assert len(files) == T * 4
+    for f in files:
+        with open(os.path.join(sub["ann"], f), "rb") as a, open(os.path.join(threaded, f), "rb") as b:
+            assert a.read() == b.read(), f
+    h, w = SIZES["vidA"]
+    names = [f"{i:05d}" for i in range(T)]
+    first, second = np.zeros((T, h, w), bool), np.ones((T, h, w), bool)
+    entries = [make_entry(0, "vidA", "0", names, first), make_entry(1, "vidB", "0", names, np.zeros((T, 10, 14), bool)),
+               make_entry(2, "vidA", "0", names, second)]
+    twice = str(sub["tmp"] / "twice")
+    assert write_submission_pngs(entries, twice, workers=2) == 3 * T
+    for i in range(T):
+        assert (np.asarray(Image.open(os.path.join(twice, "vidA", "0", f"{i:05d}.png"))) == 255).all()
+    assert sorted(os.listdir(os.path.join(twice, "vidA", "0"))) == [f"{n}.png" for n in names]  # no temp files
+    bad = dict(entries[1], frames=names[:1])
+    with pytest.raises(ValueError, match="vidB/0: 'frames' must name the frame of each of its 3 prediction_masks"):
+        write_submission_pngs([entries[0], bad, entries[2]], str(sub["tmp"] / "bad"), workers=2)
+
+
 def test_zip_layout(sub):
     out = str(sub["tmp"] / "zips" / "valid.zip")
     info = pack_submission(sub["ann"], out, sub["split"])

@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from projects.sasasa2va.evaluation.submission import (  # noqa: E402
+    PNG_WORKERS,
     check_results_against_split,
     check_zip_target,
     pack_submission,
@@ -36,7 +37,7 @@ def make_zip(args) -> None:
         raise ValueError(problem)
     if args.results:
         check_results_against_split(args.results, args.split_dir)
-        n = write_submission_pngs(args.results, args.ann_dir)
+        n = write_submission_pngs(args.results, args.ann_dir, workers=args.workers)
         print(f"wrote {n} PNGs to {args.ann_dir}")
     info = pack_submission(args.ann_dir, args.out, args.split_dir, workers=args.workers)
     print(f"wrote {info['zip']}: {info['num_videos']} videos, {info['num_expressions']} expressions, "
@@ -50,7 +51,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="zip to write (outside --ann-dir; an earlier zip there is replaced, "
                                                 "any other file is refused)")
     p.add_argument("--results", help="optional results.json: write its masks as PNGs into --ann-dir first")
-    p.add_argument("--workers", type=positive_int, default=1, help="processes for the check (default 1)")
+    p.add_argument("--workers", type=positive_int, default=PNG_WORKERS,
+                   help="threads writing the PNGs of --results and checking the folder (default: %(default)s, "
+                        "up to 8 cores)")
     return run_reporting_user_errors(make_zip, p.parse_args(argv))
 
 

@@ -616,12 +616,12 @@ def average_runs(member_dirs: Sequence[str], member_names: Sequence[str], record
 
 def write_submission(results_path: str, ann_dir: str, split: ResolvedSplit, complete: bool) -> dict:
     """PNGs of a results.json under ann_dir; checked against the split when the run covers all of it."""
-    from projects.sasasa2va.evaluation.submission import check_submission, write_submission_pngs
+    from projects.sasasa2va.evaluation.submission import PNG_WORKERS, check_submission, write_submission_pngs
 
-    n = write_submission_pngs(results_path, ann_dir)
+    n = write_submission_pngs(results_path, ann_dir, workers=PNG_WORKERS)
     info: dict[str, Any] = {"dir": ann_dir, "num_png": n}
     if complete and os.path.basename(split.meta_file) == "meta_expressions.json":
-        problems = check_submission(ann_dir, split.split_dir)
+        problems = check_submission(ann_dir, split.split_dir, workers=PNG_WORKERS)
         info["problems"] = problems[:MAX_LISTED_FAILURES]
         info["num_problems"] = len(problems)
     return info
