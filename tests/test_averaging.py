@@ -167,6 +167,39 @@ def test_weights_follow_the_heavier_run(world):
         avg.ensemble_masks([a, b], weights=[0, 0])
 
 
+def test_integer_mean_equals_the_float32_definition():
+    """ensemble_masks' integer path (equal weights, uint8, > 0.5) against the float32 definition: every
+    combination of values for 1-3 members, sums at and around the threshold (ties included) for 4-12 members,
+    and random maps; weights or another threshold take the definition itself."""
+    def both(members):
+        fast = avg.ensemble_masks(members)
+        slow = avg._weighted_mean_over(members, np.ones(len(members)), 0.5, "probs", 0.5)
+        return fast, slow
+
+    v = np.arange(256, dtype=np.uint8)
+    grids = {1: [v], 2: [a.ravel() for a in np.meshgrid(v, v)], 3: [a.ravel() for a in np.meshgrid(v, v, v)]}
+    for n, members in grids.items():
+        fast, slow = both(members)
+        assert np.array_equal(fast, slow), n
+    rng = np.random.default_rng(0)
+    for n in range(4, 13):
+        q = rng.integers(0, 256, size=(400000, n), dtype=np.uint8)
+        total = q.sum(1, dtype=np.int64)
+        q = q[np.abs(2 * total - 255 * n) <= 6]  # the rows whose sum is within 3 of 255 n / 2
+        assert len(q) > 2000
+        members = [np.ascontiguousarray(q[:, j]) for j in range(n)]
+        fast, slow = both(members)
+        assert np.array_equal(fast, slow), n
+        if n % 2 == 0:
+            assert (2 * q.sum(1, dtype=np.int64) == 255 * n).any()  # ties were among them
+    members = [rng.integers(0, 256, (3, 17, 29), dtype=np.uint8) for _ in range(5)]
+    fast, slow = both(members)
+    assert np.array_equal(fast, slow) and fast.shape == (3, 17, 29) and 0 < fast.mean() < 1
+    weighted = avg.ensemble_masks(members, weights=[1, 2, 1, 1, 1])
+    assert np.array_equal(weighted, avg._weighted_mean_over(members, np.array([1., 2, 1, 1, 1]), 0.5, "probs", 0.5))
+    assert not np.array_equal(weighted, fast)
+
+
 def test_binary_voting_differs_from_probability_mean():
     p1 = np.full((1, 2, 2), 1.0, np.float32)
     p2 = np.full((1, 2, 2), 0.4, np.float32)
