@@ -94,6 +94,7 @@ def test_encode_mask_stack_equals_pycocotools():
     strings exactly: empty and full frames, single pixels at both ends, one-pixel-wide shapes, large counts
     (deltas that need several 5-bit groups, negative ones), smooth blobs, noise (the pycocotools fallback),
     non-bool input, and runs that continue from one frame into the next."""
+    from projects.sasasa2va.datasets import rle
     from projects.sasasa2va.datasets.rle import encode_mask_stack
     from pycocotools import mask as mu
 
@@ -114,8 +115,14 @@ def test_encode_mask_stack_equals_pycocotools():
              rng.random((3, 13, 1)) > 0.3, np.zeros((0, 4, 4), bool)]
     cases += [rng.random((int(rng.integers(1, 4)), int(rng.integers(1, 9)), int(rng.integers(1, 9)))) > rng.random()
               for _ in range(200)]
+    stripes = np.zeros((2, 7, 5), bool)
+    stripes[0, :, 1] = stripes[0, 3:, 3] = stripes[1, :4, 4] = True  # runs across column ends, into the next frame
+    cases += [stripes, np.ones((2, 1, 6), bool), np.ones((2, 6, 1), bool)]
     for masks in cases:
         assert encode_mask_stack(masks) == reference(masks), masks.shape
+        if masks.size:  # the numpy encoder itself, also where the density check hands a stack to pycocotools
+            m = np.ascontiguousarray(masks != 0)
+            assert rle._counts_strings(m, rle._column_major_changes(m)) == reference(masks), masks.shape
     with pytest.raises(DataError, match=r"\[T, H, W\]"):
         encode_mask_stack(np.zeros((4, 5), bool))
 
