@@ -3,7 +3,7 @@ results.json: pycocotools on a Fortran-ordered uint8 mask, ``counts`` stored as 
 from __future__ import annotations
 
 import numbers
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -23,21 +23,25 @@ def encode_mask(mask: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
 
 
-def _nonzero_sparse(flat: np.ndarray) -> np.ndarray:
-    """Sorted indices of the True values of the 1-D bool ``flat`` (its size a multiple of 8). Usually sparse:
-    looked for 8 values at a time (as uint64 words), then within the few words that hold one."""
+def _nonzero_sparse(flat: np.ndarray, limit: Optional[int] = None) -> Optional[np.ndarray]:
+    """Sorted indices of the True values of the 1-D bool ``flat`` (its size a multiple of 8); None when more
+    than ``limit`` of its 8-value words hold one (so more values than that are True). Usually sparse: looked
+    for 8 values at a time (as uint64 words), then within the few words that hold one."""
     words = np.flatnonzero(flat.view(np.uint64))
+    if limit is not None and len(words) > limit:
+        return None
     if len(words) * 32 > flat.size:  # dense (noisy masks): one plain pass is faster
         return np.flatnonzero(flat)
     row, col = np.nonzero(flat.reshape(-1, 8)[words])
     return words[row] * 8 + col
 
 
-def _column_major_changes(m: np.ndarray) -> np.ndarray:
+def _column_major_changes(m: np.ndarray, limit: Optional[int] = None) -> Optional[np.ndarray]:
     """Sorted indices p of the frames' column-major pixels, frames one after another (p = t*H*W + x*H + y:
     the order pycocotools reads a Fortran-ordered mask in), where pixel p differs from pixel p - 1 of the same
     frame. Found on the C-ordered stack without transposing it (a copy that was 2/3 of the encoder's time):
-    down a column (y >= 1) and from the bottom of a column to the top of the next (y = 0, x >= 1)."""
+    down a column (y >= 1) and from the bottom of a column to the top of the next (y = 0, x >= 1). None when
+    there are more than ``limit`` of them (before sorting them)."""
     t, h, w = m.shape
     n = h * w
     parts = []
@@ -45,7 +49,9 @@ def _column_major_changes(m: np.ndarray) -> np.ndarray:
         size = t * (h - 1) * w
         buf = np.zeros(-(-size // 8) * 8, dtype=bool)  # whole uint64 words, the tail False
         np.not_equal(m[:, 1:, :], m[:, :-1, :], out=buf[:size].reshape(t, h - 1, w))
-        i = _nonzero_sparse(buf)
+        i = _nonzero_sparse(buf, limit)
+        if i is None:
+            return None
         f, r = np.divmod(i, (h - 1) * w)
         y, x = np.divmod(r, w)
         parts.append(f * n + x * h + y + 1)
@@ -55,6 +61,8 @@ def _column_major_changes(m: np.ndarray) -> np.ndarray:
         parts.append(f * n + (x + 1) * h)
     if not parts:
         return np.zeros(0, dtype=np.int64)
+    if limit is not None and sum(len(p) for p in parts) > limit:
+        return None
     out = np.concatenate(parts)
     out.sort()
     return out
@@ -75,8 +83,8 @@ def encode_mask_stack(masks: np.ndarray) -> list[dict]:
     if n == 0:
         return [encode_mask(frame) for frame in m]
     m = np.ascontiguousarray(m if m.dtype == bool else m != 0)
-    starts_at = _column_major_changes(m)
-    if len(starts_at) * 16 > t * n:  # noise-like masks (a run every few pixels): pycocotools' loop is faster
+    starts_at = _column_major_changes(m, limit=t * n // 16)
+    if starts_at is None:  # noise-like masks (a run every few pixels): pycocotools' loop is faster
         return [encode_mask(frame) for frame in m]
     return _counts_strings(m, starts_at)
 
