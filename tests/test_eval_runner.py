@@ -749,6 +749,32 @@ def test_blind_subset_and_corrupt_frame(syn_root, split, fake_env, tmp_path):
     assert any(e["status"] == "ok" for e in res[vids[0]].values())
 
 
+def test_next_video_frames_decoded_ahead_in_a_thread(syn_root, fake_env, tmp_path, monkeypatch):
+    """Every video after the first is decoded on the frame loader's thread while the model works on the one
+    before; the results are those of loading each video when its turn comes."""
+    import threading
+
+    from projects.sasasa2va.evaluation import runner
+
+    loaded, original = [], runner.load_video_frames
+
+    def recording(rec):
+        loaded.append((rec.video_id, threading.current_thread().name))
+        return original(rec)
+
+    monkeypatch.setattr(runner, "load_video_frames", recording)
+    assert run_inproc(syn_root, tmp_path / "ahead", "--mode", "uniform") == 0
+    res = load(tmp_path / "ahead" / "results.json")
+    vids = [v for v in res if v != "__meta__"]
+    assert len(vids) >= 3 and sorted(v for v, _ in loaded) == sorted(vids)
+    assert loaded[0][1] == "MainThread" and all(name.startswith("eval-frames") for _, name in loaded[1:])
+    monkeypatch.setattr(runner, "FRAME_PREFETCH", False)
+    loaded.clear()
+    assert run_inproc(syn_root, tmp_path / "inline", "--mode", "uniform") == 0
+    assert {name for _, name in loaded} == {"MainThread"}
+    assert read_bytes(tmp_path / "ahead" / "results.json") == read_bytes(tmp_path / "inline" / "results.json")
+
+
 def test_inference_flags_reach_the_model_and_the_run_config(syn_root, fake_env, tmp_path):
     out = tmp_path / "fixes"
     assert run_inproc(syn_root, out, "--path-b-average", "probs", "--uncovered-fix") == 0
