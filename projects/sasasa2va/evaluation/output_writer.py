@@ -75,7 +75,8 @@ def writer_pending_bytes(local_processes: int = 1, available: int | None = None)
     (the least where the memory cannot be read). A video's outputs come in a burst once its answers are
     decoded; the model's thread goes on to the next video only once the burst is queued, so the queue should
     hold one: at real MeViS sizes (~80 frames of 1280x720) an output's masks and probabilities hold
-    ~150 MB, and 512 MB held three of a video's ~40 (simulated: the model thread waited 4.9 s in 13.5 s)."""
+    ~140 MB, and 512 MB held three of a video's ~40 (``tools/benchmark_writer.py``: the model thread waited
+    3.85 s of 13.05 s for room, none with this bound)."""
     if available is None:
         available = available_memory_bytes()
     if available is None:
