@@ -26,7 +26,7 @@
 # $OUT/device_bench.log (all).
 # Knobs (environment): OUT, SKIP_ATTN=1, ATTN_ARGS (step A's arguments), ATTN_TIMEOUT (s, 90), ZERO2_TIMEOUT (s, 200), ZERO2_EPOCHS (1), ZERO2_PRETRAIN_STEPS (10), SKIP_ZERO2=1,
 # SKIP_TINY=1, TINY_TIMEOUT (s, 200), B4_TIMEOUT (s, 330), B4_VIDEOS (1), B4_EXPS (5),
-# B4_FRAMES ("16 24": min max), SKIP_INSTALL=1 (wheels already importable), PYTHON (python3),
+# B4_FRAMES ("16 24": min max), B4_SIZE (frame size, 640x360), SKIP_INSTALL=1 (wheels already importable), PYTHON (python3),
 # TINY_VIDEOS (3), TINY_EXPS (5), TINY_ARGS (extra benchmark_eval.py arguments of step 1, e.g. "--skip-train
 # --skip-scaling --object-like-masks": the naive/shared mask agreement in bf16 alone), SKIP_4B=1, B4_ARGS (extra benchmark_eval.py arguments of step 2),
 # B4_AB_ARGS (if set, step 2 runs a second time with these arguments instead, e.g. "--skip-naive
@@ -39,7 +39,9 @@
 # PLAN=issue6 / PLAN=issue6-more: the prepared checks of issue 6's E -> 2E target (docs/benchmarks/README.md,
 # "Tenth session"): sets the knobs above that the environment leaves unset. issue6 (~7 min): object-like masks,
 # one video (fastest of 5 rounds) and four videos (of 3); issue6-more (~4 min, after it): the naive/shared mask
-# agreement of the tiny model in bf16, and one video of 40 frames.
+# agreement of the tiny model in bf16, and one video of 40 frames. PLAN=realsize (~3 min): one MeViS-sized video
+# (80 frames of 1280x720, 10 expressions, object-like masks): what a real video costs per expression, and whether
+# the output writers keep up (their waits and tail).
 set -uo pipefail
 case "${PLAN:-}" in
     "") ;;
@@ -51,7 +53,10 @@ case "${PLAN:-}" in
         : "${SKIP_ATTN:=1}" "${SKIP_ZERO2:=1}" "${TINY_TIMEOUT:=100}" "${B4_TIMEOUT:=170}" "${B4_FRAMES:=40 40}"
         : "${TINY_ARGS:=--skip-train --skip-scaling --object-like-masks}"
         : "${B4_ARGS:=--skip-naive --scaling-repeat 3 --object-like-masks}" ;;
-    *) echo "device_bench.sh: unknown PLAN=$PLAN (issue6, issue6-more)" >&2; exit 2 ;;
+    realsize)
+        : "${SKIP_ATTN:=1}" "${SKIP_ZERO2:=1}" "${SKIP_TINY:=1}" "${B4_TIMEOUT:=240}" "${B4_FRAMES:=80 80}"
+        : "${B4_SIZE:=1280x720}" "${B4_EXPS:=10}" "${B4_ARGS:=--skip-naive --skip-scaling --object-like-masks}" ;;
+    *) echo "device_bench.sh: unknown PLAN=$PLAN (issue6, issue6-more, realsize)" >&2; exit 2 ;;
 esac
 export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
@@ -148,7 +153,7 @@ fi
 read -r B4_MIN B4_MAX <<<"${B4_FRAMES:-16 24}"
 # the model and data of steps 2 and 3 (benchmark_eval.py and profile_eval.py take the same arguments)
 B4_COMMON=(--preset 4b-shaped --device "$DEVICE" --dtype "$DTYPE" --num-videos "${B4_VIDEOS:-1}"
-           --exps-per-video "${B4_EXPS:-5}" --min-frames "$B4_MIN" --max-frames "$B4_MAX" --frame-size 640x360)
+           --exps-per-video "${B4_EXPS:-5}" --min-frames "$B4_MIN" --max-frames "$B4_MAX" --frame-size "${B4_SIZE:-640x360}")
 rc2=skipped
 run_4b() {  # $1: file tag, $2: extra arguments
     # shellcheck disable=SC2086  # the extra arguments are split on purpose
