@@ -21,3 +21,17 @@ def shared_data():
     if not os.path.isdir(SHARED_DATA):
         pytest.skip(f"shared test data not found at {SHARED_DATA}")
     return os.path.abspath(SHARED_DATA)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_tmpdir(tmp_path_factory):
+    """TMPDIR of the processes the tests start, under pytest's base temp (pruned by pytest): torchrun
+    (tools/dist.sh, dist_test.sh) leaves a torchelastic_* folder in the temp dir at every launch, and a test
+    run launches it a few dozen times."""
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("subprocess_tmp"))
+    yield os.environ["TMPDIR"]
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
