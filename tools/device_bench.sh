@@ -46,7 +46,7 @@ set -uo pipefail
 case "${PLAN:-}" in
     "") ;;
     issue6)
-        : "${SKIP_ATTN:=1}" "${SKIP_ZERO2:=1}" "${SKIP_TINY:=1}" "${B4_TIMEOUT:=300}"
+        : "${SKIP_ATTN:=1}" "${SKIP_ZERO2:=1}" "${SKIP_TINY:=1}" "${B4_TIMEOUT:=330}"
         : "${B4_ARGS:=--skip-naive --scaling-repeat 5 --object-like-masks}"
         : "${B4_AB_ARGS:=--skip-naive --scaling-repeat 3 --object-like-masks --num-videos 4}" ;;
     issue6-more)
