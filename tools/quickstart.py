@@ -188,9 +188,9 @@ def main(argv=None) -> dict:
     if args.skip_train:  # the kept checkpoint was trained on these base weights: regenerating them could differ
         print("[quickstart] --skip-train: the tiny checkpoints and their stand-in pretraining are reused", flush=True)
         times["pretrained"] = times["stand_in_pretraining"] = 0.0
-    elif resume and os.path.isfile(pretraining_marker(run_root)):
+    elif resume and os.path.isfile(marker := pretraining_marker(run_root)):
         print(f"[quickstart] --resume: the tiny checkpoints and their stand-in pretraining are done "
-              f"({pretraining_marker(run_root)}): reused", flush=True)
+              f"({marker}): reused", flush=True)
         times["pretrained"] = times["stand_in_pretraining"] = 0.0
     else:
         tiny = tiny_checkpoint_args()
