@@ -485,7 +485,8 @@ def measure_scaling(model, tok, name, splits, e1: int, shared: dict, bound: dict
     for r in range(rounds):
         log(f"scaling: shared path with {2 * e1} expressions per video" + (f" (round {r + 1}/{rounds})" if rounds > 1
                                                                           else "") + " ...")
-        # the phases of 2E once (the first run of E is ``shared``, which has them); inline timing: every run's
+        # separate timing: the phases of 2E from its first round only (those of E come with ``shared``);
+        # inline timing: every run has its phases anyway
         runs[2 * e1].append(run_eval(model, tok, name, sp2, os.path.join(wd, "shared_2x"), modes, average, False,
                                      args, device, repeat=1, timing=timing if r == 0 or timing == "inline" else "none"))
         if r < rounds - 1:
