@@ -78,3 +78,30 @@ def test_other_splits_results_and_bad_arguments_are_refused(tmp_path):
         r = subprocess.run(tool + ["--results", results, *extra], capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr, r.stderr
     assert afile.read_text() == "mine"
+
+
+def test_gif_frames_keep_the_composed_pixels(tmp_path):
+    """The GIF's own quantizer (fast octree) keeps every frame, the overlay's tint and the photo's colours."""
+    from projects.sasasa2va.evaluation.visualize import PRED_COLOR, compose_frame, write_gif
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:120, 0:200]
+    photo = np.stack([xx * 255 // 199, yy * 255 // 119, (xx + yy) * 255 // 318], -1).astype(np.uint8)
+    mask = np.zeros((120, 200), bool)
+    mask[30:90, 50:150] = True
+    frames = [np.clip(photo.astype(int) + rng.integers(-8, 9, photo.shape), 0, 255).astype(np.uint8)
+              for _ in range(4)]
+    panels = [compose_frame(f, mask, caption=f"{k + 1}/4", progress=(k + 1) / 4) for k, f in enumerate(frames)]
+    out = tmp_path / "q.gif"
+    write_gif(panels, str(out))
+    with Image.open(out) as gif:
+        assert gif.n_frames == len(panels)
+        for k, panel in enumerate(panels):
+            gif.seek(k)
+            got = np.asarray(gif.convert("RGB")).astype(int)
+            want = np.asarray(panel).astype(int)
+            assert got.shape == want.shape
+            assert np.abs(got - want).mean() < 6, k          # a web-safe palette: ~15
+            inner = (slice(40, 80), slice(60, 140))          # tinted, away from the outline and the caption
+            tint = 0.55 * frames[k][inner].astype(float) + 0.45 * np.asarray(PRED_COLOR, float)
+            assert np.abs(got[inner].mean((0, 1)) - tint.mean((0, 1))).max() < 6, k

@@ -69,10 +69,20 @@ def compose_frame(frame: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = N
     return Image.fromarray(canvas)
 
 
+def gif_frame(frame: Image.Image) -> Image.Image:
+    """An RGB frame in 256 colours by fast octree: ~1 ms for a 480x270 frame, where Pillow's GIF writer
+    quantizes by median cut (~45 ms, ~80 % of a 200-frame demo's wall time on a CPU) -- a mean error of
+    ~3 of 255 instead of ~2, invisible in an overlay preview."""
+    if frame.mode != "RGB":
+        return frame
+    return frame.quantize(256, method=Image.Quantize.FASTOCTREE)
+
+
 def write_gif(frames: list[Image.Image], out_path: str, fps: float = 8.0) -> None:
     """Looping GIF written atomically (encode in memory, then rename)."""
     if not frames:
         raise ValueError(f"{out_path}: no frames to write")
+    frames = [gif_frame(f) for f in frames]
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:],
                    duration=int(round(1000 / fps)), loop=0)
