@@ -59,6 +59,33 @@ def test_quickstart_refuses_counts_below_one(capsys):
             assert exit_info.value.code == 2 and f"argument {flag}: expected an integer >= 1, got {bad}" in err
 
 
+
+def test_quickstart_threads_reach_every_stage(tmp_path, monkeypatch):
+    """--threads N: every stage's process gets OMP_NUM_THREADS=N (the launchers and torch read it); without
+    it the stages inherit the environment unchanged."""
+    import importlib.util
+    import inspect
+
+    spec = importlib.util.spec_from_file_location("quickstart_tool", os.path.join(ROOT, "tools", "quickstart.py"))
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    envs = []
+
+    class Stop(Exception):
+        pass
+
+    def first_stage_only(cmd, log_path, env=None, **kw):
+        envs.append(env)
+        raise Stop
+
+    monkeypatch.setattr(quickstart, "run", first_stage_only)
+    for argv in (["--threads", "3"], []):
+        with pytest.raises(Stop):
+            quickstart.main(["--run-root", str(tmp_path), *argv])
+    assert envs == [{"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}, {}]
+    body = inspect.getsource(quickstart.main)
+    assert " run([" not in body and "(run([" not in body  # each stage through run_stage
+
 @pytest.mark.slow
 def test_quickstart_resume_continues_a_cut_run(tmp_path):
     """--resume: training goes on from the newest complete checkpoint (2 -> 3 iterations), the export and

@@ -55,6 +55,11 @@ def parse_args(argv=None):
                         "reused once complete, training continues from its newest complete checkpoint, the export "
                         "is kept when it holds that checkpoint, and then the evaluations keep their finished "
                         "expressions; stage logs are appended to")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="intra-op threads of every stage, per process (OMP_NUM_THREADS). Default: the stand-in "
+                        "pretraining uses torch's default (one per core), training and evaluation one each (the "
+                        "launchers' default) -- how the README's figures were measured; more threads run faster "
+                        "on many cores but change the weights' last bits, so the scores differ slightly")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="cap on generated answer tokens in evaluation, >= 1 (short smoke runs of barely trained "
                         "models)")
@@ -171,6 +176,10 @@ def main(argv=None) -> dict:
     tool = lambda name: os.path.join(ROOT, name)  # noqa: E731
     times: dict[str, float] = {}
     t_all = time.time()
+    threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
+
+    def run_stage(cmd, log_path, **kw):
+        return run(cmd, log_path, env=threads, **kw)
 
     def stage(name, fn):
         print(f"\n=== {name} ===", flush=True)
@@ -182,9 +191,9 @@ def main(argv=None) -> dict:
 
     resume = args.resume
     # --resume: no --force, so data of other settings than the interrupted run's is refused, not replaced
-    stage("data", lambda: run([PY, tool("tools/make_synthetic_data.py"), "--root", data_root, "--quiet"]
-                              + ([] if resume else ["--force"]) + shlex.split(args.synthetic_args),
-                              os.path.join(logs, "data.log"), append=resume))
+    stage("data", lambda: run_stage([PY, tool("tools/make_synthetic_data.py"), "--root", data_root, "--quiet"]
+                                    + ([] if resume else ["--force"]) + shlex.split(args.synthetic_args),
+                                    os.path.join(logs, "data.log"), append=resume))
     if args.skip_train:  # the kept checkpoint was trained on these base weights: regenerating them could differ
         print("[quickstart] --skip-train: the tiny checkpoints and their stand-in pretraining are reused", flush=True)
         times["pretrained"] = times["stand_in_pretraining"] = 0.0
@@ -194,12 +203,13 @@ def main(argv=None) -> dict:
         times["pretrained"] = times["stand_in_pretraining"] = 0.0
     else:
         tiny = tiny_checkpoint_args()
-        stage("pretrained", lambda: run([PY, tool("tools/make_tiny_pretrained.py"), "--out", pretrained, *tiny,
-                                         "--force"], os.path.join(logs, "pretrained.log"), append=resume))
+        stage("pretrained", lambda: run_stage([PY, tool("tools/make_tiny_pretrained.py"), "--out", pretrained, *tiny,
+                                               "--force"], os.path.join(logs, "pretrained.log"), append=resume))
         steps = ["--steps", str(args.pretrain_steps)] if args.pretrain_steps is not None else []
-        stage("stand_in_pretraining", lambda: run([PY, tool("tools/pretrain_tiny.py"), tool(CONFIG), "--no-progress",
-                                                   *steps], os.path.join(logs, "stand_in_pretraining.log"),
-                                                  cwd=run_root, append=resume))
+        stage("stand_in_pretraining", lambda: run_stage([PY, tool("tools/pretrain_tiny.py"), tool(CONFIG),
+                                                         "--no-progress", *steps],
+                                                        os.path.join(logs, "stand_in_pretraining.log"),
+                                                        cwd=run_root, append=resume))
 
     train_dir = os.path.join(wd, "train")
     cfg_opts = []
@@ -213,9 +223,9 @@ def main(argv=None) -> dict:
     resume_train = resume and os.path.isdir(train_dir) and bool(complete_checkpoints(train_dir))
     if resume_train:  # continues from the newest complete checkpoint, in place
         print(f"[quickstart] --resume: training continues in {train_dir}", flush=True)
-        stage("train", lambda: run(["bash", tool("tools/dist.sh"), "train", tool(CONFIG), str(args.gpus),
-                                    "--work-dir", train_dir, "--resume", "auto", *cfg_arg],
-                                   os.path.join(logs, "train.log"), cwd=run_root, append=True))
+        stage("train", lambda: run_stage(["bash", tool("tools/dist.sh"), "train", tool(CONFIG), str(args.gpus),
+                                          "--work-dir", train_dir, "--resume", "auto", *cfg_arg],
+                                         os.path.join(logs, "train.log"), cwd=run_root, append=True))
     elif not args.skip_train:
         if os.path.isdir(train_dir):  # a rerun trains afresh; the previous training is kept beside it
             previous = train_dir + ".previous"
@@ -223,9 +233,9 @@ def main(argv=None) -> dict:
                 shutil.rmtree(previous)
             os.rename(train_dir, previous)
             print(f"[quickstart] the previous training moved to {previous}", flush=True)
-        stage("train", lambda: run(["bash", tool("tools/dist.sh"), "train", tool(CONFIG), str(args.gpus),
-                                    "--work-dir", train_dir, *cfg_arg],
-                                   os.path.join(logs, "train.log"), cwd=run_root))
+        stage("train", lambda: run_stage(["bash", tool("tools/dist.sh"), "train", tool(CONFIG), str(args.gpus),
+                                          "--work-dir", train_dir, *cfg_arg],
+                                         os.path.join(logs, "train.log"), cwd=run_root))
     ckpt = latest_checkpoint(train_dir)
 
     hf_dir = os.path.join(wd, "hf")
@@ -238,9 +248,9 @@ def main(argv=None) -> dict:
     else:
         if os.path.exists(record):
             os.unlink(record)  # the folder is about to change
-        stage("export", lambda: run([PY, tool("projects/sasasa2va/hf/convert_to_hf.py"), tool(CONFIG),
-                                     "--pth-model", ckpt, "--save-path", hf_dir, "--overwrite"],
-                                    os.path.join(logs, "export.log"), cwd=run_root, append=resume))
+        stage("export", lambda: run_stage([PY, tool("projects/sasasa2va/hf/convert_to_hf.py"), tool(CONFIG),
+                                           "--pth-model", ckpt, "--save-path", hf_dir, "--overwrite"],
+                                          os.path.join(logs, "export.log"), cwd=run_root, append=resume))
         atomic_write_json(record, checkpoint_identity(ckpt))
 
     # --overwrite: this job owns its evaluation folders, and a rerun evaluates the model it just built; with
@@ -272,7 +282,7 @@ def main(argv=None) -> dict:
         for name, res in runs.items():
             log = os.path.join(logs, f"metrics_{name}.log")
             partial = ["--only-present"] if args.max_videos else []  # score the evaluated videos only
-            run([PY, "tools/eval_mevis.py", "--split-dir", split_u, "--results", res, *partial], log)
+            run_stage([PY, "tools/eval_mevis.py", "--split-dir", split_u, "--results", res, *partial], log)
             scores[name] = parse_jf(last_line(log))
     stage("metrics", score_all)
 
@@ -285,14 +295,14 @@ def main(argv=None) -> dict:
         if args.max_videos:  # the server (and the packer's check) needs every video of the split
             print("[quickstart] --max-videos: no submission zip (a zip must cover the whole split)", flush=True)
             return
-        run([PY, "tools/make_submission_zip.py", "--ann-dir", os.path.join(eval_v, "Annotations"),
-             "--split-dir", split_v, "--out", zip_path], os.path.join(logs, "zip.log"))
+        run_stage([PY, "tools/make_submission_zip.py", "--ann-dir", os.path.join(eval_v, "Annotations"),
+                   "--split-dir", split_v, "--out", zip_path], os.path.join(logs, "zip.log"))
     stage("submission", submission)
 
     vis_dir = os.path.join(wd, "visualization")
-    stage("visualize", lambda: run([PY, "tools/visualize.py", "--split-dir", split_u, "--results",
-                                    os.path.join(eval_u, "results.json"), "--out", vis_dir,
-                                    "--max-expressions", "24"], os.path.join(logs, "visualize.log")))
+    stage("visualize", lambda: run_stage([PY, "tools/visualize.py", "--split-dir", split_u, "--results",
+                                          os.path.join(eval_u, "results.json"), "--out", vis_dir,
+                                          "--max-expressions", "24"], os.path.join(logs, "visualize.log")))
     times["total"] = round(time.time() - t_all, 1)
 
     summary = {name: scores[name] for name in list(MODES) + ["average", "blind"]}
