@@ -282,6 +282,9 @@ def test_cli_last_line(tiny, tmp_path):
     summary = json.load(open(os.path.join(run_dir, "mevis_valu.json")))
     assert summary["J&F"] == float(m.group(1)) and summary["num_expressions"] == 3
     assert os.path.isfile(os.path.join(run_dir, "mevis_valu_per_expression.csv"))
+    assert "J&F: 100%" in out.stderr and "3/3" in out.stderr  # the progress bar (stdout stays parseable)
+    quiet = subprocess.run(cmd + ["--no-progress", "--workers", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert quiet.returncode == 0 and "%" not in quiet.stderr and quiet.stdout.strip().splitlines()[-1] == last
     bad = subprocess.run(cmd[:-1] + [str(tmp_path / "missing.json")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "missing.json" in bad.stderr
 

@@ -36,7 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--csv", help="per-expression CSV (default: mevis_valu_per_expression.csv beside results.json, "
                                  "or beside (not inside) the --pred-dir folder; replaced if present)")
     p.add_argument("--json", help="summary JSON (default: mevis_valu.json, in the same place as the CSV)")
-    p.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
+    p.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
+                   help="worker processes (default: the cores, at most 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--only-present", action="store_true",
                    help="score only the expressions that --results holds (partial runs); default: all of the "
                         "split's, absent ones scored 0")
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
 def score_and_report(args, csv_path: str, json_path: str) -> None:
     """Score the predictions, write the CSV and JSON, print the summary (main checked the paths)."""
     scores = evaluate_split(args.split_dir, results_path=args.results, pred_dir=args.pred_dir,
-                            workers=args.workers, only_present=args.only_present)
+                            workers=args.workers, only_present=args.only_present, progress=not args.no_progress)
     if os.path.isfile(json_path):  # an earlier summary must not outlive a kill between the two writes beside
         os.unlink(json_path)      # the new CSV (the pair would then describe two different runs)
     atomic_write_text(csv_path, rows_csv(scores["rows"]))

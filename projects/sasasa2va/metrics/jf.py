@@ -341,8 +341,15 @@ def _tasks(records: dict, mask_dict: dict, results: dict | None, pred_dir: str |
                    "pred_dir": pred_dir, "bound_th": bound_th, "results_path": results_path}
 
 
+def _step(bar, row: dict) -> dict:
+    if bar is not None:
+        bar.update(1)
+    return row
+
+
 def evaluate_split(split_dir: str, results_path: str | None = None, pred_dir: str | None = None,
-                   workers: int = 1, bound_th: float = BOUND_TH, only_present: bool = False) -> dict:
+                   workers: int = 1, bound_th: float = BOUND_TH, only_present: bool = False,
+                   progress: bool = False) -> dict:
     """Score a prediction (results.json RLEs or a PNG folder) against a split with ground truth.
 
     An expression without any prediction scores J = F = 0 (as the official scorer scores a missing video;
@@ -351,6 +358,7 @@ def evaluate_split(split_dir: str, results_path: str | None = None, pred_dir: st
     ``--max-videos`` run. Results holding expressions the split lacks are refused (another split's).
     Returns {"rows": [{video, exp_id, J, F, J&F, num_frames}], "J", "F", "J&F" (fractions, unrounded),
     "num_videos", "num_expressions", "missing": [notes about absent predictions], "results_meta"}.
+    ``progress``: a bar on stderr (MeViS valid_u at full size: ~0.5 s per expression and process).
     """
     from projects.sasasa2va.datasets.readers import load_mask_dict, read_meta_expressions
 
@@ -388,13 +396,22 @@ def evaluate_split(split_dir: str, results_path: str | None = None, pred_dir: st
             raise ValueError(f"{pred_dir}: no video folder of the split (<video>/<exp_id>/<frame>.png expected)")
     mask_dict = load_mask_dict(mask_path)
     tasks = list(_tasks(records, mask_dict, results, pred_dir, bound_th, only_present, results_path))
-    if workers and workers > 1:
-        import multiprocessing as mp
+    bar = None
+    if progress:
+        from tqdm import tqdm
 
-        with mp.get_context().Pool(workers) as pool:
-            rows = list(pool.imap(_eval_task, tasks, chunksize=1))
-    else:
-        rows = [_eval_task(t) for t in tasks]
+        bar = tqdm(total=len(tasks), desc="J&F", unit="exp", dynamic_ncols=True)
+    try:
+        if workers and workers > 1 and len(tasks) > 1:
+            import multiprocessing as mp
+
+            with mp.get_context().Pool(min(int(workers), len(tasks))) as pool:
+                rows = [_step(bar, r) for r in pool.imap(_eval_task, tasks, chunksize=1)]
+        else:
+            rows = [_step(bar, _eval_task(t)) for t in tasks]
+    finally:
+        if bar is not None:
+            bar.close()
     missing = [n for r in rows for n in r.pop("notes")]
     for n in missing[:20]:
         warnings.warn(n, stacklevel=2)
