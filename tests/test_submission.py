@@ -1,6 +1,7 @@
 """MeViS submission PNGs and zip (spec evaluation.md §4.5-4.6): round trip, completeness check, layout."""
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -154,6 +155,11 @@ def test_cli(sub):
                         sub["ann"], "--split-dir", sub["split"], "--out", out], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert os.path.isfile(out) and "12 PNGs" in r.stdout
+    assert "check: 100%" in r.stderr and "zip: 100%" in r.stderr and "2/2" in r.stderr  # bars over the 2 videos
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_submission_zip.py"), "--ann-dir",
+                        sub["ann"], "--split-dir", sub["split"], "--out", out, "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "%" not in r.stderr, r.stderr
     os.remove(os.path.join(sub["ann"], "vidB", "0", "00000.png"))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_submission_zip.py"), "--ann-dir",
                         sub["ann"], "--split-dir", sub["split"], "--out", out + "2"], capture_output=True, text=True)
@@ -185,4 +191,5 @@ def test_cli_refuses_other_splits_results_and_non_zip_targets(sub):
     for _ in range(2):
         r = cli("--results", sub["results"], "--ann-dir", sub["ann"], "--split-dir", sub["split"], "--out", z)
         assert r.returncode == 0, r.stderr
+        assert re.search(r"PNGs: 4exp ", r.stderr), r.stderr  # the writing bar counts the 4 expressions
     assert zipfile.is_zipfile(z)

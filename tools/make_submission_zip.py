@@ -37,9 +37,9 @@ def make_zip(args) -> None:
         raise ValueError(problem)
     if args.results:
         check_results_against_split(args.results, args.split_dir)
-        n = write_submission_pngs(args.results, args.ann_dir, workers=args.workers)
+        n = write_submission_pngs(args.results, args.ann_dir, workers=args.workers, progress=not args.no_progress)
         print(f"wrote {n} PNGs to {args.ann_dir}")
-    info = pack_submission(args.ann_dir, args.out, args.split_dir, workers=args.workers)
+    info = pack_submission(args.ann_dir, args.out, args.split_dir, workers=args.workers, progress=not args.no_progress)
     print(f"wrote {info['zip']}: {info['num_videos']} videos, {info['num_expressions']} expressions, "
           f"{info['num_png']} PNGs")
 
@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=positive_int, default=PNG_WORKERS,
                    help="threads writing the PNGs of --results and checking the folder (default: %(default)s, "
                         "up to 8 cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     return run_reporting_user_errors(make_zip, p.parse_args(argv))
 
 

@@ -621,14 +621,15 @@ def average_runs(member_dirs: Sequence[str], member_names: Sequence[str], record
     return {"path": out_path, "failed": len(failures), "failures": failures}
 
 
-def write_submission(results_path: str, ann_dir: str, split: ResolvedSplit, complete: bool) -> dict:
+def write_submission(results_path: str, ann_dir: str, split: ResolvedSplit, complete: bool,
+                     progress: bool = False) -> dict:
     """PNGs of a results.json under ann_dir; checked against the split when the run covers all of it."""
     from projects.sasasa2va.evaluation.submission import PNG_WORKERS, check_submission, write_submission_pngs
 
-    n = write_submission_pngs(results_path, ann_dir, workers=PNG_WORKERS)
+    n = write_submission_pngs(results_path, ann_dir, workers=PNG_WORKERS, progress=progress)
     info: dict[str, Any] = {"dir": ann_dir, "num_png": n}
     if complete and os.path.basename(split.meta_file) == "meta_expressions.json":
-        problems = check_submission(ann_dir, split.split_dir, workers=PNG_WORKERS)
+        problems = check_submission(ann_dir, split.split_dir, workers=PNG_WORKERS, progress=progress)
         info["problems"] = problems[:MAX_LISTED_FAILURES]
         info["num_problems"] = len(problems)
     return info
@@ -828,7 +829,7 @@ def _run(opts: EvalOptions, modes: list[str], multi: bool, members, ctx: DistCon
         finals = [(runs["average"]["path"], os.path.join(work_dir, "Annotations"))] if members is not None else \
             [(runs[m]["path"], os.path.join(run_dirs[m], "Annotations")) for m in modes]
         for res_path, ann_dir in finals:
-            submission.append(write_submission(res_path, ann_dir, split, complete))
+            submission.append(write_submission(res_path, ann_dir, split, complete, progress=opts.progress))
     processed = sum(mk.get("processed", 0) for mk in markers)
     model_s = sum(mk.get("model_seconds", 0.0) for mk in markers)
     work: dict[str, int] = {}

@@ -95,28 +95,49 @@ def _write_entry_pngs(vid: str, eid: str, e: dict, where: str, out_dir: str) -> 
     return len(frames)
 
 
-def write_submission_pngs(source, out_dir: str, workers: int = 1) -> int:
+def _progress_bar(progress: bool, total, desc: str, unit: str):
+    """A tqdm bar on stderr when ``progress`` (a MeViS split is ~10^5 PNGs: minutes of writing and checking)."""
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+
+
+def _done(bar, n: int) -> int:
+    if bar is not None:
+        bar.update(1)
+    return n
+
+
+def write_submission_pngs(source, out_dir: str, workers: int = 1, progress: bool = False) -> int:
     """Write every frame of every entry (results.json path, loaded dict or entries) as a PNG.
 
     Returns the number of PNGs written. Entries must list their frame names ("frames"). ``workers`` > 1:
     entries in that many threads (PNG encoding and file writes run without the GIL; a MeViS split is
     ~10^5 PNGs, ~3 ms each at 1280x720), at most twice as many entries decoded at once; an entry whose
     folder another one is still writing (a list holding one expression twice) waits for it.
+    ``progress``: a bar of the expressions written, on stderr.
     """
     items = _entries(source)
-    if workers <= 1:
-        return sum(_write_entry_pngs(*item, out_dir) for item in items)
-    count = 0
-    with ThreadPoolExecutor(int(workers), thread_name_prefix="png") as pool:
-        pending: deque = deque()  # (key, future) in submission order
-        for vid, eid, e, where in items:
-            key = (vid, eid)
-            while pending and (len(pending) >= 2 * workers or any(k == key for k, _ in pending)):
-                count += pending.popleft()[1].result()
-            pending.append((key, pool.submit(_write_entry_pngs, vid, eid, e, where, out_dir)))
-        while pending:
-            count += pending.popleft()[1].result()
-    return count
+    bar = _progress_bar(progress, None, "PNGs", "exp")
+    try:
+        if workers <= 1:
+            return sum(_done(bar, _write_entry_pngs(*item, out_dir)) for item in items)
+        count = 0
+        with ThreadPoolExecutor(int(workers), thread_name_prefix="png") as pool:
+            pending: deque = deque()  # (key, future) in submission order
+            for vid, eid, e, where in items:
+                key = (vid, eid)
+                while pending and (len(pending) >= 2 * workers or any(k == key for k, _ in pending)):
+                    count += _done(bar, pending.popleft()[1].result())
+                pending.append((key, pool.submit(_write_entry_pngs, vid, eid, e, where, out_dir)))
+            while pending:
+                count += _done(bar, pending.popleft()[1].result())
+        return count
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def check_results_against_split(source, split_dir: str) -> int:
@@ -205,11 +226,11 @@ def _check_video(args) -> list[str]:
     return problems
 
 
-def check_submission(ann_dir: str, split_dir: str, workers: int = 1) -> list[str]:
+def check_submission(ann_dir: str, split_dir: str, workers: int = 1, progress: bool = False) -> list[str]:
     """Every video, expression and frame of the split present, right size, 8-bit, values in {0,255}.
 
     Returns a list of human-readable problems (empty = ready to zip); extra folders/files are problems
-    too, because the server may reject or mis-score them.
+    too, because the server may reject or mis-score them. ``progress``: a bar of the videos checked.
     """
     records = _split_records(split_dir)
     if not os.path.isdir(ann_dir):
@@ -217,23 +238,29 @@ def check_submission(ann_dir: str, split_dir: str, workers: int = 1) -> list[str
     problems = [f"{name}: unexpected entry (not a video of this split)"
                 for name in sorted(set(os.listdir(ann_dir)) - set(records))]
     tasks = [(rec, ann_dir) for rec in records.values()]
-    if workers and workers > 1:  # threads: reading and decoding PNGs runs without the GIL
-        with ThreadPoolExecutor(int(workers), thread_name_prefix="png-check") as pool:
-            per_video = list(pool.map(_check_video, tasks))
-    else:
-        per_video = [_check_video(t) for t in tasks]
+    bar = _progress_bar(progress, len(tasks), "check", "video")
+    try:
+        if workers and workers > 1:  # threads: reading and decoding PNGs runs without the GIL
+            with ThreadPoolExecutor(int(workers), thread_name_prefix="png-check") as pool:
+                per_video = [_done(bar, p) for p in pool.map(_check_video, tasks)]
+        else:
+            per_video = [_done(bar, _check_video(t)) for t in tasks]
+    finally:
+        if bar is not None:
+            bar.close()
     for p in per_video:
         problems.extend(p)
     return problems
 
 
-def pack_submission(ann_dir: str, zip_path: str, split_dir: str, workers: int = 1) -> dict:
+def pack_submission(ann_dir: str, zip_path: str, split_dir: str, workers: int = 1, progress: bool = False) -> dict:
     """Check, then zip the video folders at the zip's top level (temp name, then rename).
 
     Raises ValueError listing the first problems when the check fails. Returns a small summary.
+    ``progress``: bars of the videos checked and zipped.
     """
     check_zip_target(zip_path)
-    problems = check_submission(ann_dir, split_dir, workers=workers)
+    problems = check_submission(ann_dir, split_dir, workers=workers, progress=progress)
     if problems:
         listed = "\n  ".join(problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
@@ -247,6 +274,7 @@ def pack_submission(ann_dir: str, zip_path: str, split_dir: str, workers: int = 
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, f".{os.path.basename(zip_abs)}.{os.getpid()}.tmp")
     num_png = 0
+    bar = _progress_bar(progress, len(records), "zip", "video")
     try:
         # PNGs are already compressed; storing keeps packing fast and the server accepts it.
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
@@ -257,10 +285,14 @@ def pack_submission(ann_dir: str, zip_path: str, split_dir: str, workers: int = 
                     for name in rec.frame_names:
                         zf.write(os.path.join(ann_abs, vid, eid, f"{name}.png"), f"{vid}/{eid}/{name}.png")
                         num_png += 1
+                _done(bar, 0)
         os.replace(tmp, zip_abs)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        if bar is not None:
+            bar.close()
     return {"zip": zip_abs, "num_videos": len(records),
             "num_expressions": sum(len(r.expressions) for r in records.values()), "num_png": num_png}
