@@ -297,11 +297,19 @@ def test_cli_select_then_apply(world, tmp_path):
     assert "step" in out.stdout and "candidate" in out.stdout and "chosen: uniform + q_frame" in out.stdout
     data = json.load(open(chosen))
     assert data["names"] == ["uniform", "q_frame"] and len(data["steps"]) == 3
+    n_exps = len(GT)
+    for step in (1, 2, 3):  # a bar per step over the split's expressions (stderr; stdout keeps the table)
+        assert f"step {step}: 100%" in out.stderr and f"{n_exps}/{n_exps}" in out.stderr, out.stderr
     res = str(tmp_path / "apply" / "results.json")
     out = subprocess.run([sys.executable, tool, "--runs", world["root"], "--split-dir", world["split"],
                           "--members-json", chosen, "--write-results", res], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert read_results(res)[1]["members"] == ["uniform", "q_frame"]
+    assert "average: 100%" in out.stderr, out.stderr
+    quiet = subprocess.run([sys.executable, tool, "--runs", world["root"], "--split-dir", world["split"],
+                            "--members-json", chosen, "--write-results", res, "--overwrite", "--no-progress",
+                            "--workers", "1"], capture_output=True, text=True)
+    assert quiet.returncode == 0 and "%" not in quiet.stderr, quiet.stderr
     # --members takes comma lists too; explicit --voting / --threshold win over the chosen set's
     res2 = str(tmp_path / "apply2" / "results.json")
     out = subprocess.run([sys.executable, tool, "--runs", world["root"], "--split-dir", world["split"],

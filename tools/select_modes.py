@@ -102,7 +102,10 @@ def main(argv=None) -> int:
                    help="threshold of the mean (default: the --members-json's, else 0.5)")
     p.add_argument("--weights", nargs="+", help="one weight per run, or NAME=W pairs (default: equal weights)")
     p.add_argument("--max-members", type=int, default=None, help="largest member set tried (default: all runs)")
-    p.add_argument("--workers", type=positive_int, default=1, help="processes scoring candidate sets (default: 1)")
+    p.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
+                   help="processes scoring candidate sets (default: the cores, at most 8; each holds one "
+                        "expression's probabilities of every run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.add_argument("--write-results", help="apply mode: write the ensemble's results.json here")
     members = p.add_mutually_exclusive_group()  # a chosen set names its members: two lists would conflict
     members.add_argument("--members-json",
@@ -160,7 +163,8 @@ def select_or_apply(args) -> None:
             w = parse_weights(args.weights, member_names) if args.weights else \
                 ([weights_by_name[n] for n in member_names] if weights_by_name else None)
             meta = write_ensemble_results(members, args.write_results, args.split_dir, weights=w,
-                                          threshold=threshold, voting=voting, allow_incomplete=args.allow_incomplete)
+                                          threshold=threshold, voting=voting, allow_incomplete=args.allow_incomplete,
+                                          progress=not args.no_progress)
             print(f"wrote {args.write_results}: {meta['num_expressions']} expressions, members "
                   f"{' + '.join(meta['members'])} ({voting} voting, threshold {threshold})")
             return
@@ -170,7 +174,7 @@ def select_or_apply(args) -> None:
         res = greedy_select(runs, args.split_dir, weights=parse_weights(args.weights, names),
                             threshold=0.5 if args.threshold is None else args.threshold,
                             voting=args.voting or "probs", max_members=args.max_members,
-                            workers=args.workers, log=lambda s: print(s, flush=True))
+                            workers=args.workers, log=lambda s: print(s, flush=True), progress=not args.no_progress)
     except KeyError as e:  # e.g. a probs .npz without its array
         raise ValueError(str(e)) from None
     print(res["table"])

@@ -338,12 +338,12 @@ def _frame_size(record) -> tuple[int, int]:
 
 def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: str, weights=None,
                            threshold: float = 0.5, voting: str = "probs", split_name: str | None = None,
-                           meta: dict | None = None, allow_incomplete: bool = False) -> dict:
+                           meta: dict | None = None, allow_incomplete: bool = False, progress: bool = False) -> dict:
     """Ensemble every expression of the split (dataset order) into a results.json at out_path.
 
     Members must hold every expression of the split; with ``allow_incomplete`` an expression is averaged
     over the members that have it, and one that no member has is left out (so a scorer gives it 0).
-    Returns the __meta__ written.
+    Returns the __meta__ written. ``progress``: a bar of the expressions averaged, on stderr.
     """
     from projects.sasasa2va.datasets.readers import read_meta_expressions
     from projects.sasasa2va.evaluation.results_io import make_entry, not_in_split, write_results
@@ -366,9 +366,12 @@ def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: st
                              f"{missing[0][0]}/{missing[0][1]}; average complete runs (allow_incomplete: those "
                              f"expressions are averaged over the members that have them)")
     masks_iter = ensemble(run_dirs, weights, threshold, voting, keys=keys)
+    bar = _progress_bar(progress, len(keys), "average")
 
     def entries():
         for index, (vid, eid, masks) in enumerate(masks_iter):
+            if bar is not None:
+                bar.update(1)
             rec = records[vid]
             status, error = "ok", None
             if masks is None:  # (only with allow_incomplete) left out: scorers give it J = F = 0
@@ -385,8 +388,21 @@ def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: st
          "weights": None if weights is None else [float(x) for x in weights],
          "threshold": threshold, "voting": voting}
     m.update(meta or {})
-    write_results(out_path, entries(), m)
+    try:
+        write_results(out_path, entries(), m)
+    finally:
+        if bar is not None:
+            bar.close()
     return m
+
+
+def _progress_bar(progress: bool, total: int, desc: str):
+    """A tqdm bar of expressions on stderr (MeViS at full size: seconds per expression and pass)."""
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="exp", dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- greedy selection
@@ -425,8 +441,8 @@ def _score_candidates(task: dict) -> list[tuple[float, float]]:
     return [(j_sum[k] / max(n, 1), f_sum[k] / max(n, 1)) for k in range(len(task["subsets"]))]
 
 
-def _score_subsets(subsets, records, mask_dict, run_dirs, weights, threshold, voting, workers):
-    """Split-level {J, F, J&F} for each subset (one pass over the split's expressions)."""
+def _score_subsets(subsets, records, mask_dict, run_dirs, weights, threshold, voting, workers, bar=None):
+    """Split-level {J, F, J&F} for each subset (one pass over the split's expressions; ``bar`` counts them)."""
     from projects.sasasa2va.metrics.jf import aggregate, sub_mask_dict
 
     def tasks():
@@ -441,10 +457,16 @@ def _score_subsets(subsets, records, mask_dict, run_dirs, weights, threshold, vo
         import multiprocessing as mp
 
         with mp.get_context().Pool(workers) as pool:
-            per_exp = list(pool.imap(_score_candidates, tasks(), chunksize=1))
+            per_exp = [_counted(bar, r) for r in pool.imap(_score_candidates, tasks(), chunksize=1)]
     else:
-        per_exp = [_score_candidates(t) for t in tasks()]
+        per_exp = [_counted(bar, _score_candidates(t)) for t in tasks()]
     return [aggregate([{"J": e[k][0], "F": e[k][1]} for e in per_exp]) for k in range(len(subsets))]
+
+
+def _counted(bar, item):
+    if bar is not None:
+        bar.update(1)
+    return item
 
 
 def format_steps(steps: list[dict]) -> str:
@@ -461,12 +483,13 @@ def format_steps(steps: list[dict]) -> str:
 
 def greedy_select(run_dirs: Sequence[str], split_dir: str, weights=None, threshold: float = 0.5,
                   voting: str = "probs", max_members: int | None = None, workers: int = 1,
-                  log: Callable[[str], None] | None = None) -> dict:
+                  log: Callable[[str], None] | None = None, progress: bool = False) -> dict:
     """Forward selection of the member set maximising J&F on a split with ground truth.
 
     Each step adds the run that gives the best ensemble J&F (ties: earlier run in the given order);
     steps continue up to max_members (default all runs) and the chosen set is the best step, ties going
     to fewer members. Returns {"members" (run dirs), "names", "J", "F", "J&F", "steps", "table"}.
+    ``progress``: a bar per step of the expressions scored, on stderr.
     """
     from projects.sasasa2va.datasets.readers import load_mask_dict, read_meta_expressions
     from projects.sasasa2va.metrics.jf import split_paths
@@ -493,7 +516,12 @@ def greedy_select(run_dirs: Sequence[str], split_dir: str, weights=None, thresho
     for step in range(1, limit + 1):
         cands = [i for i in range(len(run_dirs)) if i not in chosen]
         subsets = [chosen + [i] for i in cands]
-        scores = _score_subsets(subsets, records, mask_dict, run_dirs, w, threshold, voting, workers)
+        bar = _progress_bar(progress, len(wanted), f"step {step}")
+        try:
+            scores = _score_subsets(subsets, records, mask_dict, run_dirs, w, threshold, voting, workers, bar)
+        finally:
+            if bar is not None:
+                bar.close()
         best = 0
         for k in range(1, len(cands)):
             if scores[k]["J&F"] > scores[best]["J&F"] + _TIE:
