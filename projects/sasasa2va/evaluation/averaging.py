@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from projects.sasasa2va.utils.io import atomic_write_bytes
+from projects.sasasa2va.utils.progress import counted, progress_bar
 
 # Same names and order as projects.sasasa2va.hf.models.frame_sampling.MODES (the default member set).
 MODES = ("uniform", "uniform_plus", "q_frame", "wrap_around", "wrap_around_plus")
@@ -366,12 +367,10 @@ def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: st
                              f"{missing[0][0]}/{missing[0][1]}; average complete runs (allow_incomplete: those "
                              f"expressions are averaged over the members that have them)")
     masks_iter = ensemble(run_dirs, weights, threshold, voting, keys=keys)
-    bar = _progress_bar(progress, len(keys), "average")
 
-    def entries():
+    def entries(bar):
         for index, (vid, eid, masks) in enumerate(masks_iter):
-            if bar is not None:
-                bar.update(1)
+            counted(bar, index)
             rec = records[vid]
             status, error = "ok", None
             if masks is None:  # (only with allow_incomplete) left out: scorers give it J = F = 0
@@ -388,21 +387,9 @@ def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: st
          "weights": None if weights is None else [float(x) for x in weights],
          "threshold": threshold, "voting": voting}
     m.update(meta or {})
-    try:
-        write_results(out_path, entries(), m)
-    finally:
-        if bar is not None:
-            bar.close()
+    with progress_bar(progress, len(keys), "average") as bar:
+        write_results(out_path, entries(bar), m)
     return m
-
-
-def _progress_bar(progress: bool, total: int, desc: str):
-    """A tqdm bar of expressions on stderr (MeViS at full size: seconds per expression and pass)."""
-    if not progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="exp", dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- greedy selection
@@ -457,16 +444,10 @@ def _score_subsets(subsets, records, mask_dict, run_dirs, weights, threshold, vo
         import multiprocessing as mp
 
         with mp.get_context().Pool(workers) as pool:
-            per_exp = [_counted(bar, r) for r in pool.imap(_score_candidates, tasks(), chunksize=1)]
+            per_exp = [counted(bar, r) for r in pool.imap(_score_candidates, tasks(), chunksize=1)]
     else:
-        per_exp = [_counted(bar, _score_candidates(t)) for t in tasks()]
+        per_exp = [counted(bar, _score_candidates(t)) for t in tasks()]
     return [aggregate([{"J": e[k][0], "F": e[k][1]} for e in per_exp]) for k in range(len(subsets))]
-
-
-def _counted(bar, item):
-    if bar is not None:
-        bar.update(1)
-    return item
 
 
 def format_steps(steps: list[dict]) -> str:
@@ -516,12 +497,8 @@ def greedy_select(run_dirs: Sequence[str], split_dir: str, weights=None, thresho
     for step in range(1, limit + 1):
         cands = [i for i in range(len(run_dirs)) if i not in chosen]
         subsets = [chosen + [i] for i in cands]
-        bar = _progress_bar(progress, len(wanted), f"step {step}")
-        try:
+        with progress_bar(progress, len(wanted), f"step {step}") as bar:
             scores = _score_subsets(subsets, records, mask_dict, run_dirs, w, threshold, voting, workers, bar)
-        finally:
-            if bar is not None:
-                bar.close()
         best = 0
         for k in range(1, len(cands)):
             if scores[k]["J&F"] > scores[best]["J&F"] + _TIE:

@@ -15,6 +15,8 @@ from typing import Iterable
 import cv2
 import numpy as np
 
+from projects.sasasa2va.utils.progress import counted, progress_bar
+
 MAX_LISTED = 20
 PNG_WORKERS = min(8, os.cpu_count() or 1)  # threads of the runner's PNG writing and check (cv2 drops the GIL)
 
@@ -95,21 +97,6 @@ def _write_entry_pngs(vid: str, eid: str, e: dict, where: str, out_dir: str) -> 
     return len(frames)
 
 
-def _progress_bar(progress: bool, total, desc: str, unit: str):
-    """A tqdm bar on stderr when ``progress`` (a MeViS split is ~10^5 PNGs: minutes of writing and checking)."""
-    if not progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
-
-
-def _done(bar, n: int) -> int:
-    if bar is not None:
-        bar.update(1)
-    return n
-
-
 def write_submission_pngs(source, out_dir: str, workers: int = 1, progress: bool = False) -> int:
     """Write every frame of every entry (results.json path, loaded dict or entries) as a PNG.
 
@@ -120,24 +107,20 @@ def write_submission_pngs(source, out_dir: str, workers: int = 1, progress: bool
     ``progress``: a bar of the expressions written, on stderr.
     """
     items = _entries(source)
-    bar = _progress_bar(progress, None, "PNGs", "exp")
-    try:
+    with progress_bar(progress, None, "PNGs") as bar:
         if workers <= 1:
-            return sum(_done(bar, _write_entry_pngs(*item, out_dir)) for item in items)
+            return sum(counted(bar, _write_entry_pngs(*item, out_dir)) for item in items)
         count = 0
         with ThreadPoolExecutor(int(workers), thread_name_prefix="png") as pool:
             pending: deque = deque()  # (key, future) in submission order
             for vid, eid, e, where in items:
                 key = (vid, eid)
                 while pending and (len(pending) >= 2 * workers or any(k == key for k, _ in pending)):
-                    count += _done(bar, pending.popleft()[1].result())
+                    count += counted(bar, pending.popleft()[1].result())
                 pending.append((key, pool.submit(_write_entry_pngs, vid, eid, e, where, out_dir)))
             while pending:
-                count += _done(bar, pending.popleft()[1].result())
+                count += counted(bar, pending.popleft()[1].result())
         return count
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def check_results_against_split(source, split_dir: str) -> int:
@@ -238,16 +221,12 @@ def check_submission(ann_dir: str, split_dir: str, workers: int = 1, progress: b
     problems = [f"{name}: unexpected entry (not a video of this split)"
                 for name in sorted(set(os.listdir(ann_dir)) - set(records))]
     tasks = [(rec, ann_dir) for rec in records.values()]
-    bar = _progress_bar(progress, len(tasks), "check", "video")
-    try:
+    with progress_bar(progress, len(tasks), "check", "video") as bar:
         if workers and workers > 1:  # threads: reading and decoding PNGs runs without the GIL
             with ThreadPoolExecutor(int(workers), thread_name_prefix="png-check") as pool:
-                per_video = [_done(bar, p) for p in pool.map(_check_video, tasks)]
+                per_video = [counted(bar, p) for p in pool.map(_check_video, tasks)]
         else:
-            per_video = [_done(bar, _check_video(t)) for t in tasks]
-    finally:
-        if bar is not None:
-            bar.close()
+            per_video = [counted(bar, _check_video(t)) for t in tasks]
     for p in per_video:
         problems.extend(p)
     return problems
@@ -274,10 +253,10 @@ def pack_submission(ann_dir: str, zip_path: str, split_dir: str, workers: int = 
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, f".{os.path.basename(zip_abs)}.{os.getpid()}.tmp")
     num_png = 0
-    bar = _progress_bar(progress, len(records), "zip", "video")
     try:
         # PNGs are already compressed; storing keeps packing fast and the server accepts it.
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf, \
+                progress_bar(progress, len(records), "zip", "video") as bar:
             for vid, rec in records.items():
                 zf.write(os.path.join(ann_abs, vid), f"{vid}/")
                 for eid in rec.expressions:
@@ -285,14 +264,11 @@ def pack_submission(ann_dir: str, zip_path: str, split_dir: str, workers: int = 
                     for name in rec.frame_names:
                         zf.write(os.path.join(ann_abs, vid, eid, f"{name}.png"), f"{vid}/{eid}/{name}.png")
                         num_png += 1
-                _done(bar, 0)
+                counted(bar, vid)
         os.replace(tmp, zip_abs)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    finally:
-        if bar is not None:
-            bar.close()
     return {"zip": zip_abs, "num_videos": len(records),
             "num_expressions": sum(len(r.expressions) for r in records.values()), "num_png": num_png}

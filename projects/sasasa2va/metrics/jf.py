@@ -15,6 +15,8 @@ from typing import Any, Iterable
 import cv2
 import numpy as np
 
+from projects.sasasa2va.utils.progress import counted, progress_bar
+
 BOUND_TH = 0.008
 _CHUNK = 32  # frames decoded at a time, so long high-resolution videos do not need T*H*W of memory
 
@@ -341,12 +343,6 @@ def _tasks(records: dict, mask_dict: dict, results: dict | None, pred_dir: str |
                    "pred_dir": pred_dir, "bound_th": bound_th, "results_path": results_path}
 
 
-def _step(bar, row: dict) -> dict:
-    if bar is not None:
-        bar.update(1)
-    return row
-
-
 def evaluate_split(split_dir: str, results_path: str | None = None, pred_dir: str | None = None,
                    workers: int = 1, bound_th: float = BOUND_TH, only_present: bool = False,
                    progress: bool = False) -> dict:
@@ -396,22 +392,14 @@ def evaluate_split(split_dir: str, results_path: str | None = None, pred_dir: st
             raise ValueError(f"{pred_dir}: no video folder of the split (<video>/<exp_id>/<frame>.png expected)")
     mask_dict = load_mask_dict(mask_path)
     tasks = list(_tasks(records, mask_dict, results, pred_dir, bound_th, only_present, results_path))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(tasks), desc="J&F", unit="exp", dynamic_ncols=True)
-    try:
+    with progress_bar(progress, len(tasks), "J&F") as bar:
         if workers and workers > 1 and len(tasks) > 1:
             import multiprocessing as mp
 
             with mp.get_context().Pool(min(int(workers), len(tasks))) as pool:
-                rows = [_step(bar, r) for r in pool.imap(_eval_task, tasks, chunksize=1)]
+                rows = [counted(bar, r) for r in pool.imap(_eval_task, tasks, chunksize=1)]
         else:
-            rows = [_step(bar, _eval_task(t)) for t in tasks]
-    finally:
-        if bar is not None:
-            bar.close()
+            rows = [counted(bar, _eval_task(t)) for t in tasks]
     missing = [n for r in rows for n in r.pop("notes")]
     for n in missing[:20]:
         warnings.warn(n, stacklevel=2)
