@@ -275,6 +275,90 @@ def test_write_ensemble_results_and_score(world, tmp_path):
     assert not (tmp_path / "ens2").exists()
 
 
+def test_agreeing_members_drop_the_run_that_lost_the_object():
+    """Per-expression selection (spec §3.3 (c)): a member whose mask misses the consensus is left out, so it
+    cannot pull the others' uncertain frames below the threshold; nothing dropped means the plain mean."""
+    gt = GT[("v1", "0")]
+    garbage = np.zeros_like(gt)
+    garbage[:, 14:, :] = True                                          # away from the object (rows 3-10)
+    members = [avg.quantize_probs(probs_missing_frame(gt, 0)), avg.quantize_probs(probs_missing_frame(gt, 1)),
+               avg.quantize_probs(np.where(garbage, 0.9, 0.1))]
+    plain = avg.ensemble_masks(members)
+    assert not plain[0][gt[0]].any() and not plain[1][gt[1]].any()  # 0.2 + 0.9 + 0.1 < 1.5 on the lost frames
+    assert avg.agreeing_members(members, min_iou=0.5) == [0, 1]
+    kept = avg.ensemble_masks(members[:2])
+    assert np.array_equal(kept, gt)                                    # 0.2 + 0.9 > 1.0: both frames back
+    for off in (None, 0.0):
+        assert avg.agreeing_members(members, min_iou=off) == [0, 1, 2]
+    assert avg.agreeing_members(members, min_iou=1.0) == [0, 1, 2]    # none reaches the consensus: all kept
+    assert avg.agreeing_members(members[2:], min_iou=0.9) == [0]      # a lone member is its own consensus
+    one_frame = [m[:1] for m in members]  # frame 0 alone: the consensus is empty, like member 0's mask (IoU 1)
+    assert avg.agreeing_members(one_frame, min_iou=0.5) == [0]
+    # 45 frames (two chunks of _CHUNK): the IoUs over the whole expression decide, as computed here at once
+    rng = np.random.default_rng(5)
+    noisy = [np.clip(rng.normal(0.5, 0.3, (45, H, W)) + 0.15 * k, 0, 1) for k in range(4)]
+    consensus = np.mean(noisy, axis=0) > 0.5
+    ious = [(np.count_nonzero((p > 0.5) & consensus) / np.count_nonzero((p > 0.5) | consensus)) for p in noisy]
+    for cut in sorted(ious):
+        assert avg.agreeing_members(noisy, min_iou=cut) == [i for i, v in enumerate(ious) if v >= cut], (cut, ious)
+
+
+def test_min_iou_scored_as_applied(world, tmp_path):
+    """greedy_select's score of a set with min_iou is what applying the set with min_iou scores."""
+    r = world["runs"]
+    members = [r["uniform"], r["q_frame"], r["junk"]]
+    plain_out, sel_out = str(tmp_path / "plain" / "results.json"), str(tmp_path / "sel" / "results.json")
+    avg.write_ensemble_results(members, plain_out, world["split"])
+    meta = avg.write_ensemble_results(members, sel_out, world["split"], min_iou=0.5)
+    assert meta["min_iou"] == 0.5 and read_results(sel_out)[1]["min_iou"] == 0.5
+    plain, sel = (evaluate_split(world["split"], results_path=p)["J&F"] for p in (plain_out, sel_out))
+    assert sel == pytest.approx(1.0) and plain < 0.9
+    records = avg_records(world["split"])
+    scored = avg._score_subsets([[0, 1, 2]], records[0], records[1], members, [1.0] * 3, 0.5, "probs", 1,
+                                min_iou=0.5)
+    assert scored[0]["J&F"] == pytest.approx(sel)
+    res = avg.greedy_select(members, world["split"], min_iou=0.5)
+    assert res["min_iou"] == 0.5 and res["J&F"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="min_iou must be in"):
+        avg.write_ensemble_results(members, str(tmp_path / "bad" / "results.json"), world["split"], min_iou=1.5)
+
+
+def test_cli_min_iou_travels_from_selection_to_apply(world, tmp_path):
+    tool = os.path.join(ROOT, "tools", "select_modes.py")
+    r = world["runs"]
+    chosen = str(tmp_path / "chosen.json")
+    out = subprocess.run([sys.executable, tool, "--runs", r["uniform"], r["q_frame"], r["junk"], "--split-dir",
+                          world["split"], "--out", chosen, "--min-iou", "0.5", "--no-progress"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.load(open(chosen))["min_iou"] == 0.5
+    res = str(tmp_path / "apply" / "results.json")
+    out = subprocess.run([sys.executable, tool, "--runs", world["root"], "--split-dir", world["split"],
+                          "--members", "uniform,q_frame,junk", "--members-json", chosen, "--write-results", res],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "not allowed with argument" in out.stderr  # one source of members
+    json.dump({**json.load(open(chosen)), "names": ["uniform", "q_frame", "junk"], "weights": [1.0] * 3},
+              open(chosen, "w"))  # the junk run too: the apply step must drop it
+    out = subprocess.run([sys.executable, tool, "--runs", world["root"], "--split-dir", world["split"],
+                          "--members-json", chosen, "--write-results", res, "--no-progress"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "members below IoU 0.5 with the consensus dropped" in out.stdout
+    assert read_results(res)[1]["min_iou"] == 0.5
+    assert evaluate_split(world["split"], results_path=res)["J&F"] == pytest.approx(1.0)
+    bad = subprocess.run([sys.executable, tool, "--runs", world["root"], "--split-dir", world["split"],
+                          "--members-json", chosen, "--write-results", res, "--min-iou", "1.5"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--min-iou must be in [0, 1]" in bad.stderr
+
+
+def avg_records(split):
+    from projects.sasasa2va.datasets.readers import load_mask_dict, read_meta_expressions
+
+    return (read_meta_expressions(os.path.join(split, "meta_expressions.json"), os.path.join(split, "JPEGImages")),
+            load_mask_dict(os.path.join(split, "mask_dict.json")))
+
+
 def test_runs_without_probs_fall_back_to_results_json(world, tmp_path):
     d = str(tmp_path / "old" / "uniform_plus")
     entries = [make_entry(i, v, e, [f"{t:05d}" for t in range(T)], GT[(v, e)]) for i, (v, e) in enumerate(GT)]

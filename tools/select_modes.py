@@ -102,6 +102,10 @@ def main(argv=None) -> int:
                    help="threshold of the mean (default: the --members-json's, else 0.5)")
     p.add_argument("--weights", nargs="+", help="one weight per run, or NAME=W pairs (default: equal weights)")
     p.add_argument("--max-members", type=int, default=None, help="largest member set tried (default: all runs)")
+    p.add_argument("--min-iou", type=float, default=None,
+                   help="per-expression selection: before each expression's mean, drop the members whose mask "
+                        "has an IoU below this with the consensus of all of them (selection: every candidate set "
+                        "is scored so; apply: default the --members-json's, else off)")
     p.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
                    help="processes scoring candidate sets (default: the cores, at most 8; each holds one "
                         "expression's probabilities of every run)")
@@ -125,6 +129,8 @@ def main(argv=None) -> int:
         p.error("--max-members must be >= 1")
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         p.error("--threshold must be in (0, 1)")
+    if args.min_iou is not None and not 0.0 <= args.min_iou <= 1.0:  # (not "< 0 or > 1": NaN too)
+        p.error("--min-iou must be in [0, 1]")
     return run_reporting_user_errors(select_or_apply, args)
 
 
@@ -140,6 +146,7 @@ def select_or_apply(args) -> None:
         if args.write_results:
             weights_by_name = {}
             voting, threshold = args.voting or "probs", 0.5 if args.threshold is None else args.threshold
+            min_iou = args.min_iou
             if args.members_json:
                 chosen = read_members_json(args.members_json)
                 member_names = chosen["names"]
@@ -149,6 +156,8 @@ def select_or_apply(args) -> None:
                     raise ValueError(f"--members-json {args.members_json}: voting {voting!r}, expected probs or binary")
                 threshold = args.threshold if args.threshold is not None else \
                     _number(chosen.get("threshold", threshold), f"--members-json {args.members_json}: threshold")
+                if min_iou is None and chosen.get("min_iou") is not None:
+                    min_iou = _number(chosen["min_iou"], f"--members-json {args.members_json}: min_iou")
             elif args.members:
                 member_names = [n.strip() for item in args.members for n in item.split(",") if n.strip()]
             else:
@@ -164,9 +173,10 @@ def select_or_apply(args) -> None:
                 ([weights_by_name[n] for n in member_names] if weights_by_name else None)
             meta = write_ensemble_results(members, args.write_results, args.split_dir, weights=w,
                                           threshold=threshold, voting=voting, allow_incomplete=args.allow_incomplete,
-                                          progress=not args.no_progress)
+                                          progress=not args.no_progress, min_iou=min_iou)
+            dropping = f", members below IoU {min_iou} with the consensus dropped" if min_iou else ""
             print(f"wrote {args.write_results}: {meta['num_expressions']} expressions, members "
-                  f"{' + '.join(meta['members'])} ({voting} voting, threshold {threshold})")
+                  f"{' + '.join(meta['members'])} ({voting} voting, threshold {threshold}{dropping})")
             return
         if not args.out:
             raise ValueError("selection needs --out (or use --write-results to apply a set)")
@@ -174,11 +184,12 @@ def select_or_apply(args) -> None:
         res = greedy_select(runs, args.split_dir, weights=parse_weights(args.weights, names),
                             threshold=0.5 if args.threshold is None else args.threshold,
                             voting=args.voting or "probs", max_members=args.max_members,
-                            workers=args.workers, log=lambda s: print(s, flush=True), progress=not args.no_progress)
+                            workers=args.workers, log=lambda s: print(s, flush=True), progress=not args.no_progress,
+                            min_iou=args.min_iou)
     except KeyError as e:  # e.g. a probs .npz without its array
         raise ValueError(str(e)) from None
     print(res["table"])
-    out = {k: res[k] for k in ("names", "weights", "J", "F", "J&F", "threshold", "voting", "steps")}
+    out = {k: res[k] for k in ("names", "weights", "J", "F", "J&F", "threshold", "voting", "min_iou", "steps")}
     out["run_dirs"] = [os.path.abspath(r) for r in res["members"]]
     out["split_dir"] = os.path.abspath(args.split_dir)
     atomic_write_json(args.out, out, indent=1)

@@ -269,12 +269,17 @@ def _weighted_mean_over(members, w, threshold: float, voting: str, member_thresh
     """The definition, in float32: sum of w_i * p_i, divided by the sum of the weights, > threshold."""
     acc = np.zeros(np.shape(members[0]), dtype=np.float32)
     for m, wi in zip(members, w):
-        m = np.asarray(m)
-        p = m.astype(np.float32) / 255.0 if m.dtype == np.uint8 else m.astype(np.float32)
+        p = _as_float_probs(m)
         if voting == "binary":
             p = (p > member_threshold).astype(np.float32)
         acc += np.float32(wi) * p
     return acc / np.float32(w.sum()) > threshold
+
+
+def _as_float_probs(m) -> np.ndarray:
+    """Probabilities in float32 (uint8 ones / 255)."""
+    m = np.asarray(m)
+    return m.astype(np.float32) / 255.0 if m.dtype == np.uint8 else m.astype(np.float32)
 
 
 def _mean_over_half_uint8(members) -> np.ndarray:
@@ -297,6 +302,33 @@ def _mean_over_half_uint8(members) -> np.ndarray:
     return out
 
 
+def agreeing_members(members: Sequence[np.ndarray], weights=None, threshold: float = 0.5, voting: str = "probs",
+                     min_iou: float | None = None, member_threshold: float = 0.5) -> list[int]:
+    """Per-expression selection (spec evaluation §3.3 (c)): the indices of the members whose mask agrees with
+    the consensus of all of them.
+
+    The consensus is ``ensemble_masks`` of every member; a member's mask is its probabilities >
+    ``member_threshold``; agreement is their IoU over every frame of the expression (both empty: 1). Members
+    below ``min_iou`` are dropped -- one run that lost the object cannot pull an uncertain frame of the others
+    below the threshold. None (or 0) keeps every member, and so does a consensus no member reaches.
+    Computed ``_CHUNK`` frames at a time (full-size float temporaries)."""
+    everyone = list(range(len(members)))
+    if not min_iou or len(members) < 2:
+        return everyone
+    inter = np.zeros(len(members), dtype=np.int64)
+    union = np.zeros(len(members), dtype=np.int64)
+    for start in range(0, int(np.shape(members[0])[0]), _CHUNK):
+        chunk = [np.asarray(m[start:start + _CHUNK]) for m in members]
+        consensus = ensemble_masks(chunk, weights, threshold, voting, member_threshold)
+        for i, m in enumerate(chunk):
+            mask = _as_float_probs(m) > member_threshold  # (binary voting's member masks)
+            inter[i] += np.count_nonzero(mask & consensus)
+            union[i] += np.count_nonzero(mask | consensus)
+    iou = np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+    kept = [i for i in everyone if iou[i] >= min_iou]
+    return kept or everyone
+
+
 def _expression_keys(run_dirs: Sequence[str]) -> list[tuple[str, str]]:
     seen, out = set(), []
     for r in run_dirs:
@@ -308,9 +340,11 @@ def _expression_keys(run_dirs: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def ensemble(run_dirs: Sequence[str], weights=None, threshold: float = 0.5, voting: str = "probs",
-             keys: Sequence[tuple[str, str]] | None = None) -> Iterator[tuple[str, str, np.ndarray | None]]:
+             keys: Sequence[tuple[str, str]] | None = None,
+             min_iou: float | None = None) -> Iterator[tuple[str, str, np.ndarray | None]]:
     """Yield (video_id, exp_id, bool [T,H,W]) for each expression; a run lacking one is left out of
-    that expression's mean, and None is yielded when no run has it."""
+    that expression's mean, and None is yielded when no run has it. ``min_iou``: per-expression selection
+    (``agreeing_members``) before the mean."""
     w = _norm_weights(weights, len(run_dirs))
     for vid, eid in (keys if keys is not None else _expression_keys(run_dirs)):
         got = [(load_member(r, vid, eid), wi, r) for r, wi in zip(run_dirs, w)]
@@ -322,7 +356,9 @@ def ensemble(run_dirs: Sequence[str], weights=None, threshold: float = 0.5, voti
             listed = ", ".join(f"{member_source(r, vid, eid)} {list(p.shape)}" for p, _, r in got)
             raise ValueError(f"{vid}/{eid}: the members' probabilities differ in shape [T, H, W]: {listed}")
         try:
-            masks = ensemble_masks([p for p, _, _ in got], [wi for _, wi, _ in got], threshold, voting)
+            probs, ws = [p for p, _, _ in got], [wi for _, wi, _ in got]
+            kept = agreeing_members(probs, ws, threshold, voting, min_iou)
+            masks = ensemble_masks([probs[i] for i in kept], [ws[i] for i in kept], threshold, voting)
         except ValueError as e:
             raise ValueError(f"{vid}/{eid}: {e}") from e
         yield vid, eid, masks
@@ -339,12 +375,14 @@ def _frame_size(record) -> tuple[int, int]:
 
 def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: str, weights=None,
                            threshold: float = 0.5, voting: str = "probs", split_name: str | None = None,
-                           meta: dict | None = None, allow_incomplete: bool = False, progress: bool = False) -> dict:
+                           meta: dict | None = None, allow_incomplete: bool = False, progress: bool = False,
+                           min_iou: float | None = None) -> dict:
     """Ensemble every expression of the split (dataset order) into a results.json at out_path.
 
     Members must hold every expression of the split; with ``allow_incomplete`` an expression is averaged
     over the members that have it, and one that no member has is left out (so a scorer gives it 0).
-    Returns the __meta__ written. ``progress``: a bar of the expressions averaged, on stderr.
+    Returns the __meta__ written. ``progress``: a bar of the expressions averaged, on stderr. ``min_iou``:
+    per-expression selection of the members (``agreeing_members``).
     """
     from projects.sasasa2va.datasets.readers import read_meta_expressions
     from projects.sasasa2va.evaluation.results_io import make_entry, not_in_split, write_results
@@ -366,7 +404,9 @@ def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: st
             raise ValueError(f"run {r} lacks {len(missing)} expression(s) of {split_dir}, e.g. "
                              f"{missing[0][0]}/{missing[0][1]}; average complete runs (allow_incomplete: those "
                              f"expressions are averaged over the members that have them)")
-    masks_iter = ensemble(run_dirs, weights, threshold, voting, keys=keys)
+    if min_iou is not None and not 0.0 <= min_iou <= 1.0:
+        raise ValueError(f"min_iou must be in [0, 1], got {min_iou}")
+    masks_iter = ensemble(run_dirs, weights, threshold, voting, keys=keys, min_iou=min_iou)
 
     def entries(bar):
         for index, (vid, eid, masks) in enumerate(masks_iter):
@@ -386,6 +426,8 @@ def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: st
          "num_expressions": len(keys), "mode": "ensemble", "members": [run_name(r) for r in run_dirs],
          "weights": None if weights is None else [float(x) for x in weights],
          "threshold": threshold, "voting": voting}
+    if min_iou:
+        m["min_iou"] = float(min_iou)
     m.update(meta or {})
     with progress_bar(progress, len(keys), "average") as bar:
         write_results(out_path, entries(bar), m)
@@ -415,11 +457,17 @@ def _score_candidates(task: dict) -> list[tuple[float, float]]:
         probs[i] = p
     j_sum = np.zeros(len(task["subsets"]))
     f_sum = np.zeros(len(task["subsets"]))
+    subsets = task["subsets"]
+    if task.get("min_iou"):  # each subset's members that agree with its consensus on this expression
+        subsets = [[subset[i] for i in agreeing_members([probs[j] for j in subset],
+                                                        [task["weights"][j] for j in subset], task["threshold"],
+                                                        task["voting"], task["min_iou"])]
+                   for subset in subsets]
     for start in range(0, n, _CHUNK):
         idx = list(range(start, min(n, start + _CHUNK)))
         gt = expression_masks(record, eid, task["mask_dict"], frame_indices=idx, frame_size_hw=size)
         prepared = prepare_gt(gt)
-        for k, subset in enumerate(task["subsets"]):
+        for k, subset in enumerate(subsets):
             pred = ensemble_masks([probs[i][start:start + len(idx)] for i in subset],
                                   [task["weights"][i] for i in subset], task["threshold"], task["voting"])
             j, f = score_prepared(prepared, pred)
@@ -428,7 +476,8 @@ def _score_candidates(task: dict) -> list[tuple[float, float]]:
     return [(j_sum[k] / max(n, 1), f_sum[k] / max(n, 1)) for k in range(len(task["subsets"]))]
 
 
-def _score_subsets(subsets, records, mask_dict, run_dirs, weights, threshold, voting, workers, bar=None):
+def _score_subsets(subsets, records, mask_dict, run_dirs, weights, threshold, voting, workers, bar=None,
+                   min_iou=None):
     """Split-level {J, F, J&F} for each subset (one pass over the split's expressions; ``bar`` counts them)."""
     from projects.sasasa2va.metrics.jf import aggregate, sub_mask_dict
 
@@ -438,7 +487,7 @@ def _score_subsets(subsets, records, mask_dict, run_dirs, weights, threshold, vo
                 sub = sub_mask_dict(mask_dict, exp.anno_ids)
                 yield {"record": rec, "exp_id": eid, "mask_dict": sub, "run_dirs": list(run_dirs),
                        "weights": list(weights), "subsets": subsets, "threshold": threshold,
-                       "voting": voting}
+                       "voting": voting, "min_iou": min_iou}
 
     if workers and workers > 1:
         import multiprocessing as mp
@@ -464,13 +513,15 @@ def format_steps(steps: list[dict]) -> str:
 
 def greedy_select(run_dirs: Sequence[str], split_dir: str, weights=None, threshold: float = 0.5,
                   voting: str = "probs", max_members: int | None = None, workers: int = 1,
-                  log: Callable[[str], None] | None = None, progress: bool = False) -> dict:
+                  log: Callable[[str], None] | None = None, progress: bool = False,
+                  min_iou: float | None = None) -> dict:
     """Forward selection of the member set maximising J&F on a split with ground truth.
 
     Each step adds the run that gives the best ensemble J&F (ties: earlier run in the given order);
     steps continue up to max_members (default all runs) and the chosen set is the best step, ties going
     to fewer members. Returns {"members" (run dirs), "names", "J", "F", "J&F", "steps", "table"}.
-    ``progress``: a bar per step of the expressions scored, on stderr.
+    ``progress``: a bar per step of the expressions scored, on stderr. ``min_iou``: every candidate set is
+    scored with per-expression selection of its members (``agreeing_members``).
     """
     from projects.sasasa2va.datasets.readers import load_mask_dict, read_meta_expressions
     from projects.sasasa2va.metrics.jf import split_paths
@@ -498,7 +549,8 @@ def greedy_select(run_dirs: Sequence[str], split_dir: str, weights=None, thresho
         cands = [i for i in range(len(run_dirs)) if i not in chosen]
         subsets = [chosen + [i] for i in cands]
         with progress_bar(progress, len(wanted), f"step {step}") as bar:
-            scores = _score_subsets(subsets, records, mask_dict, run_dirs, w, threshold, voting, workers, bar)
+            scores = _score_subsets(subsets, records, mask_dict, run_dirs, w, threshold, voting, workers, bar,
+                                    min_iou)
         best = 0
         for k in range(1, len(cands)):
             if scores[k]["J&F"] > scores[best]["J&F"] + _TIE:
@@ -520,4 +572,5 @@ def greedy_select(run_dirs: Sequence[str], split_dir: str, weights=None, thresho
     return {"members": members, "names": list(best_step["members"]),
             "weights": [w[names.index(n)] for n in best_step["members"]],
             "J": best_step["J"], "F": best_step["F"], "J&F": best_step["J&F"],
-            "threshold": threshold, "voting": voting, "steps": steps, "table": format_steps(steps)}
+            "threshold": threshold, "voting": voting, "min_iou": min_iou, "steps": steps,
+            "table": format_steps(steps)}
