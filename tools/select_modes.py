@@ -8,6 +8,8 @@ Apply a chosen set (or, without --members-json/--members, all five modes present
         --members-json chosen.json --write-results work_dirs/ensemble_valid/results.json
 
 --runs takes run dirs (with probs/ or results.json) or folders of them; runs are named by folder name.
+--min-iou X (both): per expression, the members whose mask has an IoU below X with the consensus of all of
+them are left out of its mean (spec evaluation §3.3 (c)).
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def parse_weights(specs, names):
 
 
 def read_members_json(path: str) -> dict:
-    """A chosen set written by a selection: names (+ weights, voting, threshold)."""
+    """A chosen set written by a selection: names (+ weights, voting, threshold, min_iou)."""
     try:
         with open(path, "r", encoding="utf-8") as f:
             chosen = json.load(f)
@@ -113,8 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--write-results", help="apply mode: write the ensemble's results.json here")
     members = p.add_mutually_exclusive_group()  # a chosen set names its members: two lists would conflict
     members.add_argument("--members-json",
-                         help="apply mode: chosen set written by a selection (its names, weights, voting and "
-                              "threshold; explicit --voting/--threshold/--weights win; not with --members)")
+                         help="apply mode: chosen set written by a selection (its names, weights, voting, "
+                              "threshold and min IoU; explicit --voting/--threshold/--weights/--min-iou win; not "
+                              "with --members)")
     members.add_argument("--members", nargs="+",
                          help="apply mode: member run names, space- or comma-separated (default: the five "
                               "modes' runs)")
