@@ -40,6 +40,7 @@ def test_quickstart_short_run(tmp_path):
     assert marker["steps"] == 2 and marker["seg_tokens"] > 0
     # the printed table ends the job
     assert "language_blind" in proc.stdout and "stage times" in proc.stdout and "by expression kind" in proc.stdout
+    assert "%|" not in proc.stdout  # no progress bar lines among the stages' echoed lines
 
 
 def test_quickstart_refuses_counts_below_one(capsys):

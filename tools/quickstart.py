@@ -282,7 +282,8 @@ def main(argv=None) -> dict:
         for name, res in runs.items():
             log = os.path.join(logs, f"metrics_{name}.log")
             partial = ["--only-present"] if args.max_videos else []  # score the evaluated videos only
-            run_stage([PY, "tools/eval_mevis.py", "--split-dir", split_u, "--results", res, *partial], log)
+            run_stage([PY, "tools/eval_mevis.py", "--split-dir", split_u, "--results", res, "--no-progress", *partial],
+                      log)  # (its bar lines would match _interesting's "J&F")
             scores[name] = parse_jf(last_line(log))
     stage("metrics", score_all)
 
