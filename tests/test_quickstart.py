@@ -61,6 +61,18 @@ def test_quickstart_refuses_counts_below_one(capsys):
 
 
 
+def test_quickstart_echoes_no_progress_bar_lines():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart_tool", os.path.join(ROOT, "tools", "quickstart.py"))
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    assert quickstart._interesting("J&F 76.41 J 71.99 F 80.83")
+    assert quickstart._interesting("wrote 24 GIFs and index.html")
+    assert not quickstart._interesting("J&F:  25%|██▌       | 24/95 [00:00<00:01, 70.21exp/s]")
+    assert not quickstart._interesting("PNGs: 100%|██████████| 4/4 [00:00<00:00] done")
+
+
 def test_quickstart_threads_reach_every_stage(tmp_path, monkeypatch):
     """--threads N: every stage's process gets OMP_NUM_THREADS=N (the launchers and torch read it); without
     it the stages inherit the environment unchanged."""

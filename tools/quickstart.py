@@ -103,6 +103,9 @@ def run(cmd: list[str], log_path: str, env: dict | None = None, cwd: str = ROOT,
 
 
 def _interesting(line: str) -> bool:
+    """A stage's log line worth echoing; never a progress bar's update (each carriage return reads as a line)."""
+    if re.search(r"\d%\|", line):
+        return False
     pattern = r"(Iter\(train\)|stand-in pretraining step|J&F|Saved|saved|error|Error|wrote|Wrote|done)"
     return bool(re.search(pattern, line))
 
@@ -283,7 +286,7 @@ def main(argv=None) -> dict:
             log = os.path.join(logs, f"metrics_{name}.log")
             partial = ["--only-present"] if args.max_videos else []  # score the evaluated videos only
             run_stage([PY, "tools/eval_mevis.py", "--split-dir", split_u, "--results", res, "--no-progress", *partial],
-                      log)  # (its bar lines would match _interesting's "J&F")
+                      log)  # (a log read for its last line: no bar in it)
             scores[name] = parse_jf(last_line(log))
     stage("metrics", score_all)
 
