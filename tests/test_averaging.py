@@ -321,6 +321,8 @@ def test_min_iou_scored_as_applied(world, tmp_path):
     assert res["min_iou"] == 0.5 and res["J&F"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="min_iou must be in"):
         avg.write_ensemble_results(members, str(tmp_path / "bad" / "results.json"), world["split"], min_iou=1.5)
+    with pytest.raises(ValueError, match="min_iou must be in"):
+        avg.greedy_select(members, world["split"], min_iou=float("nan"))
 
 
 def test_cli_min_iou_travels_from_selection_to_apply(world, tmp_path):

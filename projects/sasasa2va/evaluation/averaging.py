@@ -329,6 +329,12 @@ def agreeing_members(members: Sequence[np.ndarray], weights=None, threshold: flo
     return kept or everyone
 
 
+def _check_min_iou(min_iou: float | None) -> None:
+    """Before any work: an IoU bound above 1 would silently keep every member (none reaches it)."""
+    if min_iou is not None and not 0.0 <= min_iou <= 1.0:
+        raise ValueError(f"min_iou must be in [0, 1], got {min_iou}")
+
+
 def _expression_keys(run_dirs: Sequence[str]) -> list[tuple[str, str]]:
     seen, out = set(), []
     for r in run_dirs:
@@ -404,8 +410,7 @@ def write_ensemble_results(run_dirs: Sequence[str], out_path: str, split_dir: st
             raise ValueError(f"run {r} lacks {len(missing)} expression(s) of {split_dir}, e.g. "
                              f"{missing[0][0]}/{missing[0][1]}; average complete runs (allow_incomplete: those "
                              f"expressions are averaged over the members that have them)")
-    if min_iou is not None and not 0.0 <= min_iou <= 1.0:
-        raise ValueError(f"min_iou must be in [0, 1], got {min_iou}")
+    _check_min_iou(min_iou)
     masks_iter = ensemble(run_dirs, weights, threshold, voting, keys=keys, min_iou=min_iou)
 
     def entries(bar):
@@ -529,6 +534,7 @@ def greedy_select(run_dirs: Sequence[str], split_dir: str, weights=None, thresho
     run_dirs = list(run_dirs)
     if not run_dirs:
         raise ValueError("greedy_select needs at least one run")
+    _check_min_iou(min_iou)
     names = [run_name(r) for r in run_dirs]
     if len(set(names)) != len(names):
         raise ValueError(f"run names (folder names) must be unique, got {names}")
