@@ -74,6 +74,7 @@ from projects.sasasa2va.utils.cli import (  # noqa: E402
     positive_int,
     resolve_device,
     run_reporting_user_errors,
+    size_wxh,
 )
 
 T0 = time.perf_counter()
@@ -88,11 +89,6 @@ PHASE_COUNTER = {"vision": "mllm_images_encoded", "prefix_prefill": "tokens_pref
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
-
-
-def _size(text: str) -> tuple[int, int]:
-    w, h = text.lower().split("x")
-    return int(w), int(h)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exps-per-video", type=int, default=5, help="expressions per video, E (default: %(default)s)")
     p.add_argument("--min-frames", type=int, default=12, help="synthetic video length, min (default: %(default)s)")
     p.add_argument("--max-frames", type=int, default=24, help="synthetic video length, max (default: %(default)s)")
-    p.add_argument("--frame-size", type=_size, default=(160, 96), help="synthetic frame WxH (default: 160x96)")
+    p.add_argument("--frame-size", type=size_wxh, default=(160, 96), help="synthetic frame WxH (default: 160x96)")
     p.add_argument("--split-dir", default=None,
                    help="use this split's videos instead of synthetic ones (expressions re-worded/trimmed to E)")
     p.add_argument("--qframe-file", default=None, help="selected_frames.json of --split-dir (needs --split-dir)")

@@ -28,7 +28,9 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from projects.sasasa2va.utils.cli import exit_user_error, positive_int, run_reporting_user_errors  # noqa: E402
+from projects.sasasa2va.utils.cli import (  # noqa: E402
+    exit_user_error, positive_int, run_reporting_user_errors, size_wxh,
+)
 
 
 def object_like_probs(frames: int, h: int, w: int) -> np.ndarray:
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--frames", type=positive_int, default=80, help="frames per video (default: %(default)s)")
-    p.add_argument("--size", default="1280x720", help="frame size WxH (default: %(default)s)")
+    p.add_argument("--size", type=size_wxh, default="1280x720", help="frame size WxH (default: %(default)s)")
     p.add_argument("--videos", type=positive_int, default=3, help="videos (default: %(default)s)")
     p.add_argument("--outputs", type=positive_int, default=12,
                    help="outputs stored per video: distinct (mode, expression) predictions (default: %(default)s)")
@@ -90,10 +92,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from projects.sasasa2va.evaluation.output_writer import writer_pending_bytes, writer_threads
 
-    parts = args.size.lower().split("x")
-    if len(parts) != 2 or not all(v.isdigit() and int(v) > 0 for v in parts):
-        exit_user_error(f"--size must be WxH with positive integers, got {args.size!r}")
-    w, h = int(parts[0]), int(parts[1])
+    w, h = args.size
     if not args.model_s >= 0 or not args.output_ms >= 0:
         exit_user_error("--model-s and --output-ms must be >= 0")
     threads = writer_threads() if args.threads is None else args.threads

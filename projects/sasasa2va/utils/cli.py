@@ -59,6 +59,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def size_wxh(text: str) -> tuple[int, int]:
+    """argparse ``type`` of a frame size 'WxH' (positive integers) -> (W, H)."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 2 or not all(v.strip().isdigit() and int(v) > 0 for v in parts):
+        raise argparse.ArgumentTypeError(f"expected WxH with positive integers, e.g. 640x360, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def exit_user_error(message: str) -> NoReturn:
     """A bad option found after parsing, before the work: ``error: message`` and status 2, as argparse's
     usage errors (``raise SystemExit("error: ...")`` would exit with status 1)."""
